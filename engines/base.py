@@ -1,0 +1,101 @@
+"""Contracts shared by every hypergradient method.
+
+A lower problem ``θ*(x) = argmin_θ f(θ, x)`` reads some upper variables ``x``.
+Every method in this package computes the same thing — the vector-Jacobian
+product of the lower problem's best response::
+
+    vjp(v) = (dθ*/dx)ᵀ v
+
+for a cotangent ``v`` on the lower parameters. A multilevel hypergradient is a
+sum over paths of such products (``mlo.engine`` chains them); a bilevel
+hypergradient is ``∂F/∂x + vjp(∂F/∂θ)``.
+
+Methods are plain functions ``method(lower, v, **options) -> tuple[Tensor, ...]``
+registered by name. They know nothing about ``mlo`` or ``problems``: a
+:class:`Lower` is tensors and one callable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Lower", "Method", "register", "get", "available", "zeros_like_all"]
+
+Tensors = Tuple[Tensor, ...]
+
+
+@dataclass
+class Lower:
+    """Everything a hypergradient method may use about one lower problem.
+
+    Attributes:
+        params: ``θ``, the current lower iterate. Leaf tensors with
+            ``requires_grad=True`` (implicit and finite-difference methods
+            differentiate ``loss_fn`` at these values).
+        inputs: ``x``, the upper variables the lower loss reads. Leaf tensors
+            with ``requires_grad=True``; the result has one tensor per input.
+        loss_fn: ``f(params, inputs) -> scalar``, the lower loss evaluated
+            functionally (it closes over the lower problem's current batch).
+        outputs: for unrolled methods only, ``θ_K`` — the lower iterate still
+            connected by the autograd graph to ``inputs`` through the K
+            differentiable optimizer steps taken since the window opened.
+        lr: the inner learning rate ``η`` (finite differences may scale by it).
+    """
+
+    params: Tensors
+    inputs: Tensors
+    loss_fn: Callable[[Tensors, Tensors], Tensor]
+    outputs: Optional[Tensors] = None
+    lr: float = 1.0
+
+
+Method = Callable[..., Tensors]
+_REGISTRY: Dict[str, Method] = {}
+
+
+def register(name: str):
+    """Decorator registering ``fn`` as hypergradient method ``name``."""
+
+    def deco(fn: Method) -> Method:
+        if name in _REGISTRY:
+            raise ValueError(f"hypergradient method {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Method:
+    """Returns the method registered as ``name`` (clear error listing the choices)."""
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown hypergradient method {name!r}; available: {sorted(_REGISTRY)}"
+        ) from None
+
+
+def available() -> Tuple[str, ...]:
+    """Names of all registered methods."""
+    _load_builtin()
+    return tuple(sorted(_REGISTRY))
+
+
+def zeros_like_all(ts: Sequence[Tensor]) -> Tensors:
+    return tuple(torch.zeros_like(t) for t in ts)
+
+
+def _load_builtin() -> None:
+    # Importing the modules runs their @register decorators.
+    import importlib
+
+    for mod in ("unrolled", "implicit", "finite_difference"):
+        try:
+            importlib.import_module(f"engines.{mod}")
+        except ModuleNotFoundError as e:  # a module not written yet
+            if e.name != f"engines.{mod}":
+                raise
