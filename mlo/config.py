@@ -1,0 +1,72 @@
+"""Per-problem and per-engine settings (plain dataclasses, YAML-friendly)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Optional
+
+__all__ = ["ProblemConfig", "EngineConfig"]
+
+
+@dataclass
+class ProblemConfig:
+    """Settings of one problem.
+
+    Attributes:
+        unroll_steps: steps this problem takes per step of the problems above it
+            (Betty's semantics): an upper problem becomes ready once every problem
+            directly below it has taken its ``unroll_steps`` steps.
+        update_every: the problem updates only on every N-th time it becomes ready
+            (MLO-MAE's "update the mask network every N iterations"). A skipped
+            update still ends the unrolled windows below it.
+        method: how this problem's *best response* is differentiated for the
+            problems above it: ``"unrolled"``, ``"neumann"``, ``"cg"``,
+            ``"finite_difference"`` (alias ``"darts"``) — any name in
+            ``engines.base.available()``.
+        method_options: keyword options of that method (e.g. ``{"iterations": 5,
+            "alpha": 0.1}`` for Neumann, ``{"first_order": True}`` for unrolled).
+        grad_clip: clip the total gradient (own gradient + hypergradient) to this
+            global norm before the optimizer step; ``None`` disables it.
+    """
+
+    unroll_steps: int = 1
+    update_every: int = 1
+    method: str = "unrolled"
+    method_options: Dict[str, Any] = field(default_factory=dict)
+    grad_clip: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("unroll_steps", "update_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ProblemConfig.{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.method, str):
+            raise ValueError(f"ProblemConfig.method must be a method name, got {self.method!r}")
+        if not isinstance(self.method_options, dict):
+            raise ValueError("ProblemConfig.method_options must be a dict, got "
+                             f"{type(self.method_options).__name__}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"ProblemConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ProblemConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ProblemConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the engine.
+
+    Attributes:
+        validate_every: call ``validation`` every N iterations (``None``: never).
+        validation: ``fn(engine) -> dict`` of metrics; its results are kept in
+            ``engine.history``.
+        log_every: print losses every N iterations (``None``: silent).
+    """
+
+    validate_every: Optional[int] = None
+    validation: Optional[Callable[[Any], Dict[str, float]]] = None
+    log_every: Optional[int] = None
