@@ -1,0 +1,81 @@
+"""Finite-difference hypergradients (DARTS, central differences).
+
+DARTS (Liu et al., 2019, eq. 7–8) replaces the inverse Hessian of the
+implicit-function-theorem formula by ``η·I`` (or ``I``) and the mixed
+second derivative by a central difference of first derivatives::
+
+    (dθ*/dx)ᵀ v ≈ −s · ∂²_{xθ} f · v
+                ≈ −s · [∇x f(θ + εv, x) − ∇x f(θ − εv, x)] / (2ε),
+    ε = epsilon / ‖v‖,
+
+with ``s = lower.lr`` when ``scale_by_lr`` and ``s = 1`` otherwise. Two
+gradient evaluations, no Hessian-vector products. The perturbed parameters
+``θ ± εv`` are new tensors passed to ``lower.loss_fn``; ``lower.params`` are
+never modified (no in-place edit of ``.data``).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .base import Lower, register, zeros_like_all
+
+__all__ = ["finite_difference"]
+
+Tensors = Tuple[Tensor, ...]
+
+
+def _grad_inputs(lower: Lower, params: Tensors, inputs: Tensors, create_graph: bool) -> Tensors:
+    """``∇x f(params, x)`` with zeros for inputs the loss does not read."""
+    with torch.enable_grad():
+        loss = lower.loss_fn(params, inputs)
+        if not loss.requires_grad:
+            return zeros_like_all(inputs)
+        grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+
+
+@register("darts")
+@register("finite_difference")
+def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.01,
+                      scale_by_lr: bool = False, create_graph: bool = False) -> Tensors:
+    """``(dθ*/dx)ᵀ v ≈ −s [∇x f(θ+εv, x) − ∇x f(θ−εv, x)] / (2ε)``, ``ε = epsilon/‖v‖``.
+
+    Args:
+        lower: the lower problem (``params`` = ``θ``, ``inputs`` = ``x``).
+        v: cotangent on ``lower.params``, one tensor per parameter.
+        epsilon: perturbation size relative to ``‖v‖`` (DARTS uses 0.01).
+        scale_by_lr: multiply by ``lower.lr`` (``H⁻¹ ≈ η·I``, as in DARTS's
+            unrolled one-step approximation); otherwise ``H⁻¹ ≈ I``.
+        create_graph: keep the graph of the result (differentiable w.r.t.
+            ``params``, ``inputs`` and ``v``).
+
+    Returns:
+        One tensor per ``lower.inputs``; detached unless ``create_graph``.
+    """
+    v = tuple(v)
+    if len(v) != len(lower.params):
+        raise ValueError(f"v has {len(v)} tensors, lower.params has {len(lower.params)}")
+    norm = float(torch.sqrt(sum(torch.sum(t.detach() ** 2) for t in v)))
+    if norm == 0.0:
+        return zeros_like_all(lower.inputs)
+    eps = epsilon / norm
+
+    if create_graph:
+        params, vs = tuple(lower.params), v
+        inputs = tuple(x if x.requires_grad else x.detach().requires_grad_() for x in lower.inputs)
+    else:
+        params = tuple(p.detach() for p in lower.params)
+        vs = tuple(t.detach() for t in v)
+        inputs = tuple(x.detach().requires_grad_() for x in lower.inputs)
+
+    plus = tuple(p + eps * t for p, t in zip(params, vs))    # new tensors: θ + εv
+    minus = tuple(p - eps * t for p, t in zip(params, vs))   # new tensors: θ − εv
+    g_plus = _grad_inputs(lower, plus, inputs, create_graph)
+    g_minus = _grad_inputs(lower, minus, inputs, create_graph)
+
+    scale = lower.lr if scale_by_lr else 1.0
+    out = tuple(-scale * (gp - gm) / (2.0 * eps) for gp, gm in zip(g_plus, g_minus))
+    return out if create_graph else tuple(t.detach() for t in out)
