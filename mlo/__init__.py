@@ -1,1 +1,13 @@
-"""mlo."""
+"""mlo: bilevel and multilevel optimization for PyTorch.
+
+A method is a graph of :class:`Problem` nodes run by an :class:`Engine`, which
+computes hypergradients by unrolled, implicit (Neumann, CG) or finite-difference
+best-response Jacobians — any of them at any level.
+"""
+from .config import EngineConfig, ProblemConfig
+from .engine import Engine
+from .graph import Graph, GraphError
+from .problem import Problem
+
+__all__ = ["Problem", "ProblemConfig", "Engine", "EngineConfig", "Graph", "GraphError"]
+__version__ = "0.1.0"

@@ -159,19 +159,21 @@ class Graph:
     def _find_paths(self, u: str) -> List[Tuple[str, ...]]:
         paths: List[Tuple[str, ...]] = []
 
+        inside = self._closure(u, self.below)
+
+        # Descending and climbing are each strictly monotone in the (acyclic)
+        # hierarchy, so both terminate; a node may appear once in each phase.
         def climb(path):
-            last = path[-1]
-            for up in self.l2u[last]:
+            for up in self.l2u[path[-1]]:
                 if up == u:
                     paths.append(tuple(path) + (u,))
-                elif up not in path and up in self._closure(u, self.below):
+                elif up in inside:
                     climb(path + [up])
 
         def descend(path):
             climb(path)
             for lo in self.u2l[path[-1]]:
-                if lo not in path:
-                    descend(path + [lo])
+                descend(path + [lo])
 
         for lo in self.u2l[u]:
             descend([u, lo])

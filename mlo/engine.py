@@ -1,0 +1,316 @@
+"""``Engine``: runs a problem graph and computes its hypergradients.
+
+Scheduling (Betty's semantics). One iteration visits the problems lowest first.
+A problem with nothing below it steps every iteration; any other problem becomes
+*ready* once every problem directly below it has taken its ``unroll_steps``
+steps since this problem was last ready. A ready problem updates on every
+``update_every``-th readiness (otherwise the update is skipped).
+
+Hypergradients. When a problem ``U`` updates, its gradient is
+``∂F_U/∂λ_U`` plus the sum over its paths (:mod:`mlo.hypergrad`). A problem on a
+path of some upper problem whose ``config.method`` is ``"unrolled"`` takes its
+steps with a differentiable twin of its optimizer (:mod:`mlo.optim`): the iterates
+stay in the autograd graph — a *window* — until the problems above it that
+consume them become ready; then the iterates are written back into the module,
+the optimizer state is handed back to ``torch.optim`` and the graph is freed.
+Everything else steps in place with its ``torch.optim`` optimizer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+import engines.base as eb
+
+from .config import EngineConfig
+from .graph import Graph, GraphError
+from .hypergrad import hypergradient, path_contribution
+from .problem import Problem
+from .state import Read, ReadContext, Window, reading
+
+__all__ = ["Engine"]
+
+Deps = Mapping[str, Mapping[Union[str, Problem], Sequence[Union[str, Problem]]]]
+
+
+class Engine:
+    """Runs problems connected by dependencies.
+
+    Args:
+        problems: the :class:`Problem` nodes.
+        dependencies: ``{"u2l": {upper: [lower, ...]}, "l2u": {lower: [upper, ...]}}``
+            with problems or their names (see :mod:`mlo.graph`).
+        config: an :class:`EngineConfig`.
+
+    Raises:
+        GraphError: unknown or duplicate names, a problem not in this engine, a
+            cycle, a problem connected to nothing, an unknown method name.
+    """
+
+    def __init__(self, problems: Sequence[Problem], dependencies: Optional[Deps] = None,
+                 config: Optional[EngineConfig] = None):
+        problems = list(problems)
+        for p in problems:
+            if not isinstance(p, Problem):
+                raise TypeError(f"Engine expects Problem instances, got {type(p).__name__}")
+        if not problems:
+            raise GraphError("an engine needs at least one problem")
+        dependencies = dict(dependencies or {})
+        unknown = set(dependencies) - {"u2l", "l2u"}
+        if unknown:
+            raise GraphError(f"unknown dependency kind(s) {sorted(unknown)}; use 'u2l' and 'l2u'")
+        ids = {id(p): p.name for p in problems}
+        self.graph = Graph([p.name for p in problems],
+                           self._names(dependencies.get("u2l", {}), ids, "u2l"),
+                           self._names(dependencies.get("l2u", {}), ids, "l2u"))
+        self.problems: Dict[str, Problem] = {p.name: p for p in problems}
+        self.config = config or EngineConfig()
+        on_path = set().union(*(self.graph.path_nodes(n) for n in self.problems))
+        for n in on_path:
+            try:
+                eb.get(self.problems[n].config.method)
+            except KeyError as e:
+                raise GraphError(f"problem {n!r}: {e.args[0]}") from None
+        self._windowed = {n for n in on_path if self.problems[n].config.method == "unrolled"}
+        self._windows: Dict[str, Window] = {}
+        self._since = {n: {lo: 0 for lo in self.graph.lowers(n)} for n in self.problems}
+        tops = [n for n in self.problems if not self.graph.above[n]]
+        self._unique_top = tops[0] if len(tops) == 1 else None
+        self.iteration = 0
+        self.history: List[Dict[str, Any]] = []
+
+    @staticmethod
+    def _names(table, ids, kind) -> Dict[str, List[str]]:
+        def name(x):
+            if isinstance(x, Problem):
+                if id(x) not in ids:
+                    raise GraphError(f"{kind}: problem {x.name!r} is not in this engine's problem list")
+                return x.name
+            return x
+
+        if not isinstance(table, Mapping):
+            raise GraphError(f"{kind} must be a dict {{problem: [problems]}}, got {type(table).__name__}")
+        return {name(k): [name(v) for v in (vs if not isinstance(vs, (str, Problem)) else [vs])]
+                for k, vs in table.items()}
+
+    # ------------------------------------------------------------- schedule
+    def run(self, iterations: int) -> List[Dict[str, Any]]:
+        """Runs ``iterations`` iterations; returns the validation history."""
+        if not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+        for _ in range(iterations):
+            self.step()
+        return self.history
+
+    def step(self) -> None:
+        """One iteration: lower problems step, ready upper problems update."""
+        consumed = set()
+        for name in self.graph.order:
+            P = self.problems[name]
+            lows = self.graph.lowers(name)
+            if any(self._since[name][lo] < self.problems[lo].config.unroll_steps for lo in lows):
+                continue
+            for lo in lows:
+                self._since[name][lo] = 0
+            P.ready_count += 1
+            if lows:
+                consumed |= self.graph.path_nodes(name)
+            if P.ready_count % P.config.update_every:
+                continue
+            self._update(P)
+            for up in self.graph.above[name]:
+                self._since[up][name] += 1
+        for n in consumed:
+            self._close_window(n)
+        self.iteration += 1
+        c = self.config
+        if c.log_every and self.iteration % c.log_every == 0:
+            print(f"[mlo] iter {self.iteration}: " + ", ".join(
+                f"{n}={p.last_loss.item():.4g}" for n, p in self.problems.items() if p.last_loss is not None))
+        if c.validate_every and c.validation and self.iteration % c.validate_every == 0:
+            metrics = dict(c.validation(self))
+            self.history.append({"iteration": self.iteration, **metrics})
+
+    # --------------------------------------------------------------- update
+    def _loss_of(self, P: Problem, batch) -> Tensor:
+        out = P.training_step(batch)
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"problem {P.name!r}: training_step must return a scalar tensor or a "
+                            f"dict with a scalar 'loss', got {type(out).__name__}")
+        return loss.reshape(())
+
+    def _lr(self, P: Problem) -> float:
+        lr = P.optimizer.param_groups[0].get("lr", 1.0)
+        return float(lr)
+
+    def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False):
+        """Loss, total gradient (own + hypergradient) and the reads of ``P``'s loss."""
+        name = P.name
+        nodes = self.graph.path_nodes(name)
+        reads: List[Read] = []
+        P.last_batch = batch
+        with reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
+            loss = self._loss_of(P, batch)
+        own = [P.own_state()[k] for k in P.param_names]
+        tracked = [(r, k, a) for r in reads if r.source in nodes for k, a in r.alias.items()]
+        if diff:
+            # The update's graph uses the forward graph's saved tensors: keep it.
+            g = torch.autograd.grad(loss, own, create_graph=True, allow_unused=True)
+            ga = torch.autograd.grad(loss, [a for *_, a in tracked], allow_unused=True) if tracked else ()
+        else:
+            allg = torch.autograd.grad(loss, own + [a for *_, a in tracked], allow_unused=True)
+            g, ga = allg[:len(own)], allg[len(own):]
+        if all(x is None for x in g) and not tracked:
+            raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
+                               f"{P.param_names}; call the module through the problem (self(x)) "
+                               f"or read self.params")
+        grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(g, own)]
+        extra: Dict[str, Any] = {}
+        if tracked:
+            direct: Dict[int, Any] = {}
+            for (r, k, a), x in zip(tracked, ga):
+                if x is not None:
+                    direct.setdefault(id(r), (r.source, (r.src_state, {})))[1][1][k] = x
+            direct_list = list(direct.values())
+            if by_path:
+                extra["paths"] = {p: path_contribution(self, p, direct_list)
+                                  for p in self.graph.paths(name)}
+            h = hypergradient(self, name, direct_list)
+            extra["own"] = dict(zip(P.param_names, [x.detach() for x in grads]))
+            grads = [gi + h[k].to(gi.dtype) if k in h else gi for k, gi in zip(P.param_names, grads)]
+        return loss, grads, reads, extra
+
+    def gradient(self, name: str, batch: Any = None, by_path: bool = False) -> Dict[str, Any]:
+        """``P``'s gradient at the current state, without updating anything.
+
+        Args:
+            name: the problem.
+            batch: the batch to evaluate (default: the problem's next batch).
+            by_path: also return each hypergradient path's contribution.
+
+        Returns:
+            ``{"loss": float, "grad": {param: tensor}, "own": {param: ∂F/∂λ},
+            "paths": {path: {param: tensor}}}`` (``own``/``paths`` when it has paths).
+        """
+        if name not in self.problems:
+            raise KeyError(f"no problem named {name!r} (known: {list(self.problems)})")
+        P = self.problems[name]
+        batch = P.next_batch() if batch is None else batch
+        loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path)
+        out = {"loss": float(loss.detach()),
+               "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
+        out.update(extra)
+        return out
+
+    def _update(self, P: Problem) -> None:
+        name = P.name
+        diff = name in self._windowed
+        if diff and name not in self._windows:
+            from .optim import FunctionalOptimizer
+            self._windows[name] = Window(FunctionalOptimizer.from_torch(P.optimizer, P._real))
+            P._state = dict(zip(P.param_names, P._real))
+        loss, grads, reads, _ = self._gradient(P, P.next_batch(), diff)
+        grads = self._clip(P, grads)
+        self._set_hyperparameters(P, diff, reads)
+        P.last_loss = loss.detach()
+        own = [P.own_state()[k] for k in P.param_names]
+        if diff:
+            win = self._windows[name]
+            new = win.fopt.step(own, grads)
+            P._state = dict(zip(P.param_names, new))
+            win.reads.extend(reads)
+            win.steps += 1
+        else:
+            for p, gi in zip(P._real, grads):
+                p.grad = gi.detach()
+            P.optimizer.step()
+            for p in P._real:
+                p.grad = None
+        if P.scheduler is not None:
+            P.scheduler.step()
+        P.step_count += 1
+
+    def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
+        """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to every group."""
+        if type(P).optimizer_hyperparameters is Problem.optimizer_hyperparameters:
+            return
+        nodes = self.graph.path_nodes(P.name)
+        with reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
+            hp = P.optimizer_hyperparameters() or {}
+        groups = self._windows[P.name].fopt.param_groups if diff else P.optimizer.param_groups
+        for group in groups:
+            for k, v in hp.items():
+                if k not in group:
+                    raise KeyError(f"problem {P.name!r}: optimizer_hyperparameters() returned "
+                                   f"{k!r}, which {type(P.optimizer).__name__} does not have "
+                                   f"(its hyperparameters: {sorted(x for x in group if x != 'params')})")
+                group[k] = v if diff else float(v.detach() if isinstance(v, Tensor) else v)
+
+    @staticmethod
+    def _clip(P: Problem, grads: List[Tensor]) -> List[Tensor]:
+        c = P.config.grad_clip
+        if c is None:
+            return grads
+        # Same formula as torch.nn.utils.clip_grad_norm_, but functional so that it
+        # stays differentiable inside unrolled windows.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+        coef = torch.clamp(c / (norm + 1e-6), max=1.0)
+        return [x * coef for x in grads]
+
+    def _alias(self, R: Problem, S: Problem, diff: bool, nodes, reads: List[Read]):
+        """The state ``R``'s loss sees when it calls problem ``S``."""
+        if S.name not in self.problems or self.problems[S.name] is not S:
+            raise GraphError(f"problem {R.name!r} read problem {S.name!r}, which is not in this engine")
+        if S.name not in self.graph.reads[R.name]:
+            raise GraphError(
+                f"problem {R.name!r} read the variables of {S.name!r}, but no dependency declares "
+                f"it: add {S.name!r} to u2l[...]/l2u[...] (u2l={{{S.name!r}: [{R.name!r}]}} if "
+                f"{S.name!r} is the upper, l2u={{{S.name!r}: [{R.name!r}]}} if it is the lower)")
+        for r in reads:
+            if r.source == S.name:
+                return r.alias
+        st = S.own_state()
+        track = diff or S.name in nodes
+        # A differentiable reader keeps its graph past this step; if S then steps in
+        # place (torch.optim), the saved values would change under it. Clone then.
+        clone = diff and S.name not in self._windows and S.name != self._unique_top
+        alias = {}
+        for k, t in st.items():
+            a = t.detach()
+            if clone:
+                a = a.clone()
+            alias[k] = a.requires_grad_() if track else a
+        r = Read(S.name, alias, st if S.name in self._windows else None)
+        if S.name in self._windows:
+            self._windows[S.name].referrers.append(r)
+        reads.append(r)
+        return alias
+
+    def _close_window(self, name: str) -> None:
+        win = self._windows.pop(name, None)
+        if win is None:
+            return
+        P = self.problems[name]
+        with torch.no_grad():
+            for p, t in zip(P._real, (P._state[k] for k in P.param_names)):
+                p.copy_(t)
+        win.fopt.state_to_torch(P.optimizer, P._real)
+        P._state = None
+        for r in win.referrers:   # truncate paths through the closed window
+            r.src_state = None
+        win.reads.clear()
+        win.referrers.clear()
+
+    # ------------------------------------------------------------- helpers
+    def close_windows(self) -> None:
+        """Writes all unrolled iterates back into the modules (e.g. before saving)."""
+        for n in list(self._windows):
+            self._close_window(n)
+
+    def counts(self) -> Dict[str, int]:
+        """Updates taken per problem."""
+        return {n: p.step_count for n, p in self.problems.items()}

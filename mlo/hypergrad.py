@@ -1,0 +1,171 @@
+"""Chaining best-response VJPs along hypergradient paths.
+
+For a problem ``U`` with loss ``F_U`` the engine computes::
+
+    ∇_U F_U = ∂F_U/∂λ_U + Σ_{paths U -> ... -> U} J_{1}ᵀ J_{2}ᵀ ... J_{m}ᵀ ∂F_U/∂θ_m
+
+where ``J_i`` is the best-response Jacobian of the i-th problem on the path with
+respect to the variables of the problem before it (DESIGN.md, "Multilevel").
+Each ``J_iᵀ v`` is computed by that problem's own method (``config.method``), so
+implicit methods can sit at a middle level and methods can differ per problem.
+
+Instead of walking each path separately, vectors are accumulated per problem and
+pushed once (the VJP is linear): first down the hierarchy through ``l2u`` reads,
+then up through ``u2l`` reads — exactly the paths of :class:`mlo.graph.Graph`.
+:func:`path_contribution` walks one path alone, for per-path breakdowns.
+
+A *cotangent* is ``(state, vec)``: a vector ``vec`` on a problem's state tensors
+``state`` (its iterates at the time they were read; ``None`` when that unrolled
+window was truncated).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import Tensor
+
+import engines.base as eb
+
+from .state import ReadContext, reading
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine
+
+__all__ = ["hypergradient", "path_contribution", "best_response_vjp"]
+
+Cot = Tuple[Optional[Dict[str, Tensor]], Dict[str, Tensor]]
+
+
+def _add(acc: Dict[str, Tensor], vec: Dict[str, Tensor]) -> None:
+    for k, t in vec.items():
+        acc[k] = acc[k] + t if k in acc else t
+
+
+def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
+                      sources: Set[str]) -> List[Tuple[str, Optional[Dict[str, Tensor]], Dict[str, Tensor]]]:
+    """``J_{name, S}ᵀ v`` for every source ``S`` in ``sources`` that ``name`` reads.
+
+    Returns ``[(source, source_state, vec), ...]``.
+    """
+    P = engine.problems[name]
+    readable = sources & engine.graph.reads[name]
+    if not readable or not cots:
+        return []
+    method = eb.get(P.config.method)
+    opts = dict(P.config.method_options)
+    win = engine._windows.get(name)
+    if name in engine._windowed:
+        # Unrolled: reverse mode from the iterates the cotangents sit on to the
+        # aliases this problem's steps read in the current window.
+        if win is None:
+            return []
+        outs: Dict[int, Tuple[Tensor, Tensor]] = {}
+        for state, vec in cots:
+            if state is None:
+                continue
+            for k, t in state.items():
+                if k in vec:
+                    key = id(t)
+                    outs[key] = (t, outs[key][1] + vec[k]) if key in outs else (t, vec[k])
+        reads = [r for r in win.reads if r.source in readable]
+        pairs = [(r, k, a) for r in reads for k, a in r.alias.items() if a.requires_grad]
+        outs = {k: v for k, v in outs.items() if v[0].requires_grad}
+        if not outs or not pairs:
+            return []
+        lower = eb.Lower(params=(), inputs=tuple(a for _, _, a in pairs), loss_fn=_no_loss,
+                         outputs=tuple(t for t, _ in outs.values()))
+        grads = method(lower, tuple(v for _, v in outs.values()), **opts)
+        result: Dict[int, Tuple[object, Dict[str, Tensor]]] = {}
+        for (r, k, _), g in zip(pairs, grads):
+            result.setdefault(id(r), (r, {}))[1][k] = g
+        return [(r.source, r.src_state, vec) for r, vec in result.values()]
+    # Implicit / finite difference: evaluated at the current iterate.
+    v: Dict[str, Tensor] = {}
+    for _, vec in cots:
+        _add(v, vec)
+    names = P.param_names
+    own = P.own_state()
+    params = tuple(own[k].detach().requires_grad_() for k in names)
+    vv = tuple(v[k] if k in v else torch.zeros_like(own[k]) for k in names)
+    srcs = sorted(readable)
+    src_states = {s: engine.problems[s].own_state() for s in srcs}
+    layout = [(s, k) for s in srcs for k in src_states[s]]
+    inputs = tuple(src_states[s][k].detach().requires_grad_() for s, k in layout)
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+
+    def loss_fn(ps, xs):
+        given: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
+        for (s, k), x in zip(layout, xs):
+            given[s][k] = x
+
+        def resolve(other):
+            if other.name in given:
+                return given[other.name]
+            return {k: t.detach() for k, t in other.own_state().items()}
+
+        # Same randomness (dropout, random masks) in every evaluation: HVPs and
+        # finite differences need one deterministic function.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with reading(ReadContext(P, resolve, own=dict(zip(names, ps)))):
+                return engine._loss_of(P, P.last_batch)
+
+    lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine._lr(P))
+    grads = method(lower, vv, **opts)
+    out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
+    for (s, k), g in zip(layout, grads):
+        out[s][k] = g
+    return [(s, src_states[s], out[s]) for s in srcs]
+
+
+def _no_loss(params, inputs):  # pragma: no cover - unrolled never evaluates the loss
+    raise RuntimeError("the unrolled method does not evaluate the lower loss")
+
+
+def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]]) -> Dict[str, Tensor]:
+    """Sum over all paths of ``U``. ``direct`` holds ``(source, (state, ∂F_U/∂source))``
+    for the reads of ``U``'s loss. Returns a vector on ``U``'s variables."""
+    g = engine.graph
+    nodes = g.path_nodes(U)
+    down: Dict[str, List[Cot]] = defaultdict(list)
+    up: Dict[str, List[Cot]] = defaultdict(list)
+    total: Dict[str, Tensor] = {}
+    for src, cot in direct:
+        if src in nodes:
+            down[src].append(cot)
+    allowed = nodes | {U}
+    for name in reversed(g.order):            # down phase: uppers first
+        if name in nodes and down[name]:
+            for src, st, vec in best_response_vjp(engine, name, down[name], allowed):
+                if src == U:
+                    _add(total, vec)
+                elif g.is_below(src, name):
+                    down[src].append((st, vec))
+                else:
+                    up[src].append((st, vec))
+    for name in g.order:                      # up phase: lowers first, u2l reads only
+        if name in nodes and up[name]:
+            above = {s for s in allowed if g.is_below(name, s)}
+            for src, st, vec in best_response_vjp(engine, name, up[name], above):
+                if src == U:
+                    _add(total, vec)
+                else:
+                    up[src].append((st, vec))
+    return total
+
+
+def path_contribution(engine: "Engine", path: Sequence[str],
+                      direct: Sequence[Tuple[str, Cot]]) -> Dict[str, Tensor]:
+    """The term of one path ``(U, n1, ..., nm, U)`` alone."""
+    U = path[0]
+    cots = [cot for src, cot in direct if src == path[-2]]
+    for i in range(len(path) - 2, 0, -1):
+        prev = path[i - 1]
+        res = best_response_vjp(engine, path[i], cots, {prev})
+        cots = [(st, vec) for src, st, vec in res if src == prev]
+    total: Dict[str, Tensor] = {}
+    for _, vec in cots:
+        _add(total, vec)
+    return total

@@ -1,0 +1,175 @@
+"""``Problem``: one node of a bilevel / multilevel optimization graph.
+
+A problem is declarative: its variables, its loss, its optimizer, its data, its
+config. Problems that read each other are passed in explicitly (constructor
+arguments of *your* subclass); the dependency structure is declared once, to the
+:class:`mlo.Engine`, which owns scheduling and hypergradients.
+
+Example::
+
+    class Lower(mlo.Problem):
+        def __init__(self, upper, **kw):
+            super().__init__("lower", module=nn.Linear(d, 1), **kw)
+            self.upper = upper                     # explicit wiring
+        def training_step(self, batch):
+            x, y = batch
+            wd = self.upper.params["log_wd"].exp()  # the upper's *current* variables
+            w = self.params["weight"]
+            return F.mse_loss(self(x).squeeze(-1), y) + (wd * w.pow(2)).sum()
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .config import ProblemConfig
+from .state import current_context
+
+__all__ = ["Problem"]
+
+
+class _Variables(nn.Module):
+    """Holds a problem's explicit tensors as parameters (no forward)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        super().__init__()
+        for k, t in tensors.items():
+            if not isinstance(k, str) or not k.isidentifier():
+                raise ValueError(f"variable name {k!r} must be a Python identifier")
+            if not isinstance(t, Tensor):
+                raise TypeError(f"variable {k!r} must be a tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"variable {k!r} must be a floating-point tensor, got {t.dtype}")
+            self.register_parameter(k, t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach().clone()))
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("this problem holds explicit tensors and has no module to call; "
+                        "read its variables with problem.params[name]")
+
+
+class Problem:
+    """A node of the problem graph.
+
+    Args:
+        name: unique name within the engine.
+        module: an ``nn.Module`` whose trainable parameters are this problem's
+            variables. Calling the problem (``problem(x)``) runs this module with the
+            problem's *current* state — its parameters, or its differentiable
+            iterates while an unrolled hypergradient is being built.
+        params: instead of (not with) ``module``, a dict of explicit tensors.
+        optimizer: a ``torch.optim.Optimizer`` class (default SGD).
+        optimizer_kwargs: its keyword arguments (e.g. ``{"lr": 0.1}``).
+        scheduler: optional ``torch.optim.lr_scheduler`` class, stepped after every
+            update of this problem.
+        scheduler_kwargs: its keyword arguments.
+        data: any iterable of batches; re-iterated when exhausted. ``None`` feeds
+            ``batch=None`` (for losses that need no data).
+        config: a :class:`ProblemConfig` (or a dict of its fields).
+
+    Subclasses implement :meth:`training_step`.
+    """
+
+    def __init__(self, name: str, module: Optional[nn.Module] = None,
+                 params: Optional[Mapping[str, Tensor]] = None,
+                 optimizer: Type[torch.optim.Optimizer] = torch.optim.SGD,
+                 optimizer_kwargs: Optional[Dict[str, Any]] = None,
+                 scheduler: Optional[type] = None,
+                 scheduler_kwargs: Optional[Dict[str, Any]] = None,
+                 data: Optional[Iterable] = None,
+                 config: Union[ProblemConfig, Dict[str, Any], None] = None):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"problem name must be a non-empty string, got {name!r}")
+        self.name = name
+        if (module is None) == (params is None):
+            raise ValueError(f"problem {name!r}: give exactly one of `module` or `params`")
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"problem {name!r}: `module` must be an nn.Module, got {type(module).__name__}")
+        self.module = module if module is not None else _Variables(params)
+        self.param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self._real = [p for _, p in self.module.named_parameters() if p.requires_grad]
+        if not self._real:
+            raise ValueError(f"problem {name!r} has no trainable parameters")
+        if isinstance(optimizer, torch.optim.Optimizer) or not (
+                isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"problem {name!r}: `optimizer` must be a torch.optim.Optimizer "
+                            f"class (e.g. torch.optim.Adam), got {optimizer!r}")
+        okw = dict(optimizer_kwargs or {})
+        self.optimizer = optimizer(self._real, **okw)
+        self.scheduler = scheduler(self.optimizer, **(scheduler_kwargs or {})) if scheduler else None
+        if isinstance(config, dict):
+            config = ProblemConfig.from_dict(config)
+        self.config = config or ProblemConfig()
+        if not isinstance(self.config, ProblemConfig):
+            raise TypeError(f"problem {name!r}: config must be a ProblemConfig or dict")
+        self.data = data
+        self._iter = None
+        self._state: Optional[Dict[str, Tensor]] = None  # differentiable iterates
+        self.last_batch: Any = None
+        self.last_loss: Optional[Tensor] = None
+        self.step_count = 0      # updates taken
+        self.ready_count = 0     # times it became ready (updates + skipped updates)
+
+    # -------------------------------------------------------------- the loss
+    def training_step(self, batch) -> Union[Tensor, Dict[str, Tensor]]:
+        """The problem's loss on ``batch``: a scalar tensor or a dict with ``"loss"``."""
+        raise NotImplementedError(f"problem {self.name!r} ({type(self).__name__}) must "
+                                  f"implement training_step(batch)")
+
+    def optimizer_hyperparameters(self) -> Optional[Dict[str, Any]]:
+        """Optional: optimizer hyperparameters computed from other problems' variables.
+
+        Override to make e.g. the learning rate an upper problem's variable::
+
+            def optimizer_hyperparameters(self):
+                return {"lr": self.upper.params["log_lr"].exp()}
+
+        Inside unrolled windows the values stay tensors, so the upper problem gets
+        the hypergradient through them; otherwise they are applied as floats.
+        """
+        return None
+
+    # ------------------------------------------------------------ the state
+    def own_state(self) -> Dict[str, Tensor]:
+        """This problem's current state, without any reader's aliasing."""
+        if self._state is not None:
+            return self._state
+        return dict(zip(self.param_names, self._real))
+
+    @property
+    def params(self) -> Dict[str, Tensor]:
+        """The variables as the running loss must see them (name -> tensor)."""
+        ctx = current_context()
+        if ctx is None:
+            return self.own_state()
+        if ctx.reader is self:
+            return ctx.own if ctx.own is not None else self.own_state()
+        return ctx.resolve(self)
+
+    def __call__(self, *args, **kwargs):
+        """Runs ``module`` with the problem's current state (``functional_call``)."""
+        ctx = current_context()
+        if ctx is None and self._state is None:
+            return self.module(*args, **kwargs)
+        return functional_call(self.module, self.params, args, kwargs)
+
+    # ------------------------------------------------------------- the data
+    def next_batch(self):
+        if self.data is None:
+            return None
+        if self._iter is None:
+            self._iter = iter(self.data)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.data)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                raise RuntimeError(f"problem {self.name!r}: its data yielded no batches") from None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, method={self.config.method!r}, "
+                f"unroll_steps={self.config.unroll_steps}, steps={self.step_count})")
