@@ -1,0 +1,384 @@
+"""Tokenizers: raw input → tokens ``[N, L, D]`` and the per-token reconstruction target.
+
+Every tokenizer shares one small interface, so the MAE (``problems/mae.py``) never
+looks at the modality:
+
+- ``embed(x) -> [N, L, D]``: token embeddings **including** position embeddings
+  (and modality-type embeddings for multimodal input).
+- ``patchify(x)`` / ``unpatchify(p)``: exact round trip between raw input and the
+  per-token target (``[N, L, patch_dim]`` floats for regression, ``[N, L]`` ids
+  for classification; a dict of those for multimodal input).
+- ``targets(x) -> {segment name: target}``: ``patchify`` keyed by segment.
+- ``segments``: contiguous token ranges of one modality, each with its target kind
+  (``"regression"`` | ``"classification"``), target width (``patch_dim``: values per
+  token, or vocabulary size), optional own mask ratio and a loss weight.
+- ``position_embedding(dim)``: a fresh module adding the same position layout at
+  another width (the MAE decoder's positions, plus new modality types if any).
+- ``num_tokens``, ``embed_dim``, ``patch_dim``, ``target_kind`` (single-segment
+  tokenizers; the multimodal one reports per segment).
+
+Input conventions (channels first, like ``torch.nn.Conv*``):
+
+=================  ==========================  =================================
+tokenizer          input ``x``                 token ``i`` / target
+=================  ==========================  =================================
+ImageTokenizer     ``[N, C, H, W]`` float      ``p×p×C`` pixels, row-major grid
+SequenceTokenizer  ``[N, C, T]`` float         ``p×C`` values of a time window
+TabularTokenizer   ``[N, F]`` float            one feature (``patch_dim = 1``)
+DiscreteTokenizer  ``[N, T]`` long             one id (CE over ``vocab_size``)
+MultimodalTok.     ``{"image": [N,C,H,W],      ``[image patches ; text tokens]``
+                   "text": [N, T] long}``      (a tuple ``(image, text)`` works too)
+=================  ==========================  =================================
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from problems.pos_embed import PositionEmbedding
+
+__all__ = [
+    "Segment",
+    "Tokenizer",
+    "ImageTokenizer",
+    "SequenceTokenizer",
+    "TabularTokenizer",
+    "DiscreteTokenizer",
+    "MultimodalTokenizer",
+    "SegmentPositionEmbedding",
+]
+
+REGRESSION = "regression"
+CLASSIFICATION = "classification"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous range ``[start, start + length)`` of tokens of one modality.
+
+    Attributes:
+        name: key of this segment in ``targets``/predictions (e.g. ``"image"``).
+        start: first token index in the full sequence.
+        length: number of tokens.
+        kind: ``"regression"`` (MSE on values) or ``"classification"`` (CE on ids).
+        patch_dim: target width per token (values) or vocabulary size (classes).
+        mask_ratio: this segment's own mask ratio, or None to use the model's.
+        loss_weight: weight of this segment's loss in the total.
+    """
+
+    name: str
+    start: int
+    length: int
+    kind: str
+    patch_dim: int
+    mask_ratio: Optional[float] = None
+    loss_weight: float = 1.0
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.length
+
+
+class Tokenizer(nn.Module):
+    """Base class of single-modality tokenizers (one segment, one position table).
+
+    Subclasses set ``self.pos`` (a ``PositionEmbedding``), ``self.grid``,
+    ``embed_dim``, ``patch_dim``, ``target_kind``, ``name`` and implement
+    ``patchify``, ``unpatchify`` and ``_embed_patches`` (target → token, no position).
+    """
+
+    name: str = "tokens"
+    target_kind: str = REGRESSION
+
+    def __init__(self, embed_dim: int, grid: Sequence[int], patch_dim: int, learnable_pos: bool):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.grid = tuple(grid)
+        self.patch_dim = patch_dim
+        self.pos = PositionEmbedding(embed_dim, self.grid, learnable=learnable_pos)
+        self.num_tokens = self.pos.num_tokens
+
+    @property
+    def segments(self) -> Tuple[Segment, ...]:
+        return (Segment(self.name, 0, self.num_tokens, self.target_kind, self.patch_dim),)
+
+    def embed(self, x) -> torch.Tensor:
+        """Tokens with position embedding: ``x -> [N, L, D]``."""
+        return self.pos(self._embed_patches(self.patchify(x)))
+
+    def targets(self, x) -> Dict[str, torch.Tensor]:
+        """Reconstruction target keyed by segment name."""
+        return {self.name: self.patchify(x)}
+
+    def position_embedding(self, dim: int, learnable: bool = False) -> nn.Module:
+        """A new position embedding with this layout at width ``dim``."""
+        return PositionEmbedding(dim, self.grid, learnable=learnable)
+
+    def _embed_patches(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def patchify(self, x):
+        raise NotImplementedError
+
+    def unpatchify(self, p):
+        raise NotImplementedError
+
+
+def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class ImageTokenizer(Tokenizer):
+    """Non-overlapping ``p×p`` patches of a ``C``-channel image (RGB, multispectral).
+
+    ``embed``: ``Linear(p·p·C, D)`` on the flattened patch (equal to a stride-``p``
+    convolution) + fixed 2-D sin-cos position embedding over the ``H/p × W/p`` grid.
+
+    Args:
+        image_size: ``H`` or ``(H, W)``; divisible by ``patch_size``.
+        patch_size: ``p``.
+        in_chans: ``C``.
+        embed_dim: ``D``.
+        learnable_pos: learnable position table (initialised with sin-cos).
+    """
+
+    name = "image"
+    target_kind = REGRESSION
+
+    def __init__(self, image_size, patch_size: int, in_chans: int, embed_dim: int,
+                 learnable_pos: bool = False):
+        h, w = _pair(image_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"image {h}x{w} not divisible by patch {patch_size}")
+        self.image_size, self.patch_size, self.in_chans = (h, w), patch_size, in_chans
+        super().__init__(embed_dim, (h // patch_size, w // patch_size),
+                         patch_size * patch_size * in_chans, learnable_pos)
+        self.proj = nn.Linear(self.patch_dim, embed_dim)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [N, C, H, W] -> [N, L, p·p·C]``, patch entries ordered ``(row, col, c)``."""
+        n, c, _, _ = x.shape
+        (gh, gw), p = self.grid, self.patch_size
+        x = x.reshape(n, c, gh, p, gw, p)
+        x = x.permute(0, 2, 4, 3, 5, 1)  # [N, gh, gw, p, p, C]
+        return x.reshape(n, gh * gw, p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[N, L, p·p·C] -> [N, C, H, W]`` (inverse of ``patchify``)."""
+        n = patches.shape[0]
+        (gh, gw), p, c = self.grid, self.patch_size, self.in_chans
+        x = patches.reshape(n, gh, gw, p, p, c)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # [N, C, gh, p, gw, p]
+        return x.reshape(n, c, gh * p, gw * p)
+
+    def _embed_patches(self, p: torch.Tensor) -> torch.Tensor:
+        return self.proj(p)  # [N, L, D]
+
+
+class SequenceTokenizer(Tokenizer):
+    """Windows of ``p`` time steps of a ``C``-channel series (time series, speech).
+
+    ``embed``: ``Linear(p·C, D)`` + fixed 1-D sin-cos positions over ``T/p`` tokens.
+
+    Args:
+        length: ``T``; divisible by ``patch_length``.
+        patch_length: ``p``.
+        in_chans: ``C``.
+        embed_dim: ``D``.
+        learnable_pos: learnable position table.
+    """
+
+    name = "sequence"
+    target_kind = REGRESSION
+
+    def __init__(self, length: int, patch_length: int, in_chans: int, embed_dim: int,
+                 learnable_pos: bool = False):
+        if length % patch_length:
+            raise ValueError(f"length {length} not divisible by patch {patch_length}")
+        self.length, self.patch_length, self.in_chans = length, patch_length, in_chans
+        super().__init__(embed_dim, (length // patch_length,), patch_length * in_chans,
+                         learnable_pos)
+        self.proj = nn.Linear(self.patch_dim, embed_dim)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [N, C, T] -> [N, L, p·C]``, entries ordered ``(step, channel)``."""
+        n, c, _ = x.shape
+        x = x.reshape(n, c, self.num_tokens, self.patch_length).permute(0, 2, 3, 1)
+        return x.reshape(n, self.num_tokens, self.patch_dim)  # [N, L, p·C]
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[N, L, p·C] -> [N, C, T]``."""
+        n = patches.shape[0]
+        x = patches.reshape(n, self.num_tokens, self.patch_length, self.in_chans)
+        return x.permute(0, 3, 1, 2).reshape(n, self.in_chans, self.length)
+
+    def _embed_patches(self, p: torch.Tensor) -> torch.Tensor:
+        return self.proj(p)
+
+
+class TabularTokenizer(Tokenizer):
+    """One token per feature: ``token_f = x_f · w_f + b_f`` (``w_f, b_f ∈ R^D``).
+
+    Each feature has its own linear embedding of its scalar value; a 1-D sin-cos
+    position over the feature index is added as well (it is what locates a mask
+    token in the decoder). Target: the scalar itself (``patch_dim = 1``).
+
+    Args:
+        num_features: ``F``.
+        embed_dim: ``D``.
+        learnable_pos: learnable position table.
+    """
+
+    name = "tabular"
+    target_kind = REGRESSION
+
+    def __init__(self, num_features: int, embed_dim: int, learnable_pos: bool = False):
+        super().__init__(embed_dim, (num_features,), 1, learnable_pos)
+        self.weight = nn.Parameter(torch.randn(num_features, embed_dim) * 0.02)  # [F, D]
+        self.bias = nn.Parameter(torch.zeros(num_features, embed_dim))  # [F, D]
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [N, F] -> [N, F, 1]``."""
+        return x.unsqueeze(-1)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[N, F, 1] -> [N, F]``."""
+        return patches.squeeze(-1)
+
+    def _embed_patches(self, p: torch.Tensor) -> torch.Tensor:
+        return p * self.weight + self.bias  # [N, F, 1] * [F, D] -> [N, F, D]
+
+
+class DiscreteTokenizer(Tokenizer):
+    """Sequences of ids (text, DNA, proteins): embedding table + 1-D positions.
+
+    Target: the id itself; the MAE predicts ``vocab_size`` logits per token and
+    uses cross-entropy (``target_kind = "classification"``, ``patch_dim = vocab_size``).
+
+    Args:
+        vocab_size: ``V``.
+        length: ``T`` (tokens per sample).
+        embed_dim: ``D``.
+        learnable_pos: learnable position table.
+        name: segment name (``"tokens"``; the multimodal tokenizer uses ``"text"``).
+    """
+
+    target_kind = CLASSIFICATION
+
+    def __init__(self, vocab_size: int, length: int, embed_dim: int,
+                 learnable_pos: bool = False, name: str = "tokens"):
+        super().__init__(embed_dim, (length,), vocab_size, learnable_pos)
+        self.name = name
+        self.vocab_size = vocab_size
+        self.table = nn.Embedding(vocab_size, embed_dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Ids are their own target: ``[N, T] -> [N, T]`` (long)."""
+        return x
+
+    def unpatchify(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[N, T] -> [N, T]``; pass ``logits.argmax(-1)`` to decode predictions."""
+        return ids
+
+    def _embed_patches(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)  # [N, T, D]
+
+
+class SegmentPositionEmbedding(nn.Module):
+    """Per-segment position embeddings plus a learned type vector per segment.
+
+    ``x: [N, L, D]`` with ``L = Σ_s L_s``; segment ``s`` gets ``P_s + t_s``.
+    """
+
+    def __init__(self, positions: Sequence[nn.Module], dim: int, type_std: float = 0.02):
+        super().__init__()
+        self.positions = nn.ModuleList(positions)
+        self.lengths = [p.num_tokens for p in positions]
+        self.types = nn.Parameter(torch.randn(len(positions), dim) * type_std)  # [S, D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split(self.lengths, dim=1)
+        return torch.cat([pos(part) + self.types[i]
+                          for i, (pos, part) in enumerate(zip(self.positions, parts))], dim=1)
+
+
+class MultimodalTokenizer(nn.Module):
+    """M3AE image+text: one sequence ``[image patches ; text tokens]``.
+
+    ``embed(x) = [img.embed(image) + t_img ; txt.embed(text) + t_txt]`` where the
+    ``t`` are learned modality-type vectors (2-D sin-cos positions for patches, 1-D
+    for text come from the sub-tokenizers). Image targets are pixels (MSE), text
+    targets are ids (CE). M3AE defaults: both mask ratios 0.75, loss weights
+    image 1.0 / text 0.5.
+
+    Input: ``{"image": [N, C, H, W], "text": [N, T] long}`` or a tuple
+    ``(image, text)``. ``patchify`` returns ``{"image": [N, L_img, p·p·C],
+    "text": [N, T]}``; ``unpatchify`` maps that dict back to the input dict.
+
+    Args:
+        image: an ``ImageTokenizer``.
+        text: a ``DiscreteTokenizer`` (its segment is renamed ``"text"``).
+        mask_ratios: ``(image, text)`` mask ratios; None entries use the model's.
+        loss_weights: ``(image, text)`` loss weights.
+    """
+
+    def __init__(self, image: ImageTokenizer, text: DiscreteTokenizer,
+                 mask_ratios: Tuple[Optional[float], Optional[float]] = (0.75, 0.75),
+                 loss_weights: Tuple[float, float] = (1.0, 0.5)):
+        super().__init__()
+        if image.embed_dim != text.embed_dim:
+            raise ValueError("image and text tokenizers need the same embed_dim")
+        text.name = "text"
+        self.image, self.text = image, text
+        self.embed_dim = image.embed_dim
+        self.num_tokens = image.num_tokens + text.num_tokens
+        self.mask_ratios = tuple(mask_ratios)
+        self.loss_weights = tuple(loss_weights)
+        self.types = nn.Parameter(torch.randn(2, self.embed_dim) * 0.02)  # [2, D]
+
+    @property
+    def segments(self) -> Tuple[Segment, ...]:
+        li = self.image.num_tokens
+        return (
+            Segment("image", 0, li, REGRESSION, self.image.patch_dim,
+                    self.mask_ratios[0], self.loss_weights[0]),
+            Segment("text", li, self.text.num_tokens, CLASSIFICATION, self.text.vocab_size,
+                    self.mask_ratios[1], self.loss_weights[1]),
+        )
+
+    @staticmethod
+    def split(x: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]):
+        """``x -> (image, text)`` for dict or tuple input."""
+        if isinstance(x, Mapping):
+            return x["image"], x["text"]
+        image, text = x
+        return image, text
+
+    def embed(self, x) -> torch.Tensor:
+        """``x -> [N, L_img + T, D]``."""
+        image, text = self.split(x)
+        return torch.cat([self.image.embed(image) + self.types[0],
+                          self.text.embed(text) + self.types[1]], dim=1)
+
+    def patchify(self, x) -> Dict[str, torch.Tensor]:
+        image, text = self.split(x)
+        return {"image": self.image.patchify(image), "text": self.text.patchify(text)}
+
+    def unpatchify(self, p: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {"image": self.image.unpatchify(p["image"]), "text": self.text.unpatchify(p["text"])}
+
+    def targets(self, x) -> Dict[str, torch.Tensor]:
+        return self.patchify(x)
+
+    def position_embedding(self, dim: int, learnable: bool = False) -> nn.Module:
+        """Decoder positions: sub-tokenizer layouts at width ``dim`` + new type vectors."""
+        return SegmentPositionEmbedding(
+            [self.image.position_embedding(dim, learnable),
+             self.text.position_embedding(dim, learnable)], dim)
