@@ -73,7 +73,8 @@ class FunctionalOptimizer:
         Raises:
             TypeError: the optimizer class is not supported.
             ValueError: a parameter is not in the optimizer, is repeated or is
-                complex, or the optimizer uses an unsupported option.
+                complex. (``foreach``/``fused``/``capturable``/``differentiable``
+                are accepted; sparse gradients are rejected by :meth:`step`.)
         """
         for sub in (FunctionalSGD, FunctionalAdam):
             if type(optimizer) in sub.torch_types:
@@ -93,15 +94,9 @@ class FunctionalOptimizer:
                 raise ValueError("complex parameters are not supported")
             group_index.append(where[id(p)])
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        for g in groups:
-            sub._check_group(g)
         state = [{k: _copy(v) if isinstance(v, Tensor) else v
                   for k, v in optimizer.state.get(p, {}).items()} for p in params]
         return sub(groups, group_index, state)
-
-    @classmethod
-    def _check_group(cls, group: dict) -> None:
-        pass
 
     def step(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         """One optimizer step, out of place.
@@ -199,23 +194,20 @@ class FunctionalAdam(FunctionalOptimizer):
             \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
     ``state["step"]`` stays a float tensor as in torch. Groups with ``capturable`` or
-    ``differentiable`` set follow torch's tensor-step arithmetic for those modes.
+    ``differentiable`` set follow torch's tensor-step arithmetic for those modes;
+    ``foreach`` is ignored (torch's multi-tensor path gives identical numbers) and so
+    is ``fused`` (the fused CPU kernel agrees to ~1e-16 relative, not bitwise).
     """
 
     torch_types = (torch.optim.Adam, torch.optim.AdamW)
-
-    @classmethod
-    def _check_group(cls, group):
-        if group.get("fused"):
-            raise ValueError("Adam/AdamW with fused=True is not supported (its kernel rounds differently); "
-                             "use fused=False")
 
     def _update(self, p, g, state, group):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         if "step" not in state:  # torch's lazy initialisation
-            fp64 = torch.get_default_dtype() == torch.float64
-            state["step"] = torch.tensor(0.0, dtype=torch.float64 if fp64 else torch.float32)
+            fused, fp64 = group.get("fused"), torch.get_default_dtype() == torch.float64
+            state["step"] = torch.tensor(0.0, dtype=torch.float64 if fp64 and not fused else torch.float32,
+                                         device=p.device if fused or group.get("capturable") else "cpu")
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["amsgrad"]:

@@ -69,21 +69,22 @@ GRID = ([(torch.optim.SGD, dict(c, lr=lr)) for c in SGD_CASES for lr in (0.05, 0
 IDS = [f"{c.__name__}-{kw}" for c, kw in GRID]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("two_groups", [False, True])
 @pytest.mark.parametrize("cls,kw", GRID, ids=IDS)
-def test_trajectory_matches_torch(cls, kw, two_groups, foreach):
-    ref = make_params()
-    expected = torch_steps(make_opt(cls, dict(kw, foreach=foreach), ref, two_groups), ref, 20)
+def test_trajectory_matches_torch(cls, kw):
+    two_groups = kw["lr"] in (0.2, 0.05)  # the non-default lr runs with 2 groups (lr, lr/2; wd, 2 wd)
     real = make_params()
     fopt = FunctionalOptimizer.from_torch(make_opt(cls, kw, real, two_groups), real)
     got = functional_steps(fopt, [p.detach().clone().requires_grad_() for p in real], 20)
-    assert rel_err(got, expected) <= TOL
+    for foreach in (False, True):  # torch's single-tensor and multi-tensor paths
+        ref = make_params()
+        expected = torch_steps(make_opt(cls, dict(kw, foreach=foreach), ref, two_groups), ref, 20)
+        assert rel_err(got, expected) <= TOL, f"foreach={foreach}"
 
 
 @pytest.mark.parametrize("kw", [{"differentiable": True}, {"differentiable": True, "maximize": True, "betas": (0.8, 0.9)},
+                                {"fused": True, "amsgrad": True, "weight_decay": 0.1},
                                 {"differentiable": True, "amsgrad": True, "weight_decay": 0.1}])
-def test_adam_tensor_step_modes(kw):
+def test_adam_other_modes(kw):
     ref = make_params()
     if kw.get("differentiable"):  # differentiable torch.optim updates non-leaf params in place
         ref = [p.clone() for p in ref]
@@ -202,8 +203,12 @@ def test_types_and_errors():
     assert isinstance(functional_optimizer(torch.optim.AdamW(real), real), FunctionalAdam)
     with pytest.raises(TypeError, match="RMSprop.*SGD.*Adam.*AdamW"):
         FunctionalOptimizer.from_torch(torch.optim.RMSprop(real), real)
-    with pytest.raises(ValueError, match="fused"):
-        FunctionalOptimizer.from_torch(torch.optim.Adam(real, fused=True), real)
+    with pytest.raises(ValueError, match="complex"):
+        z = torch.zeros(2, dtype=torch.complex128, requires_grad=True)
+        FunctionalOptimizer.from_torch(torch.optim.Adam([z]), [z])
+    with pytest.raises(ValueError, match="sparse"):
+        fopt = FunctionalOptimizer.from_torch(torch.optim.SGD(real, lr=0.1), real)
+        fopt.step(real, [torch.zeros(s, dtype=DT).to_sparse() if s else torch.zeros((), dtype=DT) for s in SHAPES])
     with pytest.raises(ValueError, match="not in the optimizer"):
         FunctionalOptimizer.from_torch(torch.optim.SGD(real[:2], lr=0.1), real)
     with pytest.raises(ValueError, match="more than once"):
@@ -213,3 +218,42 @@ def test_types_and_errors():
         fopt.step(real[:2], real[:2])
     with pytest.raises(TypeError, match="cannot hand state"):
         fopt.state_to_torch(torch.optim.Adam(real), real)
+
+
+HYPER = [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}, n)
+         for n in ("momentum", "dampening", "weight_decay")] + \
+        [(cls, {"lr": 0.05, "betas": (0.8, 0.9), "eps": 1e-3, "weight_decay": 0.1}, n)
+         for cls in (torch.optim.Adam, torch.optim.AdamW) for n in ("beta1", "beta2", "eps", "weight_decay")]
+
+
+def _with(kw, name, v):
+    kw = dict(kw)
+    if name.startswith("beta"):
+        b = list(kw["betas"])
+        b[int(name[-1]) - 1] = v
+        kw["betas"] = tuple(b)
+    else:
+        kw[name] = v
+    return kw
+
+
+@pytest.mark.parametrize("cls,kw,name", HYPER, ids=[f"{c.__name__}-{n}" for c, _, n in HYPER])
+def test_tensor_hyperparameters_forward_exact_and_differentiable(cls, kw, name):
+    base = kw["betas"][int(name[-1]) - 1] if name.startswith("beta") else kw[name]
+
+    def torch_j(v):
+        ps = make_params()
+        torch_steps(cls(ps, **_with(kw, name, v)), ps, 3)
+        return sum((w * p).sum() for w, p in zip(W, ps)).item()
+
+    real = make_params()
+    fopt = FunctionalOptimizer.from_torch(cls(real, **kw), real)
+    t = torch.tensor(base, dtype=DT, requires_grad=True)
+    fopt.param_groups[0].update(_with(kw, name, t))
+    ps = functional_steps(fopt, [p.detach().clone().requires_grad_() for p in real], 3, create_graph=True)[-1]
+    j = sum((w * p).sum() for w, p in zip(W, ps))
+    assert abs(j.item() - torch_j(base)) <= TOL * abs(j.item())
+    (d,) = torch.autograd.grad(j, t)
+    h = 1e-6
+    fd = (torch_j(base + h) - torch_j(base - h)) / (2 * h)
+    assert abs(d.item() - fd) <= 1e-6 * abs(fd)
