@@ -1,0 +1,282 @@
+"""Masked autoencoder over any tokenizer: tokenize → mask → encode → decode → loss.
+
+Reads top to bottom like the MAE reference model::
+
+    tokens = tokenizer.embed(x)                       # [N, L, D]   (+ positions)
+    kept, mask, ids_restore = random_masking(tokens)  # [N, K, D], [N, L], [N, L]
+    latent = encoder([cls ; kept])                    # [N, 1+K, D]
+    pred = decoder(unshuffle([latent ; mask tokens])) # [N, L, patch_dim] per segment
+    loss = Σ_s w_s · Σ_{i∈s} ℓ_i m_i a_i / #masked_s  # ℓ: MSE per token or CE
+
+``m_i = 1`` for masked tokens, ``a_i`` optional per-token weights (MLO-MAE: the
+masking network's probability of token ``i``), ``w_s`` per-segment loss weights
+(M3AE: image 1.0, text 0.5).
+
+Masking keeps the ``K`` tokens with the LOWEST scores. Uniform noise gives MAE's
+random masking; the MLO-MAE masking network's probabilities as scores mask the
+highest-probability tokens (deterministic top-k).
+
+The model is a plain ``nn.Module`` with no cached parameter-derived tensors, so it
+runs under ``torch.func.functional_call(model, params, args)`` and in float64.
+Second-order use (MetaMAE latent adaptation) needs ``math_attention()`` or
+``attn_impl="math"`` (see ``problems/transformer.py``).
+"""
+
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from problems.tokenizers import CLASSIFICATION
+from problems.transformer import Transformer
+
+__all__ = ["num_masked", "random_masking", "MaskedAutoencoder"]
+
+Ratio = Union[float, Sequence[float]]
+
+
+def num_masked(length: int, ratio: float) -> int:
+    """Number of masked tokens: ``round(ratio · length)``, halves rounded up."""
+    return int(math.floor(ratio * length + 0.5))
+
+
+def random_masking(
+    x: torch.Tensor,
+    mask_ratio: Ratio,
+    scores: Optional[torch.Tensor] = None,
+    lengths: Optional[Sequence[int]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the lowest-score tokens of each segment, mask the rest.
+
+    Within segment ``s`` (``lengths[s]`` consecutive tokens) ``round(r_s · L_s)``
+    tokens with the highest scores are masked. Ties are broken by position (stable
+    sort). Kept tokens are ordered segment by segment, by increasing score.
+
+    Args:
+        x: tokens ``[N, L, D]``.
+        mask_ratio: one ratio, or one per segment.
+        scores: ``[N, L]``; None → uniform noise (MAE random masking). Not
+            differentiated (selection is discrete); pass probabilities as
+            ``token_weights`` to the loss for a gradient.
+        lengths: segment lengths summing to ``L``; None → one segment.
+
+    Returns:
+        ``x_kept [N, K, D]``, ``mask [N, L]`` (1 = masked, 0 = kept, dtype of ``x``),
+        ``ids_restore [N, L]`` with ``cat([x_kept, masked], 1).gather(ids_restore)``
+        back in the original order.
+    """
+    n, length, dim = x.shape
+    lengths = [length] if lengths is None else [int(v) for v in lengths]
+    if sum(lengths) != length:
+        raise ValueError(f"segment lengths {lengths} do not sum to {length}")
+    ratios = [float(mask_ratio)] * len(lengths) if isinstance(mask_ratio, (int, float)) \
+        else [float(r) for r in mask_ratio]
+    if len(ratios) != len(lengths):
+        raise ValueError("one mask ratio per segment expected")
+    if scores is None:
+        scores = torch.rand(n, length, device=x.device)
+    scores = scores.detach()
+
+    keep, drop, start = [], [], 0
+    for seg_len, ratio in zip(lengths, ratios):
+        order = torch.argsort(scores[:, start:start + seg_len], dim=1, stable=True) + start
+        n_keep = seg_len - num_masked(seg_len, ratio)
+        keep.append(order[:, :n_keep])
+        drop.append(order[:, n_keep:])
+        start += seg_len
+    ids_keep = torch.cat(keep, dim=1)  # [N, K]
+    ids_shuffle = torch.cat([ids_keep] + drop, dim=1)  # [N, L]
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # [N, L]
+
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))  # [N, K, D]
+    mask = torch.ones(n, length, dtype=x.dtype, device=x.device)
+    mask[:, :ids_keep.shape[1]] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # [N, L], 1 = masked
+    return x_kept, mask, ids_restore
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE with a ViT encoder (CLS token) and a light Transformer decoder.
+
+    Args:
+        tokenizer: a tokenizer from ``problems.tokenizers``; its ``embed_dim`` is
+            the encoder width ``D``.
+        depth: encoder blocks.
+        num_heads: encoder heads.
+        mlp_ratio: encoder MLP ratio.
+        decoder_dim: decoder width (ignored when ``decoder_depth == 0``).
+        decoder_depth: decoder blocks; 0 = linear decoder (one ``Linear`` from the
+            encoder width to the target, on latent tokens / mask token + position).
+        decoder_heads: decoder heads.
+        decoder_mlp_ratio: decoder MLP ratio (default: ``mlp_ratio``).
+        mask_ratio: default ratio; used for segments without their own ratio.
+        norm_pix: normalise each regression target token by its own mean and
+            (unbiased) variance, ``(t − μ)/√(σ² + 1e-6)``, as in MAE.
+        dropout: dropout in encoder and decoder blocks.
+        attn_impl: ``"fused"``, ``"math"`` or None for every attention layer.
+        learnable_decoder_pos: learnable decoder position table.
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        decoder_dim: int = 128,
+        decoder_depth: int = 4,
+        decoder_heads: int = 4,
+        decoder_mlp_ratio: Optional[float] = None,
+        mask_ratio: float = 0.75,
+        norm_pix: bool = False,
+        dropout: float = 0.0,
+        attn_impl: Optional[str] = None,
+        learnable_decoder_pos: bool = False,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.segments = tuple(tokenizer.segments)
+        self.embed_dim = dim = tokenizer.embed_dim
+        self.num_tokens = tokenizer.num_tokens
+        self.mask_ratio = mask_ratio
+        self.norm_pix = norm_pix
+        for seg in self.segments:
+            if norm_pix and seg.kind != CLASSIFICATION and seg.patch_dim < 2:
+                raise ValueError(f"norm_pix needs >= 2 values per token ({seg.name})")
+
+        # --- encoder -------------------------------------------------------------
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.encoder = Transformer(dim, depth, num_heads, mlp_ratio, dropout,
+                                   attn_impl=attn_impl)
+
+        # --- decoder -------------------------------------------------------------
+        if decoder_depth == 0:
+            decoder_dim = dim
+            self.decoder_embed = nn.Identity()
+            self.decoder = nn.Identity()
+        else:
+            self.decoder_embed = nn.Linear(dim, decoder_dim)
+            self.decoder = Transformer(decoder_dim, decoder_depth, decoder_heads,
+                                       decoder_mlp_ratio or mlp_ratio, dropout,
+                                       attn_impl=attn_impl)
+        self.decoder_dim = decoder_dim
+        self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim) * 0.02)
+        self.decoder_pos = tokenizer.position_embedding(decoder_dim, learnable_decoder_pos)
+        self.heads = nn.ModuleDict({s.name: nn.Linear(decoder_dim, s.patch_dim)
+                                    for s in self.segments})
+        for m in [self.decoder_embed, *self.heads.values()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # --- tokens ------------------------------------------------------------------
+    def patch_embeddings(self, x) -> torch.Tensor:
+        """Tokens + position (+ type) embeddings, no masking: ``[N, L, D]``."""
+        return self.tokenizer.embed(x)
+
+    def segment_ratios(self, mask_ratio=None) -> Tuple[float, ...]:
+        """Per-segment ratios: explicit float → all segments; dict → by name;
+        None → each segment's own ratio, else ``self.mask_ratio``."""
+        out = []
+        for seg in self.segments:
+            if isinstance(mask_ratio, Mapping):
+                r = mask_ratio.get(seg.name, seg.mask_ratio)
+            else:
+                r = mask_ratio
+            if r is None:
+                r = seg.mask_ratio if seg.mask_ratio is not None else self.mask_ratio
+            out.append(float(r))
+        return tuple(out)
+
+    # --- encoder -----------------------------------------------------------------
+    def forward_encoder(self, x, mask_ratio=None, scores: Optional[torch.Tensor] = None):
+        """Returns ``latent [N, 1+K, D]`` (CLS first), ``mask [N, L]``, ``ids_restore [N, L]``."""
+        tokens = self.patch_embeddings(x)  # [N, L, D]
+        kept, mask, ids_restore = random_masking(
+            tokens, self.segment_ratios(mask_ratio), scores, [s.length for s in self.segments])
+        cls = self.cls_token.to(kept.dtype).expand(kept.shape[0], -1, -1)  # [N, 1, D]
+        latent = self.encoder(torch.cat([cls, kept], dim=1))  # [N, 1+K, D]
+        return latent, mask, ids_restore
+
+    # --- decoder -----------------------------------------------------------------
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor):
+        """``latent [N, 1+K, D]`` → predictions per token.
+
+        Returns:
+            ``[N, L, patch_dim]`` (values or logits) for a single-segment tokenizer,
+            else ``{segment name: [N, L_s, patch_dim_s]}``.
+        """
+        h = self.decoder_embed(latent)  # [N, 1+K, Dd]
+        n, k1, dd = h.shape
+        n_mask = ids_restore.shape[1] - (k1 - 1)
+        masks = self.mask_token.to(h.dtype).expand(n, n_mask, -1)  # [N, L-K, Dd]
+        seq = torch.cat([h[:, 1:], masks], dim=1)  # [N, L, Dd] (shuffled order)
+        seq = torch.gather(seq, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # unshuffle
+        seq = torch.cat([h[:, :1], self.decoder_pos(seq)], dim=1)  # [N, 1+L, Dd]
+        seq = self.decoder(seq)[:, 1:]  # [N, L, Dd]
+        pred = {s.name: self.heads[s.name](seq[:, s.start:s.stop]) for s in self.segments}
+        return pred[self.segments[0].name] if len(self.segments) == 1 else pred
+
+    # --- loss --------------------------------------------------------------------
+    def token_losses(self, x, pred) -> torch.Tensor:
+        """Per-token reconstruction loss ``ℓ [N, L]`` (no masking, no weights).
+
+        Regression: mean squared error over the token's values (``norm_pix`` target
+        if set). Classification: cross-entropy of the logits against the id.
+        """
+        targets = self.tokenizer.targets(x)
+        if not isinstance(pred, Mapping):
+            pred = {self.segments[0].name: pred}
+        losses = []
+        for seg in self.segments:
+            p, t = pred[seg.name], targets[seg.name]
+            if seg.kind == CLASSIFICATION:  # p: [N, L_s, V], t: [N, L_s]
+                losses.append(F.cross_entropy(p.flatten(0, 1), t.flatten(), reduction="none")
+                              .view(t.shape))
+            else:  # p, t: [N, L_s, P]
+                if self.norm_pix:
+                    mean, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
+                    t = (t - mean) / (var + 1e-6).sqrt()
+                losses.append((p - t).pow(2).mean(dim=-1))
+        return torch.cat(losses, dim=1)  # [N, L]
+
+    def forward_loss(self, x, pred, mask: torch.Tensor,
+                     token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``Σ_s w_s · Σ_{i∈s} ℓ_i m_i a_i / max(Σ_{i∈s} m_i, 1)`` (sums over the batch too).
+
+        Args:
+            x: raw input (targets are recomputed from it).
+            pred: output of ``forward_decoder``.
+            mask: ``[N, L]``, 1 where the loss counts (masked tokens; any support or
+                query selection works).
+            token_weights: optional ``[N, L]`` multipliers ``a_i`` (not normalised).
+        """
+        per_token = self.token_losses(x, pred) * mask  # [N, L]
+        if token_weights is not None:
+            per_token = per_token * token_weights
+        total = per_token.new_zeros(())
+        for seg in self.segments:
+            count = mask[:, seg.start:seg.stop].sum().clamp_min(1.0)
+            total = total + seg.loss_weight * per_token[:, seg.start:seg.stop].sum() / count
+        return total
+
+    def forward(self, x, mask_ratio=None, scores: Optional[torch.Tensor] = None,
+                token_weights: Optional[torch.Tensor] = None):
+        """Returns ``(loss, pred, mask)``; see ``forward_encoder``/``forward_loss``."""
+        latent, mask, ids_restore = self.forward_encoder(x, mask_ratio, scores)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(x, pred, mask, token_weights), pred, mask
+
+    # --- evaluation --------------------------------------------------------------
+    def features(self, x, pool: str = "cls") -> torch.Tensor:
+        """Encoder features without masking: CLS token or mean of tokens, ``[N, D]``."""
+        tokens = self.patch_embeddings(x)  # [N, L, D]
+        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        h = self.encoder(torch.cat([cls, tokens], dim=1))  # [N, 1+L, D]
+        if pool == "cls":
+            return h[:, 0]
+        if pool == "mean":
+            return h[:, 1:].mean(dim=1)
+        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
