@@ -100,11 +100,11 @@ def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
     r = b
     p = r
     rs = _dot(r, r)
-    threshold = (tol ** 2) * float(rs)
-    if float(rs) == 0.0:
+    threshold = (tol ** 2) * float(rs.detach())
+    if float(rs.detach()) == 0.0:
         return x
     for _ in range(max_iter):
-        if float(rs) <= threshold:
+        if float(rs.detach()) <= threshold:
             break
         hp = op(p)
         step = rs / _dot(p, hp)

@@ -1,0 +1,112 @@
+"""One test that runs every registered hypergradient method on the same problem.
+
+A new method must be added to ``METHODS`` (options and tolerance against the
+exact implicit value), otherwise its test fails.
+
+Problem: P1 ridge ``f(w, λ) = ½‖Xw − y‖² + ½ Σ λ_j w_j²`` with ``H ≈ 2I`` (so
+the finite-difference approximation ``H⁻¹ ≈ η I``, η = 0.5, is within a few
+percent), the lower parameters split over two tensors of different shapes
+(``[2, 2]`` and ``[2]``) and an extra upper input the lower loss never reads
+(its result must be zeros).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.base import Lower, available, get
+
+DT = torch.float64
+D = 6
+ETA = 0.5
+
+# name -> (options, max relative error against the exact implicit value)
+METHODS = {
+    "cg": ({}, 1e-10),
+    "neumann": ({"iterations": 30, "alpha": ETA}, 1e-10),
+    "unrolled": ({}, 1e-10),  # outputs from a 40-step unroll, contraction ≈ 0.1
+    "finite_difference": ({"scale_by_lr": True}, 0.1),  # H⁻¹ ≈ η I
+    "darts": ({"scale_by_lr": True}, 0.1),
+}
+
+
+def split(w):
+    return w[:4].reshape(2, 2), w[4:]
+
+
+def join(params):
+    return torch.cat([params[0].reshape(-1), params[1]])
+
+
+def problem():
+    gen = torch.Generator().manual_seed(11)
+    n = 12
+    X = torch.randn(n, D, generator=gen, dtype=DT)
+    X = X * (0.1 / torch.linalg.matrix_norm(X.T @ X, ord=2)) ** 0.5
+    y = torch.randn(n, generator=gen, dtype=DT)
+    Xv = torch.randn(n, D, generator=gen, dtype=DT)
+    yv = torch.randn(n, generator=gen, dtype=DT)
+    lam = 1.95 + 0.1 * torch.rand(D, generator=gen, dtype=DT)
+    H = X.T @ X + torch.diag(lam)
+    w_star = torch.linalg.solve(H, X.T @ y)
+    g = Xv.T @ (Xv @ w_star - yv)
+    exact = -w_star * torch.linalg.solve(H, g)
+
+    def f(params, inputs):
+        w, (lam_, _unused) = join(params), inputs
+        return 0.5 * torch.sum((X @ w - y) ** 2) + 0.5 * torch.sum(lam_ * w ** 2)
+
+    lam_t = lam.clone().requires_grad_()
+    unused = torch.ones(3, dtype=DT, requires_grad=True)
+    # a long unroll of GD from w0 = 0, attached to λ, for the unrolled method
+    w = tuple(t.clone().requires_grad_() for t in split(torch.zeros(D, dtype=DT)))
+    for _ in range(40):
+        grads = torch.autograd.grad(f(w, (lam_t, unused)), w, create_graph=True)
+        w = tuple(p - ETA * gp for p, gp in zip(w, grads))
+    params = tuple(t.clone().requires_grad_() for t in split(w_star))
+    lower = Lower(params=params, inputs=(lam_t, unused), loss_fn=f, outputs=w, lr=ETA)
+    return lower, split(g), exact
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_method_against_exact_implicit(name):
+    if name not in METHODS:
+        pytest.fail(f"registered method {name!r} has no entry in METHODS (options, tolerance)")
+    options, tol = METHODS[name]
+    lower, v, exact = problem()
+    before = tuple(p.detach().clone() for p in lower.params)
+    out = get(name)(lower, v, **options)
+
+    assert isinstance(out, tuple) and len(out) == len(lower.inputs)
+    for r, x in zip(out, lower.inputs):
+        assert r.shape == x.shape and r.dtype == x.dtype and r.device == x.device
+        assert not r.requires_grad and r.grad_fn is None
+    assert torch.equal(out[1], torch.zeros(3, dtype=DT))  # input the loss never reads
+    err = float(torch.linalg.vector_norm(out[0] - exact) / torch.linalg.vector_norm(exact))
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+    # no side effects on the lower iterate or on .grad
+    for p, b in zip(lower.params, before):
+        assert torch.equal(p.detach(), b) and p.grad is None
+    assert all(x.grad is None for x in lower.inputs)
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_method_create_graph(name):
+    if name not in METHODS:
+        pytest.fail(f"registered method {name!r} has no entry in METHODS (options, tolerance)")
+    options, _ = METHODS[name]
+    lower, v, _ = problem()
+    plain = get(name)(lower, v, **options)
+    graph = get(name)(lower, v, create_graph=True, **options)
+    assert graph[0].requires_grad
+    for a, b in zip(plain, graph):
+        torch.testing.assert_close(b.detach(), a, rtol=1e-12, atol=1e-14)
+
+
+def test_unknown_method_lists_choices():
+    with pytest.raises(KeyError) as info:
+        get("no_such_method")
+    msg = str(info.value)
+    assert "no_such_method" in msg
+    for name in available():
+        assert name in msg
