@@ -50,6 +50,7 @@ import logging
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -490,27 +491,51 @@ def bench_time(size: str, methods: Sequence[Method], repeats: int) -> List[dict]
 
 
 # ========================================================== 2. memory vs steps
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        return int(re.search(rf"{key}:\s+(\d+)", fh.read()).group(1)) / 1024
+
+
 def memory_child(size: str, kind: str, k: int) -> dict:
+    """Peak RSS of two outer steps above the resident set after setup + plain steps.
+
+    The high-water mark is reset (``/proc/self/clear_refs`` ← 5, Linux ≥ 4.0) right
+    before the measured steps and read from ``VmHWM``; ``ru_maxrss`` cannot be reset
+    and stays at the import/setup peak, so it is the fallback only.
+    """
     torch.set_num_threads(1)
     spec = make_spec(size)
     m = {"unrolled": Method("u", "unrolled", k), "neumann": Method("n", "neumann", k),
-         "cg": Method("c", "cg", k), "fd": Method("f", "fd")}[kind]
+         "cg": Method("c", "cg", k), "fd": Method("f", "fd"), "plain": None}[kind]
     module = spec.make_module()
     lams = spec.lam_init(module, torch.float32)
-    eng = build_mlo(spec, m, module, lams)
+    eng = build_mlo(spec, m or Method("u", "unrolled", 1), module, lams)
     lo = eng.problems["lower"]
     x, y = spec.train
-    for _ in range(2):  # plain training steps: weights, grads, activations, optimizer
+
+    def plain():
         lo.optimizer.zero_grad(set_to_none=True)
         lower_objective(module(x), y, list(module.parameters()),
-                        [t for t in eng.problems["upper"]._real]).backward()
+                        list(eng.problems["upper"]._real)).backward()
         lo.optimizer.step()
+
+    for _ in range(2):  # weights, grads, activations, optimizer state exist
+        plain()
     lo.optimizer.zero_grad(set_to_none=True)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    mlo_outer_step(eng, m.unroll)
-    mlo_outer_step(eng, m.unroll)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"base_mb": base / 1024, "extra_mb": (peak - base) / 1024}
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base, how = _status_mb("VmRSS"), "VmHWM after clear_refs"
+    except OSError:
+        base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss"
+    for _ in range(2):
+        if m is None:
+            plain()
+        else:
+            mlo_outer_step(eng, m.unroll)
+    peak = (_status_mb("VmHWM") if how.startswith("VmHWM")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"base_mb": base, "extra_mb": peak - base, "how": how}
 
 
 def bench_memory(size: str, configs: Sequence[Tuple[str, int]]) -> List[dict]:
@@ -600,17 +625,30 @@ def tables(res: dict) -> str:
                        f"{r['floor_over_plain']:.2f} | **{r['ours_over_floor']:.2f}** |")
         out.append("")
     if res.get("memory"):
-        out += ["### Peak memory of one outer step (RSS high-water above a plain training step, MB)", "",
-                "| problem | method | K | extra MB | base RSS MB |", "|---|---|---|---|---|"]
+        out += ["### Peak memory of two outer steps (RSS high-water above the resident set after "
+                "setup and plain steps, MB; fresh process each)", "",
+                "| problem | method | K | extra MB | base RSS MB | measured by |", "|---|---|---|---|---|---|"]
         for r in res["memory"]:
-            out.append(f"| {r['size']} | {r['method']} | {r['k']} | {r['extra_mb']:.1f} | {r['base_mb']:.0f} |")
+            out.append(f"| {r['size']} | {r['method']} | {r['k']} | {r['extra_mb']:.1f} | {r['base_mb']:.0f} "
+                       f"| {r.get('how', '')} |")
         out.append("")
     if res.get("betty_time"):
+        # Outer-step floor: the hypergradient floor plus, for implicit / FD methods, the
+        # one plain lower step that precedes it (unrolled floors contain their K steps).
+        floor = {(r["size"], r["method"]): r["floor_ms"] for r in res.get("time", [])}
+        plain = {p["size"]: p["P"] for p in res.get("prims", [])}
         out += ["### Time per outer step, ours vs Betty 0.1.1 (float32, median)", "",
-                "| problem | method | ours ms | Betty ms | Betty / ours |", "|---|---|---|---|---|"]
+                "outer step = K lower steps + one upper update; floor = hand-written hypergradient "
+                "(+ one plain lower step for implicit/FD methods)", "",
+                "| problem | method | ours ms | Betty ms | Betty / ours | floor ms | ours / floor "
+                "| Betty / floor |", "|---|---|---|---|---|---|---|---|"]
         for r in res["betty_time"]:
+            f = floor.get((r["size"], r["method"]))
+            if f is not None and not r["method"].startswith("unrolled"):
+                f += plain.get(r["size"], 0.0)
             out.append(f"| {r['size']} | {r['method']} | {r['ours_ms']:.2f} | {r['betty_ms']:.2f} "
-                       f"| **{r['speedup']:.2f}×** |")
+                       f"| **{r['speedup']:.2f}×** | {fmt(f)} | {fmt(f and r['ours_ms'] / f)} "
+                       f"| {fmt(f and r['betty_ms'] / f)} |")
         out.append("")
     if res.get("betty_acc"):
         out += ["### Hypergradient on the same state (float64, relative L2 difference)", "",
@@ -639,6 +677,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--sizes", default=None, help="comma list of linear,mlp,transformer")
     ap.add_argument("--out", default=None, help="write the Markdown tables to this file")
+    ap.add_argument("--json", default=None, help="also dump the raw results as JSON")
     ap.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._memory:
@@ -658,8 +697,9 @@ def main(argv=None):
         res["time"] += rows
         res["prims"].append(prims)
         print(f"[time] {size} done ({now() - t0:.0f}s)", flush=True)
-    mem_cfgs = ([("unrolled", k) for k in ((1, 5) if a.quick else (1, 2, 5, 10))]
-                + [("neumann", 5), ("cg", 5), ("fd", 1)])
+    mem_cfgs = ([("plain", 1), ("unrolled", 1), ("unrolled", 5), ("neumann", 5), ("fd", 1)] if a.quick
+                else [("plain", 1)] + [("unrolled", k) for k in (1, 2, 5, 10)]
+                + [(kind, k) for kind in ("neumann", "cg") for k in (1, 5, 10)] + [("fd", 1)])
     res["memory"] = bench_memory("mlp", mem_cfgs)
     print(f"[memory] done ({now() - t0:.0f}s)", flush=True)
     if a.betty:
@@ -676,6 +716,9 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w") as fh:
             fh.write(text + "\n")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":
