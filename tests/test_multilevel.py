@@ -1,0 +1,397 @@
+"""Multilevel hypergradients through ``mlo.Engine``: any method at any level.
+
+float64, closed forms (DESIGN.md, P4) and naive autograd references.
+
+P4 — MLO-MAE-shaped three levels, two paths into ``mask``::
+
+    pretrain  E*(M) = argmin_E ½‖E − A M‖² + a/2‖E‖²  = A M / (1+a)      (reads mask)
+    finetune  C*(E) = argmin_C ½‖C − F E‖² + c/2‖C‖²  = F E / (1+c)      (reads pretrain)
+    mask      L(M)  = ½‖G E* + Q C* − t‖²                               (reads both)
+
+    u2l = {mask: [pretrain]}, l2u = {pretrain: [finetune, mask], finetune: [mask]}
+    paths of mask: (mask, pretrain, mask)            term (A/(1+a))ᵀ Gᵀ r
+                   (mask, pretrain, finetune, mask)  term (A/(1+a))ᵀ (QF/(1+c))ᵀ r
+    ∇_M L = (A/(1+a))ᵀ (G + QF/(1+c))ᵀ r,  r = G E + Q C − t.
+
+The per-level Hessians are ``(1+a)I`` and ``(1+c)I``. Every best-response VJP of a
+quadratic level is linear and independent of the iterate, so each method has an
+exact prediction:
+
+* CG: ``Aᵀv/(1+a)`` (one iteration suffices).
+* Neumann(K, α): ``s·Aᵀv`` with ``s = α Σ_{k≤K} (1 − α(1+a))^k`` (α honored, any K).
+* finite difference (H⁻¹ ≈ I, optionally × lr): ``Aᵀv`` (× lr), exact up to
+  rounding because the gradient is linear in the perturbation.
+* unrolled SGD(η) for K steps: compared with an independent naive autograd
+  implementation of the same schedule, and, for large K, with the optimum.
+
+A second graph is a pure three-level *chain* ``T -u2l-> M -u2l-> B -l2u-> T`` with
+non-identity Hessians, to put CG/Neumann at the MIDDLE level ``M``::
+
+    M  μ*(λ) = argmin_μ ½ μᵀSμ − μᵀKλ  = S⁻¹Kλ                      (reads T)
+    B  θ*(μ) = argmin_θ ½ θᵀRθ − θᵀBμ  = R⁻¹Bμ                      (reads M)
+    T  F(λ)  = ½‖Pθ* − t‖²,   ∇_λ F = (S⁻¹K)ᵀ (R⁻¹B)ᵀ Pᵀ r           (reads B)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mlo
+
+DT = torch.float64
+HUGE = 10 ** 9  # unroll_steps that keep a problem's upper from ever becoming ready
+
+
+def rel(a, b) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+class Vars(mlo.Problem):
+    """Explicit tensors with loss ``loss(self)``; other problems wired as attributes."""
+
+    def __init__(self, name, params, loss, **kw):
+        super().__init__(name, params=params, **kw)
+        self._loss = loss
+
+    def training_step(self, batch):
+        return self._loss(self)
+
+
+# ------------------------------------------------------------------------- P4
+def p4_data(seed=0, m=4, e=5, c=3, o=6, a=0.5, cc=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=DT)  # noqa: E731
+    d = dict(A=r(e, m), F=r(c, e) / 2, G=r(o, e) / 2, Q=r(o, c), t=r(o), M=r(m), a=a, c=cc)
+    d["E0"], d["C0"] = r(e), r(c)                       # a non-optimal start
+    return d
+
+
+def p4_optimum(d, M=None):
+    M = d["M"] if M is None else M
+    E = d["A"] @ M / (1 + d["a"])
+    C = d["F"] @ E / (1 + d["c"])
+    return E, C
+
+
+def p4_terms(d, E, C):
+    """Closed-form per-path terms at (E, C) (both VJPs exact)."""
+    r = d["G"] @ E + d["Q"] @ C - d["t"]
+    JA = d["A"] / (1 + d["a"])
+    t1 = JA.T @ (d["G"].T @ r)
+    t2 = JA.T @ ((d["Q"] @ d["F"] / (1 + d["c"])).T @ r)
+    return t1, t2, r
+
+
+def p4_engine(d, pre=("cg", {}), fin=("cg", {}), E=None, C=None, lr_pre=0.5, lr_fin=0.5):
+    """Builds P4. ``mask`` never becomes ready (finetune's unroll_steps is huge):
+    every ``engine.step()`` moves pretrain then finetune one SGD step."""
+    E0, C0 = (E, C) if E is not None else p4_optimum(d)
+    mask = Vars("mask", {"M": d["M"]},
+                lambda s: 0.5 * ((d["G"] @ s.pre.params["E"] + d["Q"] @ s.fin.params["C"] - d["t"]) ** 2).sum())
+    pre = Vars("pretrain", {"E": E0},
+               lambda s: 0.5 * ((s.params["E"] - d["A"] @ s.mask.params["M"]) ** 2).sum()
+               + 0.5 * d["a"] * (s.params["E"] ** 2).sum(),
+               optimizer_kwargs={"lr": lr_pre},
+               config=mlo.ProblemConfig(method=pre[0], method_options=dict(pre[1])))
+    fin = Vars("finetune", {"C": C0},
+               lambda s: 0.5 * ((s.params["C"] - d["F"] @ s.pre.params["E"]) ** 2).sum()
+               + 0.5 * d["c"] * (s.params["C"] ** 2).sum(),
+               optimizer_kwargs={"lr": lr_fin},
+               config=mlo.ProblemConfig(method=fin[0], method_options=dict(fin[1]), unroll_steps=HUGE))
+    mask.pre, mask.fin, pre.mask, fin.pre = pre, fin, mask, pre
+    eng = mlo.Engine([mask, pre, fin], {"u2l": {mask: [pre]},
+                                        "l2u": {pre: [fin, mask], fin: [mask]}})
+    return eng
+
+
+P1_PATH = ("mask", "pretrain", "mask")
+P2_PATH = ("mask", "pretrain", "finetune", "mask")
+
+
+def neumann_scale(h, K, alpha):
+    """``α Σ_{k≤K} (1 − αh)^k``: Neumann's approximation of ``1/h`` for ``H = hI``."""
+    return alpha * sum((1 - alpha * h) ** k for k in range(K + 1))
+
+
+def test_p4_graph_has_two_paths():
+    eng = p4_engine(p4_data())
+    assert sorted(eng.graph.paths("mask")) == sorted([P1_PATH, P2_PATH])
+
+
+@pytest.mark.parametrize("method", [
+    ("cg", {}),
+    ("cg", {"max_iter": 1, "tol": 0.0}),
+    ("neumann", {"iterations": 80, "alpha": 1.0}),     # 1 − α(1+a) = −0.5, −0.3
+    ("neumann", {"iterations": 300, "alpha": 0.1}),    # 0.85, 0.87: slow but converges
+])
+def test_p4_implicit_at_optimum_matches_closed_form(method):
+    d = p4_data()
+    eng = p4_engine(d, pre=method, fin=method)
+    E, C = p4_optimum(d)
+    t1, t2, _ = p4_terms(d, E, C)
+    out = eng.gradient("mask", by_path=True)
+    total = t1 + t2
+    err = rel(out["grad"]["M"], total)
+    e1, e2 = rel(out["paths"][P1_PATH]["M"], t1), rel(out["paths"][P2_PATH]["M"], t2)
+    esum = rel(out["paths"][P1_PATH]["M"] + out["paths"][P2_PATH]["M"], out["grad"]["M"])
+    print(f"P4 {method}: total {err:.1e}, path1 {e1:.1e}, path2 {e2:.1e}, sum {esum:.1e}")
+    assert err <= 1e-6 and e1 <= 1e-6 and e2 <= 1e-6
+    assert esum <= 1e-12
+    assert torch.equal(out["own"]["M"], torch.zeros_like(d["M"]))  # L reads M only via paths
+
+
+@pytest.mark.parametrize("scale_by_lr", [False, True])
+def test_p4_finite_difference_is_identity_hessian_formula(scale_by_lr):
+    d = p4_data(seed=1)
+    lp, lf = 0.4, 0.7
+    opts = {"epsilon": 0.01, "scale_by_lr": scale_by_lr}
+    eng = p4_engine(d, pre=("finite_difference", opts), fin=("darts", opts), lr_pre=lp, lr_fin=lf)
+    E, C = p4_optimum(d)
+    r = d["G"] @ E + d["Q"] @ C - d["t"]
+    sp, sf = (lp, lf) if scale_by_lr else (1.0, 1.0)
+    t1 = sp * d["A"].T @ (d["G"].T @ r)                       # H⁻¹ ≈ I (× lr) at each level
+    t2 = sp * d["A"].T @ (sf * (d["Q"] @ d["F"]).T @ r)
+    out = eng.gradient("mask", by_path=True)
+    errs = (rel(out["grad"]["M"], t1 + t2), rel(out["paths"][P1_PATH]["M"], t1),
+            rel(out["paths"][P2_PATH]["M"], t2))
+    print(f"P4 FD scale_by_lr={scale_by_lr}: {errs}")
+    assert max(errs) <= 1e-8
+
+
+# --- mixed methods (implicit pretrain / other finetune and vice versa) -----------
+@pytest.mark.parametrize("pre,fin", [
+    (("cg", {}), ("neumann", {"iterations": 3, "alpha": 0.6})),
+    (("neumann", {"iterations": 4, "alpha": 0.3}), ("cg", {})),
+    (("finite_difference", {}), ("cg", {})),
+    (("cg", {}), ("finite_difference", {"scale_by_lr": True})),
+    (("neumann", {"iterations": 2, "alpha": 0.9}), ("finite_difference", {})),
+])
+def test_p4_mixed_static_methods(pre, fin):
+    """Each level's VJP is ``s_level ·`` (exact coupling); the scales multiply along a path."""
+    d = p4_data(seed=2)
+    lp, lf = 0.5, 0.25
+
+    def scale(method, h, lr):
+        name, o = method
+        if name == "cg":
+            return 1.0 / h
+        if name == "neumann":
+            return neumann_scale(h, o["iterations"], o["alpha"])
+        return lr if o.get("scale_by_lr") else 1.0            # finite difference: H⁻¹ ≈ I
+
+    eng = p4_engine(d, pre=pre, fin=fin, lr_pre=lp, lr_fin=lf)
+    E, C = p4_optimum(d)
+    r = d["G"] @ E + d["Q"] @ C - d["t"]
+    sp, sf = scale(pre, 1 + d["a"], lp), scale(fin, 1 + d["c"], lf)
+    t1 = sp * d["A"].T @ (d["G"].T @ r)
+    t2 = sp * d["A"].T @ (sf * (d["Q"] @ d["F"]).T @ r)
+    out = eng.gradient("mask", by_path=True)
+    errs = (rel(out["grad"]["M"], t1 + t2), rel(out["paths"][P1_PATH]["M"], t1),
+            rel(out["paths"][P2_PATH]["M"], t2))
+    print(f"P4 pretrain={pre} finetune={fin}: {errs}")
+    assert max(errs) <= 1e-8
+    # truncated Neumann really differs from the exact answer (α and K matter)
+    if "neumann" in (pre[0], fin[0]):
+        assert rel(out["grad"]["M"], sum(p4_terms(d, E, C)[:2])) > 1e-3
+
+
+# --- unrolled: naive autograd reference of the engine's schedule -----------------
+def p4_naive(d, K, lp, lf, pre_unrolled: bool, fin_unrolled: bool, fin_vjp_scale=None):
+    """Independent implementation. Iteration k: E ← E − η_p ∇_E f_pre(E, M), then
+    C ← C − η_f ∇_C f_ft(C, E_new) (plain SGD, ∇ written by hand). Whatever is
+    unrolled keeps the graph from M; an implicit finetune contributes
+    ``fin_vjp_scale · Fᵀ v`` at the current state (quadratic: state-independent).
+    Returns (∇_M L, E_K, C_K)."""
+    A, F, G, Q, t, a, c = (d[k] for k in "AFGQtac")
+    M = d["M"].clone().requires_grad_()
+    E, C = d["E0"].clone(), d["C0"].clone()
+    for _ in range(K):
+        E = E - lp * ((E - A @ M) + a * E)
+        if not pre_unrolled:
+            E = E.detach()
+        C = C - lf * ((C - F @ E) + c * C)
+        if not fin_unrolled:
+            C = C.detach()
+    r = (G @ E + Q @ C - t).detach()
+    vE = G.T @ r
+    if fin_unrolled:
+        vC = Q.T @ r
+        (g,) = torch.autograd.grad((E * vE).sum() + (C * vC).sum(), M, allow_unused=True)
+    else:
+        vE = vE + fin_vjp_scale * F.T @ (Q.T @ r)
+        (g,) = torch.autograd.grad((E * vE).sum(), M)
+    return g, E.detach(), C.detach()
+
+
+@pytest.mark.parametrize("K", [1, 3, 7])
+def test_p4_both_unrolled_matches_naive_autograd(K):
+    d = p4_data(seed=3)
+    lp, lf = 0.3, 0.45
+    eng = p4_engine(d, pre=("unrolled", {}), fin=("unrolled", {}), E=d["E0"], C=d["C0"],
+                    lr_pre=lp, lr_fin=lf)
+    eng.run(K)
+    out = eng.gradient("mask", by_path=True)
+    ref, E, C = p4_naive(d, K, lp, lf, True, True)
+    err = rel(out["grad"]["M"], ref)
+    esum = rel(sum(v["M"] for v in out["paths"].values()), out["grad"]["M"])
+    eng.close_windows()
+    assert rel(eng.problems["pretrain"].module.E.detach(), E) < 1e-13
+    assert rel(eng.problems["finetune"].module.C.detach(), C) < 1e-13
+    print(f"P4 unrolled K={K}: {err:.1e} (paths sum {esum:.1e})")
+    assert err <= 1e-12 and esum <= 1e-12
+
+
+def test_p4_unrolled_many_steps_tends_to_closed_form():
+    """From a non-optimal start, K unrolled SGD steps at both lowers → closed form.
+
+    With η(1+a), η(1+c) < 2 the iterates and their Jacobians converge geometrically
+    (factors ρ_a = |1 − η(1+a)|, ρ_c = |1 − η(1+c)|); the error after K steps is
+    O(K·max(ρ)^K). Here ρ = max(0.55, 0.61): K·ρ^K ≈ 8e-12 at K=60 (measured error
+    7e-13) and 3e-20 at K=100, where only rounding is left (measured ~1e-15).
+    Tolerance 1e-12 at K=100: rounding of ~100 SGD steps and the two backward passes
+    in float64 plus the (negligible) truncation term."""
+    d = p4_data(seed=4)
+    lp = lf = 0.3                                           # ρ_a = 0.55, ρ_c = 0.61
+    K = 100
+    eng = p4_engine(d, pre=("unrolled", {}), fin=("unrolled", {}), E=d["E0"], C=d["C0"],
+                    lr_pre=lp, lr_fin=lf)
+    eng.run(K)
+    out = eng.gradient("mask", by_path=True)
+    E, C = p4_optimum(d)
+    t1, t2, _ = p4_terms(d, E, C)
+    errs = (rel(out["grad"]["M"], t1 + t2), rel(out["paths"][P1_PATH]["M"], t1),
+            rel(out["paths"][P2_PATH]["M"], t2))
+    # the same engine after only 5 steps is far off: convergence is what is tested
+    eng5 = p4_engine(d, pre=("unrolled", {}), fin=("unrolled", {}), E=d["E0"], C=d["C0"],
+                     lr_pre=lp, lr_fin=lf)
+    eng5.run(5)
+    e5 = rel(eng5.gradient("mask")["grad"]["M"], t1 + t2)
+    rho = max(abs(1 - lp * (1 + d["a"])), abs(1 - lf * (1 + d["c"])))
+    print(f"P4 unrolled K={K}: total/path1/path2 errors {errs}, K=5: {e5:.1e}, "
+          f"K·ρ^K = {K * rho ** K:.1e}")
+    assert max(errs) <= 1e-12
+    assert e5 > 1e-3
+
+
+@pytest.mark.parametrize("fin", [("cg", {}), ("neumann", {"iterations": 3, "alpha": 0.5}),
+                                 ("finite_difference", {})])
+def test_p4_pretrain_unrolled_finetune_static(fin):
+    """pretrain unrolled (window through K steps), finetune CG/Neumann/FD at its iterate."""
+    d = p4_data(seed=5)
+    lp, lf, K = 0.35, 0.2, 6
+    eng = p4_engine(d, pre=("unrolled", {}), fin=fin, E=d["E0"], C=d["C0"], lr_pre=lp, lr_fin=lf)
+    eng.run(K)
+    h = 1 + d["c"]
+    s = {"cg": 1 / h, "finite_difference": 1.0}.get(fin[0])
+    if fin[0] == "neumann":
+        s = neumann_scale(h, fin[1]["iterations"], fin[1]["alpha"])
+    out = eng.gradient("mask", by_path=True)
+    ref, E, C = p4_naive(d, K, lp, lf, True, False, fin_vjp_scale=s)
+    err = rel(out["grad"]["M"], ref)
+    esum = rel(sum(v["M"] for v in out["paths"].values()), out["grad"]["M"])
+    print(f"P4 pretrain unrolled K={K}, finetune {fin}: {err:.1e}")
+    assert err <= 1e-12 and esum <= 1e-12
+
+
+@pytest.mark.parametrize("pre", [("cg", {}), ("neumann", {"iterations": 4, "alpha": 0.4})])
+def test_p4_pretrain_implicit_finetune_unrolled(pre):
+    """finetune unrolled (K steps reading pretrain), pretrain implicit at its iterate.
+
+    Pretrain is not windowed (it steps in place); the path-2 vector reaches it
+    through finetune's window and is then mapped by pretrain's implicit VJP:
+    ``s_pre Aᵀ (Gᵀr + Σ_k ∂C_K/∂E_kᵀ Qᵀr)``."""
+    d = p4_data(seed=6)
+    lp, lf, K = 0.25, 0.4, 5
+    eng = p4_engine(d, pre=pre, fin=("unrolled", {}), E=d["E0"], C=d["C0"], lr_pre=lp, lr_fin=lf)
+    eng.run(K)
+    out = eng.gradient("mask", by_path=True)
+    A, F, G, Q, t, a, c = (d[k] for k in "AFGQtac")
+    h = 1 + a
+    s = 1 / h if pre[0] == "cg" else neumann_scale(h, pre[1]["iterations"], pre[1]["alpha"])
+    # naive: E trajectory without graph; each E_k read by finetune is a leaf
+    E, C = d["E0"].clone(), d["C0"].clone()
+    leaves = []
+    M = d["M"]
+    for _ in range(K):
+        E = (E - lp * ((E - A @ M) + a * E)).detach().requires_grad_()
+        leaves.append(E)
+        C = C - lf * ((C - F @ E) + c * C)
+    r = (G @ E + Q @ C - t).detach()
+    gE = torch.autograd.grad((C * (Q.T @ r)).sum(), leaves)
+    vE2 = sum(gE)                                  # every read of E maps to pretrain's state
+    ref1, ref2 = s * A.T @ (G.T @ r), s * A.T @ vE2
+    errs = (rel(out["grad"]["M"], ref1 + ref2), rel(out["paths"][P1_PATH]["M"], ref1),
+            rel(out["paths"][P2_PATH]["M"], ref2))
+    print(f"P4 pretrain {pre}, finetune unrolled K={K}: {errs}")
+    assert max(errs) <= 1e-12
+
+
+# ----------------------------------------------- implicit at the MIDDLE level
+def chain_data(seed=7, nl=3, nm=4, nb=5, no=6):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=DT)  # noqa: E731
+
+    def spd(n, lo):
+        X = r(n, n)
+        return X @ X.T / n + lo * torch.eye(n, dtype=DT)
+
+    return dict(S=spd(nm, 0.5), K=r(nm, nl), R=spd(nb, 0.4), B=r(nb, nm), P=r(no, nb), t=r(no),
+                lam=r(nl), mu0=r(nm), th0=r(nb))
+
+
+def chain_engine(d, mid, bot, lr_m=0.2, lr_b=0.2):
+    """T -u2l-> M -u2l-> B -l2u-> T. M and B never let their uppers become ready."""
+    T = Vars("T", {"lam": d["lam"]},
+             lambda s: 0.5 * ((d["P"] @ s.B.params["th"] - d["t"]) ** 2).sum() + 0 * s.params["lam"].sum())
+    M = Vars("M", {"mu": d["mu0"]},
+             lambda s: 0.5 * s.params["mu"] @ d["S"] @ s.params["mu"] - s.params["mu"] @ (d["K"] @ s.T.params["lam"]),
+             optimizer_kwargs={"lr": lr_m},
+             config=mlo.ProblemConfig(method=mid[0], method_options=dict(mid[1]), unroll_steps=HUGE))
+    B = Vars("B", {"th": d["th0"]},
+             lambda s: 0.5 * s.params["th"] @ d["R"] @ s.params["th"] - s.params["th"] @ (d["B"] @ s.M.params["mu"]),
+             optimizer_kwargs={"lr": lr_b},
+             config=mlo.ProblemConfig(method=bot[0], method_options=dict(bot[1]), unroll_steps=HUGE))
+    T.B, M.T, B.M = B, T, M
+    return mlo.Engine([T, M, B], {"u2l": {T: [M], M: [B]}, "l2u": {B: [T]}})
+
+
+def neumann_matrix(H, K, alpha):
+    I = torch.eye(H.shape[0], dtype=DT)
+    Mt = I - alpha * H
+    return alpha * sum(torch.linalg.matrix_power(Mt, k) for k in range(K + 1))
+
+
+@pytest.mark.parametrize("mid", [("cg", {}), ("neumann", {"iterations": 400, "alpha": 0.5}),
+                                 ("neumann", {"iterations": 3, "alpha": 0.7})])
+@pytest.mark.parametrize("bot", [("cg", {}), ("neumann", {"iterations": 5, "alpha": 0.3}),
+                                 ("unrolled", {})])
+def test_chain_implicit_at_middle_level(mid, bot):
+    d = chain_data()
+    eng = chain_engine(d, mid, bot)
+    assert eng.graph.paths("T") == [("T", "M", "B", "T")]
+    Kb = 4 if bot[0] == "unrolled" else 0
+    eng.run(Kb)                 # B takes Kb steps (in a window if unrolled); M, T stay
+    assert eng.problems["M"].step_count == 0 and eng.problems["T"].step_count == 0
+    out = eng.gradient("T")
+    eng.close_windows()
+    th = eng.problems["B"].module.th.detach()
+    r = d["P"] @ th - d["t"]
+    S, R = d["S"], d["R"]
+    # middle: μ*(λ) Jacobian S⁻¹K (CG) or N_K(S) K (Neumann)
+    JM = (torch.linalg.solve(S, d["K"]) if mid[0] == "cg"
+          else neumann_matrix(S, mid[1]["iterations"], mid[1]["alpha"]) @ d["K"])
+    if bot[0] == "cg":
+        JB = torch.linalg.solve(R, d["B"])
+    elif bot[0] == "neumann":
+        JB = neumann_matrix(R, bot[1]["iterations"], bot[1]["alpha"]) @ d["B"]
+    else:                        # K SGD steps from θ₀ with μ fixed: Σ_{j<K} (I−ηR)^j η B
+        I = torch.eye(R.shape[0], dtype=DT)
+        JB = sum(torch.linalg.matrix_power(I - 0.2 * R, j) for j in range(Kb)) @ (0.2 * d["B"])
+    expect = JM.T @ (JB.T @ (d["P"].T @ r))
+    err = rel(out["grad"]["lam"], expect)
+    print(f"chain M={mid} B={bot}: {err:.1e}")
+    tol = 1e-10 if mid == ("neumann", {"iterations": 400, "alpha": 0.5}) else 1e-12
+    assert err <= tol
+    if mid[0] == "cg" and bot[0] == "cg":      # the exact chain rule
+        exact = torch.linalg.solve(S, d["K"]).T @ torch.linalg.solve(R, d["B"]).T @ d["P"].T @ r
+        assert rel(out["grad"]["lam"], exact) <= 1e-12
