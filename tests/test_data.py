@@ -195,3 +195,10 @@ def test_cmudict_syllables():
     assert 0 <= x.min() and x.max() < len(D.CMUDICT_VOCAB) and y.max() < 6
     word = s.info["words"][0][0]
     assert x[0].tolist() == D.encode_word(word, 12)
+
+
+def test_cifar_download_failure_is_explained(tmp_path, monkeypatch):
+    res = dict(C.CIFAR_RESOURCES["cifar10"], url=(tmp_path / "nowhere.tar.gz").as_uri())
+    monkeypatch.setitem(C.CIFAR_RESOURCES, "cifar10", res)
+    with pytest.raises(FileNotFoundError, match="download of .* failed"):
+        D.load_cifar(tmp_path / "data", "cifar10", download=True)

@@ -206,7 +206,11 @@ def load_cifar(root: str, name: str = "cifar10", download: bool = False) -> Cifa
     files = res["train"] + res["test"] + [res["meta"]]
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing and download:
-        download_and_extract(res["url"], root, res["md5"])
+        try:
+            download_and_extract(res["url"], root, res["md5"])
+        except OSError as e:  # no network, DNS failure, HTTP error (URLError is an OSError)
+            raise FileNotFoundError(f"download of {res['url']} failed ({e}).\n"
+                                    + _missing_message(name, root, folder, missing)) from e
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(_missing_message(name, root, folder, missing))
