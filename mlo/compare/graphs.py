@@ -1,0 +1,274 @@
+"""Built-in graphs for :func:`mlo.compare.compare` and their registry.
+
+A graph for the comparison tool is a :class:`GraphSpec`: a *factory*
+``factory(method, options) -> (engine, upper_name)``, an exact reference, the
+default method settings and the number of warm-up lower steps. Built in:
+
+* ``ridge`` — P1 (DESIGN.md): ridge regression with per-feature weight decay ``λ``
+  on synthetic data. Lower ``½‖Xw − y‖² + ½Σλ_j w_j²`` (SGD), upper
+  ``½‖X_v w − y_v‖²``. Reference: the dense closed form ``−w ⊙ H⁻¹ g(w)``,
+  ``H = XᵀX + diag(λ)``, at the evaluated iterate ``w``.
+* ``logreg`` — logistic regression with per-feature weight decay on scikit-learn's
+  breast-cancer data. Lower: weights + bias, ``BCE + ½Σ exp(λ_j) w_j²`` (SGD with
+  momentum), trained to near-optimum; upper: validation BCE; ``λ`` = per-feature log
+  weight decay. Reference: CG to relative residual 1e-12 in float64.
+* ``p4`` — the MLO-MAE-shaped linear three-level graph (DESIGN.md, P4): pretrain
+  ``½‖E − AM‖² + a/2‖E‖²`` (reads mask), finetune ``½‖C − FE‖² + c/2‖C‖²`` (reads
+  pretrain), mask ``½‖GE + QC − t‖²`` (reads both); two paths into ``mask``. The
+  method under test is used at both lower levels. Reference: closed form per path
+  at the evaluated ``(E, C)``: ``(A/(1+a))ᵀGᵀr`` and ``(A/(1+a))ᵀ(QF/(1+c))ᵀr``.
+
+More graphs (e.g. a tiny MLO-MAE built from ``problems``) are added with
+:func:`register_graph` by code that may import them — ``mlo`` itself knows nothing
+about masked autoencoders (``examples/compare_hypergradients.py`` holds the hook).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ProblemConfig
+from ..engine import Engine
+from ..problem import Problem
+from .runner import Reference, Setting
+
+__all__ = ["GraphSpec", "register_graph", "get_graph", "available_graphs", "default_settings",
+           "HOLD", "ridge", "logreg", "p4"]
+
+DT = torch.float64
+#: ``unroll_steps`` for the problems directly below the upper: the upper never
+#: becomes ready, so ``engine.step()`` trains the lower problems only.
+HOLD = 10 ** 12
+
+Factory = Callable[[str, dict], Tuple[Engine, str]]
+
+
+@dataclass
+class GraphSpec:
+    """A graph for the comparison tool.
+
+    Attributes:
+        name: short name (table titles, file names).
+        factory: ``factory(method, options) -> (engine, upper)`` (see :mod:`mlo.compare`).
+        reference: a :class:`Setting` evaluated by the engine, or a callable
+            ``reference(engine, upper) -> {"grad": {...}, "paths": {...}}``.
+        settings: the method settings to compare.
+        warmup: lower steps from the factory's initial state to the evaluated state.
+        description: one line for the report header.
+    """
+
+    name: str
+    factory: Factory
+    reference: Reference
+    settings: List[Setting]
+    warmup: int
+    description: str = ""
+    reference_name: str = ""
+    data: Dict[str, object] = field(default_factory=dict)   # the graph's tensors (for tests)
+
+
+_GRAPHS: Dict[str, Callable[..., GraphSpec]] = {}
+
+
+def register_graph(name: str, builder: Callable[..., GraphSpec]) -> None:
+    """Registers ``builder(quick: bool = False) -> GraphSpec`` as ``name``."""
+    _GRAPHS[name] = builder
+
+
+def get_graph(name: str, quick: bool = False) -> GraphSpec:
+    """Builds the registered graph ``name`` (``quick``: fewer, cheaper settings)."""
+    try:
+        builder = _GRAPHS[name]
+    except KeyError:
+        raise KeyError(f"unknown graph {name!r}; available: {sorted(_GRAPHS)}") from None
+    return builder(quick=quick)
+
+
+def available_graphs() -> Tuple[str, ...]:
+    return tuple(sorted(_GRAPHS))
+
+
+def default_settings(n_lower: int, alphas=(0.5, 1.0), unroll=(1, 5, 20, 100),
+                     neumann=(5, 20, 100), cg=(1, 3, 10), eps=(1e-2, 1e-4),
+                     quick: bool = False) -> List[Setting]:
+    """Unrolled K, Neumann K × α, CG iterations (plus ``n_lower``, exact in exact
+    arithmetic), finite differences ε (and DARTS's ``×lr`` scaling)."""
+    if quick:
+        unroll, neumann, cg, eps, alphas = unroll[:2], neumann[:2], cg[:1], eps[:1], alphas[-1:]
+    out = [Setting("unrolled", {}, steps=k) for k in unroll]
+    out += [Setting("neumann", {"iterations": k, "alpha": a}, curve=f"neumann α={a:g}")
+            for a in alphas for k in neumann]
+    out += [Setting("cg", {"max_iter": k, "tol": 0.0}) for k in sorted(set(cg) | {n_lower})]
+    out += [Setting("finite_difference", {"epsilon": e}) for e in eps]
+    out.append(Setting("finite_difference", {"epsilon": eps[0], "scale_by_lr": True},
+                       curve="finite_difference ×lr"))
+    return out
+
+
+class _Fn(Problem):
+    """A problem whose loss is ``loss(self, batch)``; other problems are attributes."""
+
+    def __init__(self, name, loss, **kw):
+        super().__init__(name, **kw)
+        self._loss = loss
+
+    def training_step(self, batch):
+        return self._loss(self, batch)
+
+
+def _cfg(method, options, hold=False) -> ProblemConfig:
+    return ProblemConfig(method=method, method_options=dict(options),
+                         unroll_steps=HOLD if hold else 1)
+
+
+# --------------------------------------------------------------------- ridge
+def ridge(quick: bool = False, n: int = 60, d: int = 20, seed: int = 0, eta: float = 1.0,
+          warmup: int = 150) -> GraphSpec:
+    """P1 ridge; ``‖XᵀX‖₂ = 1`` and ``λ ∈ [0.1, 0.5]`` so ``H``'s spectrum is in
+    ``[0.1, 1.5]``: SGD with ``η = 1`` contracts by ≤ 0.9 per step."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=DT)
+    X = X / torch.linalg.matrix_norm(X.T @ X, ord=2) ** 0.5
+    y = torch.randn(n, generator=gen, dtype=DT)
+    Xv = torch.randn(n, d, generator=gen, dtype=DT) / n ** 0.5
+    yv = torch.randn(n, generator=gen, dtype=DT)
+    lam = 0.1 + 0.4 * torch.rand(d, generator=gen, dtype=DT)
+
+    def factory(method, options):
+        up = _Fn("upper", lambda s, b: 0.5 * ((Xv @ s.lo.params["w"] - yv) ** 2).sum()
+                 + 0 * s.params["lam"].sum(), params={"lam": lam})
+        lo = _Fn("lower", lambda s, b: 0.5 * ((X @ s.params["w"] - y) ** 2).sum()
+                 + 0.5 * (s.up.params["lam"] * s.params["w"] ** 2).sum(),
+                 params={"w": torch.zeros(d, dtype=DT)}, optimizer_kwargs={"lr": eta},
+                 config=_cfg(method, options, hold=True))
+        up.lo, lo.up = lo, up
+        return Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}}), "upper"
+
+    def reference(engine, upper):
+        w = engine.problems["lower"].params["w"].detach()
+        lam_ = engine.problems[upper].params["lam"].detach()
+        H = X.T @ X + torch.diag(lam_)
+        g = -w * torch.linalg.solve(H, Xv.T @ (Xv @ w - yv))
+        return {"grad": {"lam": g}}
+
+    return GraphSpec("ridge", factory, reference, default_settings(d, quick=quick), warmup,
+                     f"P1 ridge, {d} features, {n} samples; lower SGD lr {eta:g}",
+                     "dense closed form −w ⊙ H⁻¹g(w) at the evaluated w",
+                     dict(X=X, y=y, Xv=Xv, yv=yv, lam=lam, eta=eta))
+
+
+# -------------------------------------------------------------------- logreg
+def _breast_cancer(seed: int, n_train: int, n_val: int):
+    try:
+        from sklearn.datasets import load_breast_cancer
+    except ImportError as e:  # pragma: no cover - optional dependency
+        raise ImportError("the 'logreg' graph needs scikit-learn (pip install scikit-learn)") from e
+    X, y = load_breast_cancer(return_X_y=True)
+    X, y = torch.tensor(X, dtype=DT), torch.tensor(y, dtype=DT)
+    idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    tr, va = idx[:n_train], idx[n_train:n_train + n_val]
+    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-8          # training statistics only
+    X = (X - mu) / sd
+    return (X[tr], y[tr]), (X[va], y[va])
+
+
+def _bce(z, y):
+    """Mean binary cross-entropy with logits, ``softplus(z) − y z`` (the same value as
+    ``F.binary_cross_entropy_with_logits``, which takes milliseconds per call on
+    this CPU build for 100 elements and would dominate every timing)."""
+    return (F.softplus(z) - y * z).mean()
+
+
+def logreg(quick: bool = False, n_train: int = 100, n_val: int = 150, seed: int = 0,
+           lr: float = 0.5, momentum: float = 0.5, warmup: int = 300) -> GraphSpec:
+    """Logistic regression, per-feature log weight decay, breast cancer (30 features)."""
+    train, val = _breast_cancer(seed, n_train, n_val)
+    D = train[0].shape[1]
+    gen = torch.Generator().manual_seed(seed + 1)
+    log_wd = math.log(0.05) + math.log(6.0) * torch.rand(D, generator=gen, dtype=DT)  # λ ∈ [0.05, 0.3]
+
+    def factory(method, options):
+        up = _Fn("upper", lambda s, b: _bce(s.lo(b[0]).squeeze(-1), b[1]) + 0 * s.params["log_wd"].sum(),
+                 params={"log_wd": log_wd}, data=[val])
+        model = nn.Linear(D, 1).to(DT)
+        with torch.no_grad():
+            model.weight.zero_()
+            model.bias.zero_()
+
+        def lower_loss(s, b):
+            x, t = b
+            w = s.params["weight"].squeeze(0)
+            return (_bce(s(x).squeeze(-1), t)
+                    + 0.5 * (s.up.params["log_wd"].exp() * w * w).sum())
+
+        lo = _Fn("lower", lower_loss, module=model, data=[train],
+                 optimizer_kwargs={"lr": lr, "momentum": momentum},
+                 config=_cfg(method, options, hold=True))
+        up.lo, lo.up = lo, up
+        return Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}}), "upper"
+
+    settings = default_settings(D + 1, alphas=(0.3, 0.6), cg=(1, 3, 10), quick=quick)
+    ref = Setting("cg", {"tol": 1e-12, "max_iter": 1000})
+    return GraphSpec("logreg", factory, ref, settings, warmup,
+                     f"logistic regression, breast cancer ({n_train} train / {n_val} val, {D} "
+                     f"features), lower SGD lr {lr:g} momentum {momentum:g}",
+                     "CG to relative residual 1e-12 (float64) at the evaluated state",
+                     dict(train=train, val=val, log_wd=log_wd))
+
+
+# ------------------------------------------------------------------------ p4
+def p4(quick: bool = False, m: int = 8, e: int = 12, c: int = 6, o: int = 10,
+       a: float = 0.5, cc: float = 0.3, lr: float = 0.3, seed: int = 0,
+       warmup: int = 120) -> GraphSpec:
+    """P4: pretrain (E), finetune (C), mask (M); Hessians ``(1+a)I``, ``(1+c)I``."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=DT)  # noqa: E731
+    A, Fm, G, Q, t, M0 = r(e, m), r(c, e) / 2, r(o, e) / 2, r(o, c), r(o), r(m)
+    E0, C0 = r(e), r(c)
+
+    def factory(method, options):
+        mask = _Fn("mask", lambda s, b: 0.5 * ((G @ s.pre.params["E"] + Q @ s.fin.params["C"] - t) ** 2).sum(),
+                   params={"M": M0})
+        pre = _Fn("pretrain", lambda s, b: 0.5 * ((s.params["E"] - A @ s.mask.params["M"]) ** 2).sum()
+                  + 0.5 * a * (s.params["E"] ** 2).sum(),
+                  params={"E": E0}, optimizer_kwargs={"lr": lr}, config=_cfg(method, options))
+        # finetune's unroll_steps holds mask back; pretrain (1 step) lets finetune
+        # step every iteration: each engine.step() moves E then C once.
+        fin = _Fn("finetune", lambda s, b: 0.5 * ((s.params["C"] - Fm @ s.pre.params["E"]) ** 2).sum()
+                  + 0.5 * cc * (s.params["C"] ** 2).sum(),
+                  params={"C": C0}, optimizer_kwargs={"lr": lr}, config=_cfg(method, options, hold=True))
+        mask.pre, mask.fin, pre.mask, fin.pre = pre, fin, mask, pre
+        eng = Engine([mask, pre, fin], {"u2l": {mask: [pre]},
+                                        "l2u": {pre: [fin, mask], fin: [mask]}})
+        return eng, "mask"
+
+    def reference(engine, upper):
+        E = engine.problems["pretrain"].params["E"].detach()
+        C = engine.problems["finetune"].params["C"].detach()
+        res = G @ E + Q @ C - t
+        JA = A / (1 + a)
+        t1 = JA.T @ (G.T @ res)
+        t2 = JA.T @ ((Q @ Fm / (1 + cc)).T @ res)
+        return {"grad": {"M": t1 + t2},
+                "paths": {("mask", "pretrain", "mask"): {"M": t1},
+                          ("mask", "pretrain", "finetune", "mask"): {"M": t2}}}
+
+    settings = default_settings(e, alphas=(0.3, 1.0), quick=quick)
+    return GraphSpec("p4", factory, reference, settings, warmup,
+                     f"P4 MLO-MAE-shaped linear 3 levels (M {m}, E {e}, C {c}); lowers SGD lr {lr:g}; "
+                     f"the method is used at both lower levels",
+                     "closed form per path at the evaluated (E, C)",
+                     dict(A=A, F=Fm, G=G, Q=Q, t=t, M=M0, E0=E0, C0=C0, a=a, c=cc, lr=lr))
+
+
+register_graph("ridge", ridge)
+register_graph("logreg", logreg)
+register_graph("p4", p4)
+# TODO(mlo_mae): a tiny MLO-MAE graph needs `problems` (masking network, MAE
+# pretrain, finetune head); it is registered from examples/compare_hypergradients.py
+# via register_graph("mlo_mae", builder) once problems/ provides a graph builder.
