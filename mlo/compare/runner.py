@@ -34,7 +34,6 @@ with the reference's term.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import statistics
 import sys
