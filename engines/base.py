@@ -89,8 +89,15 @@ def zeros_like_all(ts: Sequence[Tensor]) -> Tensors:
     return tuple(torch.zeros_like(t) for t in ts)
 
 
+_LOADED = False
+
+
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
     import importlib
 
     for mod in ("unrolled", "implicit", "finite_difference"):

@@ -76,6 +76,7 @@ class Engine:
                 raise GraphError(f"problem {n!r}: {e.args[0]}") from None
         self._windowed = {n for n in on_path if self.problems[n].config.method == "unrolled"}
         self._windows: Dict[str, Window] = {}
+        self._learned_hp: Dict[str, set] = {}
         self._since = {n: {lo: 0 for lo in self.graph.lowers(n)} for n in self.problems}
         tops = [n for n in self.problems if not self.graph.above[n]]
         self._unique_top = tops[0] if len(tops) == 1 else None
@@ -157,10 +158,15 @@ class Engine:
             loss = self._loss_of(P, batch)
         own = [P.own_state()[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes for k, a in r.alias.items()]
+        if not loss.requires_grad:
+            raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
+                               f"{P.param_names} (it has no autograd graph); call the module "
+                               f"through the problem (self(x)) or read self.params")
         if diff:
             # The update's graph uses the forward graph's saved tensors: keep it.
             g = torch.autograd.grad(loss, own, create_graph=True, allow_unused=True)
-            ga = torch.autograd.grad(loss, [a for *_, a in tracked], allow_unused=True) if tracked else ()
+            ga = (torch.autograd.grad(loss, [a for *_, a in tracked], allow_unused=True,
+                                      retain_graph=True) if tracked else ())
         else:
             allg = torch.autograd.grad(loss, own + [a for *_, a in tracked], allow_unused=True)
             g, ga = allg[:len(own)], allg[len(own):]
@@ -220,6 +226,12 @@ class Engine:
         own = [P.own_state()[k] for k in P.param_names]
         if diff:
             win = self._windows[name]
+            if P.scheduler is not None:
+                # Schedulers change torch's param groups; the twin reads its own copy.
+                for tg, fg in zip(P.optimizer.param_groups, win.fopt.param_groups):
+                    for k in fg:
+                        if k not in self._learned_hp.get(name, ()) and k in tg:
+                            fg[k] = tg[k]
             new = win.fopt.step(own, grads)
             P._state = dict(zip(P.param_names, new))
             win.reads.extend(reads)
@@ -231,6 +243,7 @@ class Engine:
             for p in P._real:
                 p.grad = None
         if P.scheduler is not None:
+            P.optimizer._opt_called = True  # the twin stepped for it (silences torch's order warning)
             P.scheduler.step()
         P.step_count += 1
 
@@ -241,6 +254,7 @@ class Engine:
         nodes = self.graph.path_nodes(P.name)
         with reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
             hp = P.optimizer_hyperparameters() or {}
+        self._learned_hp[P.name] = set(hp)
         groups = self._windows[P.name].fopt.param_groups if diff else P.optimizer.param_groups
         for group in groups:
             for k, v in hp.items():

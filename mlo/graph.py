@@ -84,6 +84,7 @@ class Graph:
                     f"problem(s) {lonely} are not connected to any other problem: "
                     f"add them to u2l/l2u or run them in an engine of their own")
         self._paths = {n: self._find_paths(n) for n in names}
+        self._path_nodes: Dict[str, frozenset] = {}
         self._descendants = {n: self._closure(n, self.below) for n in names}
 
     # ----------------------------------------------------------------- checks
@@ -185,7 +186,10 @@ class Graph:
 
     def path_nodes(self, name: str) -> Set[str]:
         """Problems lying on some hypergradient path of ``name`` (excluding itself)."""
-        return {m for p in self._paths[name] for m in p[1:-1]}
+        nodes = self._path_nodes.get(name)
+        if nodes is None:
+            nodes = self._path_nodes[name] = frozenset(m for p in self._paths[name] for m in p[1:-1])
+        return nodes
 
     def is_below(self, a: str, b: str) -> bool:
         """Whether ``a`` is (transitively) below ``b``."""

@@ -151,8 +151,8 @@ class Problem:
     def __call__(self, *args, **kwargs):
         """Runs ``module`` with the problem's current state (``functional_call``)."""
         ctx = current_context()
-        if ctx is None and self._state is None:
-            return self.module(*args, **kwargs)
+        if self._state is None and (ctx is None or (ctx.reader is self and ctx.own is None)):
+            return self.module(*args, **kwargs)   # its own parameters: no functional_call needed
         return functional_call(self.module, self.params, args, kwargs)
 
     # ------------------------------------------------------------- the data

@@ -424,25 +424,7 @@ def check_chain(m_tanh_b):
     assert e_sem > 1e-6
 
 
-ENGINE_BUG = (
-    "mlo/engine.py Engine._gradient, diff branch: for a windowed problem that has paths of "
-    "its own (M here), `ga = torch.autograd.grad(loss, aliases)` runs without "
-    "retain_graph=True and frees the saved tensors of the forward nodes between M's loss "
-    "and the aliases of B; the differentiable update (create_graph grad) still needs them "
-    "(tanh(b), A @ b, even 0.5 * b save tensors), so T's backprop through M's window raises 'Trying to "
-    "backward through the graph a second time'. Fix: retain_graph=True on that call.")
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=ENGINE_BUG)
 def test_three_level_unrolled_chain_matches_naive_autograd():
-    check_chain(m_tanh_b=True)
-
-
-def test_three_level_chain_matches_naive_when_fix_applied(monkeypatch):
-    """The same check with the one-line fix emulated (every autograd.grad retains its
-    graph): the engine then agrees with the naive reference to rounding."""
-    grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grad(*a, **{"retain_graph": True, **k}))
     check_chain(m_tanh_b=True)
 
 

@@ -128,11 +128,6 @@ def test_loss_not_depending_on_own_variables():
         eng.step()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mlo/engine.py Engine._gradient: when the loss has no autograd graph at all (it reads "
-    "only problems that are not tracked, e.g. a lower off every hypergradient path), "
-    "torch.autograd.grad raises torch's generic 'element 0 of tensors does not require "
-    "grad' before the engine's check naming the problem is reached"))
 def test_loss_not_depending_on_own_variables_untracked_reads():
     up = Node("up", lambda s: (s.params["x"] ** 2).sum())
     lo = Node("lo", lambda s: (s.up.params["x"] ** 2).sum())   # no l2u: lo is off every path

@@ -204,19 +204,8 @@ def test_optimizer_state_continuity_upper_frozen(opt, method):
                               torch.as_tensor(v, dtype=DT), rtol=1e-14, atol=0), k
 
 
-SCHEDULER_BUG = (
-    "mlo/engine.py Engine._update: inside an unrolled window the lower steps with the "
-    "FunctionalOptimizer's param_groups copied when the window opened; P.scheduler.step() "
-    "changes only the torch optimizer's lr, so the schedule is frozen for the rest of the "
-    "window (trajectory = lr held at its window-open value; torch also warns 'lr_scheduler."
-    "step() before optimizer.step()'). Fix: copy the torch groups' scheduled "
-    "hyperparameters into the window's fopt.param_groups before each differentiable step.")
-
-
-@pytest.mark.filterwarnings("ignore:Detected call of")
 @pytest.mark.parametrize("method", [
-    pytest.param("unrolled", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=SCHEDULER_BUG)),
-    "cg"])
+    "unrolled", "cg"])
 def test_lower_scheduler_inside_windows(method):
     """A scheduler on the lower steps per update; with the upper frozen the trajectory
     must equal a plain torch loop with the same scheduler — also inside windows."""
