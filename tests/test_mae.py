@@ -8,10 +8,10 @@ from torch.func import functional_call
 
 from problems.mae import MaskedAutoencoder, num_masked, random_masking
 from problems.masking_net import MaskingNetwork
+from problems.multimodal import MultimodalTokenizer
 from problems.tokenizers import (
     DiscreteTokenizer,
     ImageTokenizer,
-    MultimodalTokenizer,
     TabularTokenizer,
 )
 from problems.transformer import Transformer, math_attention

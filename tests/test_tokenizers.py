@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from problems.pos_embed import PositionEmbedding, sincos_1d, sincos_2d
+from problems.multimodal import MultimodalTokenizer
 from problems.tokenizers import (
     DiscreteTokenizer,
     ImageTokenizer,
-    MultimodalTokenizer,
     SequenceTokenizer,
     TabularTokenizer,
 )
