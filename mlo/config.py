@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+import os
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["ProblemConfig", "EngineConfig"]
+__all__ = ["ProblemConfig", "EngineConfig", "load_problem_configs"]
 
 
 @dataclass
@@ -70,3 +71,34 @@ class EngineConfig:
     validate_every: Optional[int] = None
     validation: Optional[Callable[[Any], Dict[str, float]]] = None
     log_every: Optional[int] = None
+
+
+def load_problem_configs(path: "str | os.PathLike[str]") -> Dict[str, ProblemConfig]:
+    """Reads ``{problem name: {ProblemConfig fields}}`` from a YAML file (``safe_load``).
+
+    Example file::
+
+        pretrain: {unroll_steps: 2, method: neumann, method_options: {iterations: 5, alpha: 0.1}}
+        finetune: {method: cg, method_options: {max_iter: 10}}
+
+    Raises:
+        ValueError: the file is not such a mapping, or a field is unknown/invalid
+            (the message names the problem).
+    """
+    import yaml
+
+    with open(path, "r", encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of problem name -> config, got {type(data).__name__}")
+    out: Dict[str, ProblemConfig] = {}
+    for name, fields_ in data.items():
+        if not isinstance(fields_, dict):
+            raise ValueError(f"{path}: config of problem {name!r} must be a mapping, got {fields_!r}")
+        try:
+            out[str(name)] = ProblemConfig.from_dict(fields_)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: problem {name!r}: {e}") from None
+    return out
