@@ -8,6 +8,17 @@ Reads top to bottom like the MAE reference model::
     pred = decoder(unshuffle([latent ; mask tokens])) # [N, L, patch_dim] per segment
     loss = Σ_s w_s · Σ_{i∈s} ℓ_i m_i a_i / #masked_s  # ℓ: MSE per token or CE
 
+With ``decoder_depth=0`` (the *linear decoder* of DABS 2.0 / MetaMAE's "decoder
+size 0") the masked tokens cannot be dropped from the encoder: a per-token linear
+head on ``[latent ; mask tokens]`` would predict every masked token from its mask
+token and position alone, and the encoder would get no reconstruction gradient.
+The encoder then sees the whole sequence, masked tokens replaced by a learned
+mask token at their position (BERT style), and the head reads every output::
+
+    seq = where(mask, mask_token + P, tokens)         # [N, L, D]
+    latent = encoder([cls ; seq])                     # [N, 1+L, D]
+    pred = Linear(latent[:, 1:])                      # [N, L, patch_dim]
+
 ``m_i = 1`` for masked tokens, ``a_i`` optional per-token weights (MLO-MAE: the
 masking network's probability of token ``i``), ``w_s`` per-segment loss weights
 (M3AE: image 1.0, text 0.5).
@@ -22,7 +33,6 @@ Second-order use (MetaMAE latent adaptation) needs ``math_attention()`` or
 ``attn_impl="math"`` (see ``problems/transformer.py``).
 """
 
-import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,8 +48,15 @@ Ratio = Union[float, Sequence[float]]
 
 
 def num_masked(length: int, ratio: float) -> int:
-    """Number of masked tokens: ``round(ratio · length)``, halves rounded up."""
-    return int(math.floor(ratio * length + 0.5))
+    """Number of masked tokens, counted as MAE does: ``L − int(L · (1 − ratio))``.
+
+    MAE keeps ``len_keep = int(L · (1 − r))`` tokens (e.g. ``L=10, r=0.33`` → 6 kept,
+    4 masked); the same floating-point expression is used here so counts agree
+    with the reference implementation in every case.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
+    return length - int(length * (1 - ratio))
 
 
 def random_masking(
@@ -50,7 +67,7 @@ def random_masking(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the lowest-score tokens of each segment, mask the rest.
 
-    Within segment ``s`` (``lengths[s]`` consecutive tokens) ``round(r_s · L_s)``
+    Within segment ``s`` (``lengths[s]`` consecutive tokens) ``num_masked(L_s, r_s)``
     tokens with the highest scores are masked. Ties are broken by position (stable
     sort). Kept tokens are ordered segment by segment, by increasing score.
 
@@ -107,8 +124,9 @@ class MaskedAutoencoder(nn.Module):
         num_heads: encoder heads.
         mlp_ratio: encoder MLP ratio.
         decoder_dim: decoder width (ignored when ``decoder_depth == 0``).
-        decoder_depth: decoder blocks; 0 = linear decoder (one ``Linear`` from the
-            encoder width to the target, on latent tokens / mask token + position).
+        decoder_depth: decoder blocks; 0 = linear decoder: the encoder sees every
+            token (masked ones as a mask token) and one ``Linear`` per segment maps
+            each encoder output to its target (see the module docstring).
         decoder_heads: decoder heads.
         decoder_mlp_ratio: decoder MLP ratio (default: ``mlp_ratio``).
         mask_ratio: default ratio; used for segments without their own ratio.
@@ -116,7 +134,8 @@ class MaskedAutoencoder(nn.Module):
             (unbiased) variance, ``(t − μ)/√(σ² + 1e-6)``, as in MAE.
         dropout: dropout in encoder and decoder blocks.
         attn_impl: ``"fused"``, ``"math"`` or None for every attention layer.
-        learnable_decoder_pos: learnable decoder position table.
+        learnable_decoder_pos: learnable decoder position table (unused with a
+            linear decoder: mask tokens take the tokenizer's own positions).
     """
 
     def __init__(
@@ -152,7 +171,8 @@ class MaskedAutoencoder(nn.Module):
                                    attn_impl=attn_impl)
 
         # --- decoder -------------------------------------------------------------
-        if decoder_depth == 0:
+        self.linear_decoder = decoder_depth == 0
+        if self.linear_decoder:
             decoder_dim = dim
             self.decoder_embed = nn.Identity()
             self.decoder = nn.Identity()
@@ -163,7 +183,8 @@ class MaskedAutoencoder(nn.Module):
                                        attn_impl=attn_impl)
         self.decoder_dim = decoder_dim
         self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim) * 0.02)
-        self.decoder_pos = tokenizer.position_embedding(decoder_dim, learnable_decoder_pos)
+        self.decoder_pos = None if self.linear_decoder else \
+            tokenizer.position_embedding(decoder_dim, learnable_decoder_pos)
         self.heads = nn.ModuleDict({s.name: nn.Linear(decoder_dim, s.patch_dim)
                                     for s in self.segments})
         for m in [self.decoder_embed, *self.heads.values()]:
@@ -192,30 +213,37 @@ class MaskedAutoencoder(nn.Module):
 
     # --- encoder -----------------------------------------------------------------
     def forward_encoder(self, x, mask_ratio=None, scores: Optional[torch.Tensor] = None):
-        """Returns ``latent [N, 1+K, D]`` (CLS first), ``mask [N, L]``, ``ids_restore [N, L]``."""
+        """Returns ``latent [N, 1+K, D]`` (CLS first; ``[N, 1+L, D]`` with a linear
+        decoder), ``mask [N, L]`` (1 = masked) and ``ids_restore [N, L]``."""
         tokens = self.patch_embeddings(x)  # [N, L, D]
         kept, mask, ids_restore = random_masking(
             tokens, self.segment_ratios(mask_ratio), scores, [s.length for s in self.segments])
+        if self.linear_decoder:  # every position enters, masked ones as mask token + position
+            filler = self.tokenizer.add_position(self.mask_token.to(tokens.dtype).expand_as(tokens))
+            kept = torch.where(mask.unsqueeze(-1) > 0, filler, tokens)  # [N, L, D]
         cls = self.cls_token.to(kept.dtype).expand(kept.shape[0], -1, -1)  # [N, 1, D]
-        latent = self.encoder(torch.cat([cls, kept], dim=1))  # [N, 1+K, D]
+        latent = self.encoder(torch.cat([cls, kept], dim=1))  # [N, 1+K, D] (or [N, 1+L, D])
         return latent, mask, ids_restore
 
     # --- decoder -----------------------------------------------------------------
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor):
-        """``latent [N, 1+K, D]`` → predictions per token.
+        """``latent [N, 1+K, D]`` (``[N, 1+L, D]`` with a linear decoder) → predictions.
 
         Returns:
             ``[N, L, patch_dim]`` (values or logits) for a single-segment tokenizer,
             else ``{segment name: [N, L_s, patch_dim_s]}``.
         """
-        h = self.decoder_embed(latent)  # [N, 1+K, Dd]
-        n, k1, dd = h.shape
-        n_mask = ids_restore.shape[1] - (k1 - 1)
-        masks = self.mask_token.to(h.dtype).expand(n, n_mask, -1)  # [N, L-K, Dd]
-        seq = torch.cat([h[:, 1:], masks], dim=1)  # [N, L, Dd] (shuffled order)
-        seq = torch.gather(seq, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # unshuffle
-        seq = torch.cat([h[:, :1], self.decoder_pos(seq)], dim=1)  # [N, 1+L, Dd]
-        seq = self.decoder(seq)[:, 1:]  # [N, L, Dd]
+        if self.linear_decoder:
+            seq = latent[:, 1:]  # [N, L, D], already in token order
+        else:
+            h = self.decoder_embed(latent)  # [N, 1+K, Dd]
+            n, k1, dd = h.shape
+            n_mask = ids_restore.shape[1] - (k1 - 1)
+            masks = self.mask_token.to(h.dtype).expand(n, n_mask, -1)  # [N, L-K, Dd]
+            seq = torch.cat([h[:, 1:], masks], dim=1)  # [N, L, Dd] (shuffled order)
+            seq = torch.gather(seq, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # unshuffle
+            seq = torch.cat([h[:, :1], self.decoder_pos(seq)], dim=1)  # [N, 1+L, Dd]
+            seq = self.decoder(seq)[:, 1:]  # [N, L, Dd]
         pred = {s.name: self.heads[s.name](seq[:, s.start:s.stop]) for s in self.segments}
         return pred[self.segments[0].name] if len(self.segments) == 1 else pred
 

@@ -3,7 +3,7 @@
     p = σ(W₂ ReLU(W₁ vec(E) + b₁) + b₂),    E = patch + position embeddings  [N, L, D]
 
 ``vec(E)`` flattens the ``L·D`` embedding values of a sample; ``p ∈ (0, 1)^L``. The
-MAE masks the ``round(r·L)`` highest-probability tokens (pass ``p`` as ``scores``
+MAE masks the ``num_masked(L, r)`` highest-probability tokens (pass ``p`` as ``scores``
 to ``random_masking``/``MaskedAutoencoder.forward``: the lowest scores are kept)
 and multiplies each masked token's loss by its probability (``token_weights=p``),
 which is the masking network's only path for a gradient.

@@ -93,6 +93,12 @@ class MultimodalTokenizer(nn.Module):
         return torch.cat([self.image.embed(image) + self.types[0],
                           self.text.embed(text) + self.types[1]], dim=1)
 
+    def add_position(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, L_img + T, D]`` → each part + its sub-tokenizer's positions + its type."""
+        image, text = tokens.split([self.image.num_tokens, self.text.num_tokens], dim=1)
+        return torch.cat([self.image.add_position(image) + self.types[0],
+                          self.text.add_position(text) + self.types[1]], dim=1)
+
     def patchify(self, x) -> Dict[str, torch.Tensor]:
         image, text = self.split(x)
         return {"image": self.image.patchify(image), "text": self.text.patchify(text)}

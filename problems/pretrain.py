@@ -3,10 +3,11 @@
     min_θ  E_x  L_rec(θ; x, mask(s), a),     (s, a) = masker(x) or (uniform noise, 1)
 
 ``L_rec`` is :class:`problems.mae.MaskedAutoencoder`'s loss: the masked tokens are the
-``round(r·L)`` highest scores ``s`` (uniform noise = MAE's random masking) and each
-masked token's loss is multiplied by its weight ``a``. A learned masker (MLO-MAE's
-masking network, an upper problem) plugs in through ``masker``; upstream problems
-are passed explicitly, as the masker closure or a subclass attribute.
+``num_masked(L, r) = L − int(L·(1−r))`` highest scores ``s`` (uniform noise = MAE's
+random masking) and each masked token's loss is multiplied by its weight ``a``. A
+learned masker (MLO-MAE's masking network, an upper problem) plugs in through
+``masker``; upstream problems are passed explicitly, as the masker closure or a
+subclass attribute.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ looks at the modality:
 - ``segments``: contiguous token ranges of one modality, each with its target kind
   (``"regression"`` | ``"classification"``), target width (``patch_dim``: values per
   token, or vocabulary size), optional own mask ratio and a loss weight.
+- ``add_position(tokens)``: ``[N, L, D] -> [N, L, D]``, adds exactly the positions
+  (and types) ``embed`` adds — used to place mask tokens at the encoder width.
 - ``position_embedding(dim)``: a fresh module adding the same position layout at
   another width (the MAE decoder's positions, plus new modality types if any).
 - ``num_tokens``, ``embed_dim``, ``patch_dim``, ``target_kind`` (single-segment
@@ -104,7 +106,11 @@ class Tokenizer(nn.Module):
 
     def embed(self, x) -> torch.Tensor:
         """Tokens with position embedding: ``x -> [N, L, D]``."""
-        return self.pos(self._embed_patches(self.patchify(x)))
+        return self.add_position(self._embed_patches(self.patchify(x)))
+
+    def add_position(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [N, L, D] -> tokens + P`` with this tokenizer's own position table."""
+        return self.pos(tokens)
 
     def targets(self, x) -> Dict[str, torch.Tensor]:
         """Reconstruction target keyed by segment name."""
