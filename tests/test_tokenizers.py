@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from problems.pos_embed import PositionEmbedding, sincos_1d, sincos_2d
 from problems.multimodal import MultimodalTokenizer
@@ -105,5 +107,127 @@ def test_multimodal_tokenizer_layout_and_round_trip():
     assert torch.allclose(tokens[:, 4:], tok.text.embed(x["text"]) + tok.types[1])
     back = tok.unpatchify(tok.patchify(x))
     assert torch.equal(back["image"], x["image"]) and torch.equal(back["text"], x["text"])
+    # decoder positions: each modality's layout at the new width + its own learned type
     pos = tok.position_embedding(8)
-    assert pos(torch.zeros(2, 9, 8)).shape == (2, 9, 8)
+    out = pos(torch.zeros(2, 9, 8))
+    assert len(list(pos.parameters())) == 1 and pos.types.shape == (2, 8)
+    assert torch.allclose(out[0, :4], sincos_2d(8, 2, 2) + pos.types[0])
+    assert torch.allclose(out[0, 4:], sincos_1d(8, 5) + pos.types[1])
+
+
+# --- every tokenizer: patchify and unpatchify are inverse bijections -----------------
+
+def _image(learnable_pos=False):
+    return ImageTokenizer((8, 12), 4, 5, D, learnable_pos=learnable_pos)  # multispectral
+
+
+def _sequence(learnable_pos=False):
+    return SequenceTokenizer(12, 3, 4, D, learnable_pos=learnable_pos)
+
+
+def _tabular(learnable_pos=False):
+    return TabularTokenizer(7, D, learnable_pos=learnable_pos)
+
+
+def _discrete(learnable_pos=False):
+    return DiscreteTokenizer(11, 9, D, learnable_pos=learnable_pos)
+
+
+def _mm(learnable_pos=False):
+    return MultimodalTokenizer(ImageTokenizer(8, 4, 3, D, learnable_pos=learnable_pos),
+                               DiscreteTokenizer(20, 5, D, learnable_pos=learnable_pos))
+
+
+def _raw(tok, n=3):
+    """A random raw input for ``tok``."""
+    if isinstance(tok, MultimodalTokenizer):
+        return {"image": _raw(tok.image, n), "text": _raw(tok.text, n)}
+    if isinstance(tok, ImageTokenizer):
+        return torch.randn(n, tok.in_chans, *tok.image_size)
+    if isinstance(tok, SequenceTokenizer):
+        return torch.randn(n, tok.in_chans, tok.length)
+    if isinstance(tok, TabularTokenizer):
+        return torch.randn(n, tok.num_tokens)
+    return torch.randint(0, tok.vocab_size, (n, tok.num_tokens))
+
+
+def _target(tok, n=3):
+    """A random per-token target (the codomain of ``patchify``)."""
+    if isinstance(tok, MultimodalTokenizer):
+        return {"image": _target(tok.image, n), "text": _target(tok.text, n)}
+    if isinstance(tok, DiscreteTokenizer):
+        return torch.randint(0, tok.vocab_size, (n, tok.num_tokens))
+    return torch.randn(n, tok.num_tokens, tok.patch_dim)
+
+
+class _Embed(nn.Module):
+    """``tok.embed`` as a module ``forward``, so ``functional_call`` can run it."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, x):
+        return self.tok.embed(x)
+
+
+def _equal(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+ALL = [_image, _sequence, _tabular, _discrete, _mm]
+
+
+@pytest.mark.parametrize("make", ALL, ids=lambda f: f.__name__.strip("_"))
+def test_patchify_unpatchify_are_inverse(make):
+    torch.manual_seed(0)
+    tok = make()
+    x, p = _raw(tok), _target(tok)
+    assert _equal(tok.unpatchify(tok.patchify(x)), x)  # unpatchify ∘ patchify = id
+    assert _equal(tok.patchify(tok.unpatchify(p)), p)  # patchify ∘ unpatchify = id
+    for seg in tok.segments:  # targets have the advertised per-segment shapes
+        t = tok.targets(x)[seg.name]
+        width = () if seg.kind == "classification" else (seg.patch_dim,)
+        assert t.shape == (3, seg.length, *width)
+    assert tok.embed(x).shape == (3, tok.num_tokens, D)
+
+
+@pytest.mark.parametrize("make", ALL, ids=lambda f: f.__name__.strip("_"))
+def test_add_position_adds_what_embed_adds(make):
+    """``add_position`` places any token (a mask token) exactly as ``embed`` places data."""
+    torch.manual_seed(0)
+    tok = make()
+    x = _raw(tok)
+    zero = tok.add_position(torch.zeros(3, tok.num_tokens, D))  # P (+ types), [3, L, D]
+    if isinstance(tok, MultimodalTokenizer):
+        content = torch.cat([tok.image._embed_patches(tok.image.patchify(x["image"])),
+                             tok.text._embed_patches(tok.text.patchify(x["text"]))], 1)
+    else:
+        content = tok._embed_patches(tok.patchify(x))
+    assert torch.allclose(tok.embed(x), content + zero, atol=1e-6)
+    assert zero.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", ALL, ids=lambda f: f.__name__.strip("_"))
+def test_learnable_position_option(make):
+    torch.manual_seed(0)
+    fixed, learn = make(), make(learnable_pos=True)
+    fixed_params = {n for n, _ in fixed.named_parameters()}
+    learn_params = dict(learn.named_parameters())
+    pos_names = [n for n in learn_params if n.endswith("pos.table")]
+    assert pos_names and not any(n.endswith("pos.table") for n in fixed_params)
+    # the learnable table starts from the same sin-cos values as the fixed buffer
+    fixed_buffers = dict(fixed.named_buffers())
+    for n in pos_names:
+        assert torch.equal(learn_params[n].detach(), fixed_buffers[n])
+    # d/dP Σ (tokens + P) = N for every entry: the table is added once per sample
+    x = _raw(learn)
+    learn.embed(x).sum().backward()
+    for n in pos_names:
+        assert torch.equal(learn_params[n].grad, torch.full_like(learn_params[n], 3.0))
+    # under functional_call a shifted table shifts the tokens by exactly that amount
+    delta = {n: learn_params[n].detach() + 0.25 for n in pos_names}
+    shifted = functional_call(_Embed(learn), {"tok." + n: v for n, v in delta.items()}, (x,))
+    assert torch.allclose(shifted - learn.embed(x), torch.full_like(shifted, 0.25), atol=1e-6)
