@@ -22,7 +22,7 @@ ETA = 0.5
 
 # name -> (options, max relative error against the exact implicit value)
 METHODS = {
-    "cg": ({}, 1e-10),
+    "cg": ({"max_iter": D, "tol": 1e-13, "damping": 0.0}, 1e-10),
     "neumann": ({"iterations": 30, "alpha": ETA}, 1e-10),
     "unrolled": ({}, 1e-10),  # outputs from a 40-step unroll, contraction ≈ 0.1
     "finite_difference": ({"scale_by_lr": True}, 0.1),  # H⁻¹ ≈ η I
@@ -69,7 +69,7 @@ def problem():
 
 
 @pytest.mark.parametrize("name", available())
-def test_every_method_against_exact_implicit(name):
+def test_every_method_against_exact_implicit(name, measured):
     if name not in METHODS:
         pytest.fail(f"registered method {name!r} has no entry in METHODS (options, tolerance)")
     options, tol = METHODS[name]
@@ -83,7 +83,7 @@ def test_every_method_against_exact_implicit(name):
         assert not r.requires_grad and r.grad_fn is None
     assert torch.equal(out[1], torch.zeros(3, dtype=DT))  # input the loss never reads
     err = float(torch.linalg.vector_norm(out[0] - exact) / torch.linalg.vector_norm(exact))
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+    measured(f"registry: {name} vs exact implicit (shared P1 problem)", err, tol)
     # no side effects on the lower iterate or on .grad
     for p, b in zip(lower.params, before):
         assert torch.equal(p.detach(), b) and p.grad is None
@@ -91,7 +91,7 @@ def test_every_method_against_exact_implicit(name):
 
 
 @pytest.mark.parametrize("name", available())
-def test_every_method_create_graph(name):
+def test_every_method_create_graph(name, measured):
     if name not in METHODS:
         pytest.fail(f"registered method {name!r} has no entry in METHODS (options, tolerance)")
     options, _ = METHODS[name]
@@ -99,8 +99,10 @@ def test_every_method_create_graph(name):
     plain = get(name)(lower, v, **options)
     graph = get(name)(lower, v, create_graph=True, **options)
     assert graph[0].requires_grad
-    for a, b in zip(plain, graph):
-        torch.testing.assert_close(b.detach(), a, rtol=1e-12, atol=1e-14)
+    err = max(float((b.detach() - a).abs().max() / a.abs().max().clamp_min(1e-300))
+              for a, b in zip(plain, graph) if a.abs().max() > 0)
+    measured("registry: create_graph=True result vs plain result", err, 1e-12)
+    assert torch.equal(graph[1].detach(), plain[1])
 
 
 def test_unknown_method_lists_choices():

@@ -39,6 +39,10 @@ def test_unknown_name():
         mlo.Engine([up, lo], {"u2l": {"up": ["ghost"]}})
     with raises(mlo.GraphError, "ghost", "l2u"):
         mlo.Engine([up, lo], {"u2l": {"up": ["lo"]}, "l2u": {"ghost": ["up"]}})
+    with raises(mlo.GraphError, "phantom", "u2l"):                   # as a key
+        mlo.Engine([up, lo], {"u2l": {"phantom": ["lo"]}})
+    with raises(mlo.GraphError, "phantom", "l2u"):                   # as a value
+        mlo.Engine([up, lo], {"u2l": {"up": ["lo"]}, "l2u": {"lo": ["up", "phantom"]}})
 
 
 def test_duplicate_name():
@@ -54,12 +58,26 @@ def test_problem_not_in_engine():
         mlo.Engine([up, lo], {"u2l": {up: [lo]}, "l2u": {stranger: [up]}})
 
 
+def cycle_in(message):
+    """The cycle ``x -> y -> ... -> x`` a GraphError message reports, as a list of names."""
+    m = re.search(r"cycle: (\w+(?: -> \w+)+)", message)
+    assert m, message
+    return m.group(1).split(" -> ")
+
+
 def test_cycle():
-    a, b, c = nodes("a", "b", "c")
-    with raises(mlo.GraphError, "cycle", "a", "b", "c"):
-        mlo.Engine([a, b, c], {"u2l": {"a": ["b"], "b": ["c"]}, "l2u": {"a": ["c"]}})
-    with raises(mlo.GraphError, "cycle", "a", "b"):   # a below b and b below a
-        mlo.Engine([a, b], {"u2l": {"a": ["b"], "b": ["a"]}})
+    a, b, c, d = nodes("alpha", "beta", "gamma", "delta")
+    # alpha above beta above gamma, and gamma above alpha; delta hangs below alpha
+    with raises(mlo.GraphError, "cycle", "alpha", "beta", "gamma") as info:
+        mlo.Engine([a, b, c, d], {"u2l": {"alpha": ["beta", "delta"], "beta": ["gamma"]},
+                                  "l2u": {"alpha": ["gamma"], "delta": ["alpha"]}})
+    cyc = cycle_in(str(info.value))
+    assert cyc[0] == cyc[-1] and sorted(cyc[:-1]) == ["alpha", "beta", "gamma"]   # delta is not in it
+    with raises(mlo.GraphError, "cycle", "alpha", "beta") as info:   # each below the other
+        mlo.Engine([a, b], {"u2l": {"alpha": ["beta"], "beta": ["alpha"]}})
+    assert sorted(cycle_in(str(info.value))[:-1]) == ["alpha", "beta"]
+    with raises(mlo.GraphError, "cycle", "alpha", "beta"):           # through l2u only
+        mlo.Engine([a, b], {"l2u": {"alpha": ["beta"], "beta": ["alpha"]}})
 
 
 def test_self_dependency():
@@ -71,9 +89,13 @@ def test_self_dependency():
 
 
 def test_unconnected_problem():
-    up, lo, alone = nodes("up", "lo", "alone")
+    """A problem no upper level reaches (connected to nothing) is an error naming it."""
+    up, lo, alone, lost = nodes("up", "lo", "alone", "lost")
     with raises(mlo.GraphError, "alone", "not connected"):
         mlo.Engine([up, lo, alone], {"u2l": {up: [lo]}, "l2u": {lo: [up]}})
+    with raises(mlo.GraphError, "'alone'", "'lost'", "not connected") as info:   # all of them
+        mlo.Engine([up, alone, lo, lost], {"u2l": {up: [lo]}})
+    assert "'up'" not in str(info.value) and "'lo'" not in str(info.value)
 
 
 def test_unknown_method_name():

@@ -43,10 +43,19 @@ def bilevel(lo_kw=None, up_kw=None, lo_cfg=None, up_cfg=None, lo_data=None, engi
 
 
 # ----------------------------------------------------------------- counts
-@pytest.mark.parametrize("K", [1, 3])
-def test_two_level_counts(K):
-    eng, up, lo, _ = bilevel(lo_cfg=mlo.ProblemConfig(unroll_steps=K))
-    eng.run(4 * K + (K - 1))
+@pytest.mark.parametrize("method", ["unrolled", "cg"])
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_two_level_counts(K, method):
+    """The lower steps exactly K times between consecutive upper steps, every time."""
+    eng, up, lo, _ = bilevel(lo_cfg=mlo.ProblemConfig(unroll_steps=K, method=method))
+    lo_at_up_step = []                   # the lower's step count at each upper step
+    for _ in range(4 * K + (K - 1)):
+        before = up.step_count
+        eng.step()
+        if up.step_count > before:
+            assert up.step_count == before + 1
+            lo_at_up_step.append(lo.step_count)
+    assert lo_at_up_step == [K, 2 * K, 3 * K, 4 * K]
     assert eng.counts() == {"lo": 4 * K + K - 1, "up": 4}
     assert up.ready_count == 4 and eng.iteration == 4 * K + K - 1
 
@@ -68,10 +77,36 @@ def mlo_mae_shape(pre_unroll=2, mask_every=1, method="unrolled"):
 @pytest.mark.parametrize("method", ["unrolled", "neumann"])
 def test_three_level_mlo_mae_counts(method):
     eng = mlo_mae_shape(pre_unroll=2, method=method)
-    eng.run(10)
+    pre, fin, mask = (eng.problems[n] for n in ("pretrain", "finetune", "mask"))
+    for it in range(1, 11):              # per iteration: pretrain 1; finetune, mask every 2nd
+        eng.step()
+        assert (pre.step_count, fin.step_count, mask.step_count) == (it, it // 2, it // 2)
     assert eng.counts() == {"pretrain": 10, "finetune": 5, "mask": 5}
     eng.run(3)
     assert eng.counts() == {"pretrain": 13, "finetune": 6, "mask": 6}
+
+
+@pytest.mark.parametrize("method", ["unrolled", "cg"])
+def test_three_level_chain_counts_per_level(method):
+    """T → M → B with unroll_steps 2 (M) and 3 (B): B steps exactly 3 times between M's
+    steps, M exactly 2 times between T's steps."""
+    T = Node("T", [0.2, -0.1], lambda s, b: (s.B.params["x"] ** 2).sum() + 0 * s.params["x"].sum())
+    M = Node("M", [0.5, 0.3], lambda s, b: ((s.params["x"] - s.T.params["x"]) ** 2).sum(),
+             config=mlo.ProblemConfig(unroll_steps=2, method=method))
+    B = Node("B", [1.0, -1.0], lambda s, b: ((s.params["x"] - torch.tanh(s.M.params["x"])) ** 2).sum(),
+             optimizer_kwargs={"lr": 0.1, "momentum": 0.5}, config=mlo.ProblemConfig(unroll_steps=3, method=method))
+    T.B, M.T, B.M = B, T, M
+    eng = mlo.Engine([T, M, B], {"u2l": {T: [M], M: [B]}, "l2u": {B: [T]}})
+    at_M, at_T = [], []
+    for _ in range(20):
+        m, t = M.step_count, T.step_count
+        eng.step()
+        if M.step_count > m:
+            at_M.append(B.step_count)
+        if T.step_count > t:
+            at_T.append(M.step_count)
+    assert at_M == [3, 6, 9, 12, 15, 18] and at_T == [2, 4, 6]
+    assert eng.counts() == {"T": 3, "M": 6, "B": 20}
 
 
 def test_three_level_update_every():
@@ -182,7 +217,7 @@ LOWER_OPTS = {
 
 @pytest.mark.parametrize("method", ["unrolled", "cg"])
 @pytest.mark.parametrize("opt", sorted(LOWER_OPTS))
-def test_optimizer_state_continuity_upper_frozen(opt, method):
+def test_optimizer_state_continuity_upper_frozen(opt, method, measured):
     """Upper lr 0: the lower's trajectory (through windows of 3 steps when unrolled,
     in place with torch.optim for CG) equals a plain torch.optim loop, and so does the
     optimizer state handed back to torch.optim."""
@@ -196,17 +231,19 @@ def test_optimizer_state_continuity_upper_frozen(opt, method):
         eng.run(3)
         ref, ref_opt = plain_lower(a, u, x0, cls, kw, n, data)
         assert torch.equal(up.module.x.detach(), u)
-        err = float((lo.module.x.detach() - ref).abs().max())
-        assert err < 1e-14, (n, err)
+        err = float((lo.module.x.detach() - ref).abs().max() / ref.abs().max())
+        measured("lower trajectory through windows / in place vs plain torch.optim", err, 1e-14)
     p, q = lo.module.x, ref_opt.param_groups[0]["params"][0]
+    assert set(lo.optimizer.state[p]) == set(ref_opt.state[q])
     for k, v in ref_opt.state[q].items():
-        assert torch.allclose(torch.as_tensor(lo.optimizer.state[p][k], dtype=DT),
-                              torch.as_tensor(v, dtype=DT), rtol=1e-14, atol=0), k
+        a, b = torch.as_tensor(lo.optimizer.state[p][k], dtype=DT), torch.as_tensor(v, dtype=DT)
+        measured("optimizer state handed back to torch.optim vs plain torch.optim",
+                 float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)), 1e-14)
 
 
 @pytest.mark.parametrize("method", [
     "unrolled", "cg"])
-def test_lower_scheduler_inside_windows(method):
+def test_lower_scheduler_inside_windows(method, measured):
     """A scheduler on the lower steps per update; with the upper frozen the trajectory
     must equal a plain torch loop with the same scheduler — also inside windows."""
     kw = dict(lr=0.2, momentum=0.5)
@@ -218,5 +255,57 @@ def test_lower_scheduler_inside_windows(method):
     eng.run(6)
     ref, ref_opt = plain_lower(a, u, x0, torch.optim.SGD, kw, 6, scheduler=sched)
     assert lo.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.7 ** 6, rel=1e-14)
-    err = float((lo.module.x.detach() - ref).abs().max())
-    assert err < 1e-14, err
+    err = float((lo.module.x.detach() - ref).abs().max() / ref.abs().max())
+    measured("lower trajectory with LR scheduler inside windows vs plain torch loop", err, 1e-14)
+
+
+# ------------------------------------- the top updating while a window reads it
+class RecSGD(torch.optim.SGD):
+    """``torch.optim.SGD`` recording the gradient it applies."""
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self.record = []
+
+    def step(self, closure=None):
+        self.record.append(self.param_groups[0]["params"][0].grad.detach().clone())
+        return super().step(closure)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "engine._alias does not clone the unique top's variables for a differentiable reader; "
+    "when the top updates in place (torch.optim) while an unrolled window that is not on "
+    "its paths still holds them, the next backward through that window fails with "
+    "'modified by an inplace operation'"))
+def test_top_updates_inside_a_window_that_reads_it(measured):
+    """T (the only top, loss ½‖t‖²: t ← 0.9 t per update) is read by N, which is unrolled
+    for Y's only path (Y, N, Y) but on no path of T. N steps every iteration, Y is ready
+    every 2nd, T every 3rd (its lower V has unroll_steps 3) — so T updates *inside* N's
+    windows (iterations 3→4, 9→10). With ``f_N = ½‖n − t ⊙ y‖²`` and SGD(η) a window of
+    two steps reading t_a, t_b gives ``∂n₂/∂y = diag((1−η)η t_a + η t_b)``; Y applies
+    ``(y − w) + ((1−η)η t_a + η t_b) ⊙ (n₂ − 1)``."""
+    eta = 0.2
+    x = lambda p: p.params["x"]  # noqa: E731
+    T = Node("T", [0.3, -0.2], lambda s, b: 0.5 * (x(s) ** 2).sum(), optimizer_kwargs={"lr": 0.1})
+    W = Node("W", [0.1, 0.4], lambda s, b: 0.5 * ((x(s) - x(s.T)) ** 2).sum(), optimizer_kwargs={"lr": 0.1})
+    V = Node("V", [1.0, 2.0], lambda s, b: 0.5 * ((x(s) - x(s.T)) ** 2).sum(), optimizer_kwargs={"lr": 0.1},
+             config=mlo.ProblemConfig(unroll_steps=3))
+    Y = Node("Y", [0.5, 0.5], lambda s, b: 0.5 * ((x(s.N) - 1) ** 2).sum() + 0.5 * ((x(s) - x(s.W)) ** 2).sum(),
+             optimizer=RecSGD, optimizer_kwargs={"lr": 0.1})
+    N = Node("N", [0.2, 0.7], lambda s, b: 0.5 * ((x(s) - x(s.T) * x(s.Y)) ** 2).sum(),
+             optimizer_kwargs={"lr": eta}, config=mlo.ProblemConfig(unroll_steps=2))
+    W.T, V.T, Y.N, Y.W, N.T, N.Y = T, T, N, W, T, Y
+    eng = mlo.Engine([T, W, V, Y, N], {"u2l": {T: [N, W, V], W: [Y], Y: [N]}, "l2u": {N: [Y]}})
+    assert eng.graph.paths("T") == [] and eng.graph.paths("Y") == [("Y", "N", "Y")]
+    ts, errs = [], []
+    for _ in range(12):
+        ts.append(T.module.x.detach().clone())       # the t N's step of this iteration reads
+        y, w, before = Y.module.x.detach().clone(), W.module.x.detach().clone(), Y.step_count
+        eng.step()
+        if Y.step_count > before:                    # Y updated; N's window closed
+            expect = (y - w) + ((1 - eta) * eta * ts[-2] + eta * ts[-1]) * (N.module.x.detach() - 1)
+            errs.append(float(torch.linalg.vector_norm(Y.optimizer.record[-1] - expect)
+                              / torch.linalg.vector_norm(expect)))
+    assert eng.counts() == {"T": 4, "W": 6, "V": 12, "Y": 6, "N": 12}
+    measured("top updating inside a window that reads it: Y's hypergradient vs closed form",
+             max(errs), 1e-12)
