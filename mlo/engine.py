@@ -290,8 +290,13 @@ class Engine:
         st = S.own_state()
         track = diff or S.name in nodes
         # A differentiable reader keeps its graph past this step; if S then steps in
-        # place (torch.optim), the saved values would change under it. Clone then.
-        clone = diff and S.name not in self._windows and S.name != self._unique_top
+        # place (torch.optim), the saved values would change under it. Clone then —
+        # unless S is the only top problem and R lies on one of its paths: the top is
+        # the last problem of an iteration, it backpropagates through R's window
+        # before its own in-place step, and that window is closed (never
+        # backpropagated again) at the end of the same iteration.
+        clone = diff and S.name not in self._windows and not (
+            S.name == self._unique_top and R.name in self.graph.path_nodes(S.name))
         alias = {}
         for k, t in st.items():
             a = t.detach()

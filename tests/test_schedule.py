@@ -272,11 +272,6 @@ class RecSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "engine._alias does not clone the unique top's variables for a differentiable reader; "
-    "when the top updates in place (torch.optim) while an unrolled window that is not on "
-    "its paths still holds them, the next backward through that window fails with "
-    "'modified by an inplace operation'"))
 def test_top_updates_inside_a_window_that_reads_it(measured):
     """T (the only top, loss ½‖t‖²: t ← 0.9 t per update) is read by N, which is unrolled
     for Y's only path (Y, N, Y) but on no path of T. N steps every iteration, Y is ready
