@@ -16,13 +16,14 @@ registered by name. They know nothing about ``mlo`` or ``problems``: a
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Lower", "Method", "register", "get", "available", "zeros_like_all"]
+__all__ = ["Lower", "Method", "register", "get", "available", "check_options", "zeros_like_all"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -54,15 +55,24 @@ class Lower:
 
 Method = Callable[..., Tensors]
 _REGISTRY: Dict[str, Method] = {}
+_CHECKS: Dict[str, Callable[..., None]] = {}
 
 
-def register(name: str):
-    """Decorator registering ``fn`` as hypergradient method ``name``."""
+def register(name: str, check: Optional[Callable[..., None]] = None):
+    """Decorator registering ``fn`` as hypergradient method ``name``.
+
+    Args:
+        name: the registry name.
+        check: optional ``check(**options)`` raising ``ValueError`` for invalid
+            option *values* (names are checked against ``fn``'s signature).
+    """
 
     def deco(fn: Method) -> Method:
         if name in _REGISTRY:
             raise ValueError(f"hypergradient method {name!r} is already registered")
         _REGISTRY[name] = fn
+        if check is not None:
+            _CHECKS[name] = check
         return fn
 
     return deco
@@ -77,6 +87,25 @@ def get(name: str) -> Method:
         raise KeyError(
             f"unknown hypergradient method {name!r}; available: {sorted(_REGISTRY)}"
         ) from None
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Validates ``options`` for method ``name`` without running it.
+
+    Raises:
+        KeyError: unknown method.
+        TypeError: an option the method does not take (the message lists those it takes).
+        ValueError: an option value the method's validator rejects.
+    """
+    fn = get(name)
+    params = inspect.signature(fn).parameters
+    takes = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise TypeError(f"method {name!r} has no option(s) {unknown}; its options: {takes}")
+    check = _CHECKS.get(name)
+    if check is not None:
+        check(**options)
 
 
 def available() -> Tuple[str, ...]:

@@ -37,8 +37,13 @@ def _grad_inputs(lower: Lower, params: Tensors, inputs: Tensors, create_graph: b
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
 
 
-@register("darts")
-@register("finite_difference")
+def _check(*, epsilon: float = 0.01, scale_by_lr: bool = False, create_graph: bool = False) -> None:
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not epsilon > 0:
+        raise ValueError(f"finite_difference: epsilon must be a number > 0, got {epsilon!r}")
+
+
+@register("darts", check=_check)
+@register("finite_difference", check=_check)
 def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.01,
                       scale_by_lr: bool = False, create_graph: bool = False) -> Tensors:
     """``(dθ*/dx)ᵀ v ≈ −s [∇x f(θ+εv, x) − ∇x f(θ−εv, x)] / (2ε)``, ``ε = epsilon/‖v‖``.
@@ -55,6 +60,7 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
     Returns:
         One tensor per ``lower.inputs``; detached unless ``create_graph``.
     """
+    _check(epsilon=epsilon)
     v = tuple(v)
     if len(v) != len(lower.params):
         raise ValueError(f"v has {len(v)} tensors, lower.params has {len(lower.params)}")

@@ -80,18 +80,37 @@ def implicit(lower: Lower, v: Sequence[Tensor],
     return out if create_graph else tuple(t.detach() for t in out)
 
 
-@register("neumann")
+def _check_neumann(*, iterations: int = 10, alpha: float = 1.0, create_graph: bool = False) -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"neumann: iterations must be an integer >= 0, got {iterations!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"neumann: alpha must be a number > 0 (the series converges for "
+                         f"0 < alpha < 2/λ_max(H)), got {alpha!r}")
+
+
+def _check_cg(*, max_iter: Optional[int] = None, tol: float = 1e-10, damping: float = 0.0,
+              create_graph: bool = False) -> None:
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+        raise ValueError(f"cg: max_iter must be an integer >= 1 or None, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"cg: tol must be a number >= 0, got {tol!r}")
+    if not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"cg: damping must be a number >= 0, got {damping!r}")
+
+
+@register("neumann", check=_check_neumann)
 def neumann(lower: Lower, v: Sequence[Tensor], *, iterations: int = 10,
             alpha: float = 1.0, create_graph: bool = False) -> Tensors:
     """IFT with ``H⁻¹ v ≈ Σ_{k=0}^{K} (I − αH)^k α v`` (``K = iterations``).
 
     See :func:`engines.solvers.neumann`; converges when ``0 < α < 2/λ_max(H)``.
     """
+    _check_neumann(iterations=iterations, alpha=alpha)
     solve = solvers.get("neumann", iterations=iterations, alpha=alpha)
     return implicit(lower, v, solve, create_graph=create_graph)
 
 
-@register("cg")
+@register("cg", check=_check_cg)
 def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = None,
        tol: float = 1e-10, damping: float = 0.0, create_graph: bool = False) -> Tensors:
     """IFT with ``H⁻¹ v ≈ (H + δI)⁻¹ v`` by conjugate gradient (``δ = damping``).
@@ -99,5 +118,6 @@ def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = None,
     See :func:`engines.solvers.cg`; ``max_iter`` defaults to the number of
     lower parameters, ``tol`` is a relative residual tolerance.
     """
+    _check_cg(max_iter=max_iter, tol=tol, damping=damping)
     solve = solvers.get("cg", max_iter=max_iter, tol=tol, damping=damping)
     return implicit(lower, v, solve, create_graph=create_graph)

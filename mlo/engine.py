@@ -70,10 +70,13 @@ class Engine:
         self.config = config or EngineConfig()
         on_path = set().union(*(self.graph.path_nodes(n) for n in self.problems))
         for n in on_path:
+            cfg = self.problems[n].config
             try:
-                eb.get(self.problems[n].config.method)
+                eb.check_options(cfg.method, cfg.method_options)
             except KeyError as e:
                 raise GraphError(f"problem {n!r}: {e.args[0]}") from None
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"problem {n!r}: ProblemConfig.method_options: {e}") from None
         self._windowed = {n for n in on_path if self.problems[n].config.method == "unrolled"}
         self._windows: Dict[str, Window] = {}
         self._learned_hp: Dict[str, set] = {}
