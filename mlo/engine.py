@@ -78,6 +78,15 @@ class Engine:
             except (TypeError, ValueError) as e:
                 raise type(e)(f"problem {n!r}: ProblemConfig.method_options: {e}") from None
         self._windowed = {n for n in on_path if self.problems[n].config.method == "unrolled"}
+        from .optim import FunctionalOptimizer
+        for n in sorted(self._windowed):
+            opt = self.problems[n].optimizer
+            if not FunctionalOptimizer.supports(opt):
+                raise GraphError(
+                    f"problem {n!r}: method 'unrolled' steps with a differentiable twin of its "
+                    f"optimizer, which exists for torch.optim.SGD, Adam and AdamW; got "
+                    f"{type(opt).__name__}. Use one of those, or an implicit / finite-difference "
+                    f"method (config.method='cg', 'neumann' or 'finite_difference')")
         self._windows: Dict[str, Window] = {}
         self._learned_hp: Dict[str, set] = {}
         self._since = {n: {lo: 0 for lo in self.graph.lowers(n)} for n in self.problems}

@@ -58,6 +58,11 @@ class FunctionalOptimizer:
         self.group_index = group_index
         self.state = state
 
+    @staticmethod
+    def supports(optimizer: torch.optim.Optimizer) -> bool:
+        """Whether :meth:`from_torch` has a differentiable twin for ``optimizer``."""
+        return any(type(optimizer) in sub.torch_types for sub in (FunctionalSGD, FunctionalAdam))
+
     @classmethod
     def from_torch(cls, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> "FunctionalOptimizer":
         """Take over a torch optimizer's hyperparameters and state.

@@ -104,6 +104,10 @@ class Problem:
         self.config = config or ProblemConfig()
         if not isinstance(self.config, ProblemConfig):
             raise TypeError(f"problem {name!r}: config must be a ProblemConfig or dict")
+        if data is not None and not hasattr(data, "__iter__"):
+            raise TypeError(f"problem {name!r}: `data` must be an iterable of batches (a list, "
+                            f"a DataLoader, a generator function's result...) or None, got "
+                            f"{type(data).__name__}")
         self.data = data
         self._iter = None
         self._state: Optional[Dict[str, Tensor]] = None  # differentiable iterates

@@ -76,3 +76,19 @@ def test_direct_calls_validate_too():
 def test_every_method_accepts_its_defaults():
     for name in available():
         check_options(name, {})
+
+
+def test_unrolled_with_unsupported_optimizer_names_problem():
+    up = Node("hyper", lambda s: (s.low.params["x"] ** 2).sum())
+    low = Node("inner", lambda s: ((s.params["x"] - s.up.params["x"]) ** 2).sum(),
+               optimizer=torch.optim.RMSprop, optimizer_kwargs={"lr": 0.1})
+    up.low, low.up = low, up
+    with pytest.raises(mlo.GraphError, match=r"problem 'inner'.*RMSprop"):
+        mlo.Engine([up, low], {"u2l": {up: [low]}, "l2u": {low: [up]}})
+    low.config = mlo.ProblemConfig(method="cg")   # implicit methods work with any optimizer
+    mlo.Engine([up, low], {"u2l": {up: [low]}, "l2u": {low: [up]}}).run(2)
+
+
+def test_data_must_be_iterable():
+    with pytest.raises(TypeError, match=r"problem 'inner': `data` must be an iterable.*int"):
+        Node("inner", lambda s: s.params["x"].sum(), data=5)
