@@ -23,6 +23,17 @@ mask token at their position (BERT style), and the head reads every output::
 masking network's probability of token ``i``), ``w_s`` per-segment loss weights
 (M3AE: image 1.0, text 0.5).
 
+Padding (M3AE text): the tokenizer reports pads from ``x`` itself (``padding(x)``,
+e.g. ``DiscreteTokenizer(pad_id=0)``), so every ``forward_loss`` caller (MetaMAE
+support/query too) skips them unasked. Pads are never visible: the returned mask is 1
+there (never fed to the encoder; a linear decoder sees only mask tokens), but the loss
+sets ``m_i = 0`` — zero weight, not in ``#masked_s``. The ratio counts real tokens
+(fixed-shape rule: ``random_masking``).
+
+Weight tying (``tie_embeddings=True``, MetaMAE/DABS): the logits of a discrete segment
+are ``proj(h) @ Eᵀ + b`` with ``E`` the tokenizer's input embedding table, looked up
+at call time so the one parameter also works under ``functional_call``.
+
 Masking keeps the ``K`` tokens with the LOWEST scores. Uniform noise gives MAE's
 random masking; the MLO-MAE masking network's probabilities as scores mask the
 highest-probability tokens (deterministic top-k).
@@ -42,7 +53,7 @@ from torch import nn
 from problems.tokenizers import CLASSIFICATION
 from problems.transformer import Transformer
 
-__all__ = ["num_masked", "random_masking", "MaskedAutoencoder"]
+__all__ = ["num_masked", "random_masking", "MaskedAutoencoder", "TiedLogits"]
 
 Ratio = Union[float, Sequence[float]]
 
@@ -64,6 +75,7 @@ def random_masking(
     mask_ratio: Ratio,
     scores: Optional[torch.Tensor] = None,
     lengths: Optional[Sequence[int]] = None,
+    padding: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep the lowest-score tokens of each segment, mask the rest.
 
@@ -78,9 +90,18 @@ def random_masking(
             differentiated (selection is discrete); pass probabilities as
             ``token_weights`` to the loss for a gradient.
         lengths: segment lengths summing to ``L``; None → one segment.
+        padding: ``[N, L]`` bool, True at padding tokens; None → no padding. Pads rank
+            after every real token of their segment, so they are never kept. The kept
+            count must be one ``K_s`` for the whole batch (the encoder input is a
+            fixed-shape gather and ``problems.transformer`` has no key-padding mask, so
+            per-sample counts cannot be padded out): ``K_s = min_n (R_n −
+            num_masked(R_n, r_s))``, ``R_n`` = real tokens of sample ``n`` in segment
+            ``s``. The shortest sample gets exactly ``r_s``; longer ones mask more real
+            tokens (``r_s`` is a lower bound; batches bucketed by length get exactly
+            ``r_s``). A sample with only pads in ``s`` makes ``K_s = 0``.
 
     Returns:
-        ``x_kept [N, K, D]``, ``mask [N, L]`` (1 = masked, 0 = kept, dtype of ``x``),
+        ``x_kept [N, K, D]``, ``mask [N, L]`` (1 = masked or pad, 0 = kept, dtype of ``x``),
         ``ids_restore [N, L]`` with ``cat([x_kept, masked], 1).gather(ids_restore)``
         back in the original order.
     """
@@ -98,8 +119,17 @@ def random_masking(
 
     keep, drop, start = [], [], 0
     for seg_len, ratio in zip(lengths, ratios):
-        order = torch.argsort(scores[:, start:start + seg_len], dim=1, stable=True) + start
-        n_keep = seg_len - num_masked(seg_len, ratio)
+        seg = slice(start, start + seg_len)
+        order = torch.argsort(scores[:, seg], dim=1, stable=True)  # [N, L_s]
+        if padding is None:
+            n_keep = seg_len - num_masked(seg_len, ratio)
+        else:  # pads last (stable: real tokens keep their score order); K_s from the batch
+            pad = padding[:, seg].gather(1, order).to(torch.uint8)  # [N, L_s], sorted order
+            order = order.gather(1, torch.argsort(pad, dim=1, stable=True))
+            real = (seg_len - padding[:, seg].sum(1)).tolist()  # R_n
+            n_keep = min((r - num_masked(r, ratio) for r in real),
+                         default=seg_len - num_masked(seg_len, ratio))
+        order = order + start
         keep.append(order[:, :n_keep])
         drop.append(order[:, n_keep:])
         start += seg_len
@@ -112,6 +142,29 @@ def random_masking(
     mask[:, :ids_keep.shape[1]] = 0
     mask = torch.gather(mask, 1, ids_restore)  # [N, L], 1 = masked
     return x_kept, mask, ids_restore
+
+
+class TiedLogits(nn.Module):
+    """Discrete-token output layer tied to the input table: ``proj(h) @ Eᵀ + b``.
+
+    ``E [V, D]`` is passed to ``forward`` (not stored), so the embedding stays one
+    parameter under one name and ``functional_call`` substitutes it everywhere.
+
+    Args:
+        in_dim: width of ``h`` (decoder width).
+        embed_dim: ``D``; ``proj = Linear(in_dim, D)`` if different, else identity.
+        vocab_size: ``V``.
+        bias: learn ``b [V]`` (zeros at init).
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, vocab_size: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Identity() if in_dim == embed_dim else nn.Linear(in_dim, embed_dim)
+        self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``h [N, L, in_dim]``, ``table [V, D]`` → logits ``[N, L, V]``."""
+        return F.linear(self.proj(h), table, self.bias)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -136,6 +189,11 @@ class MaskedAutoencoder(nn.Module):
         attn_impl: ``"fused"``, ``"math"`` or None for every attention layer.
         learnable_decoder_pos: learnable decoder position table (unused with a
             linear decoder: mask tokens take the tokenizer's own positions).
+        tie_embeddings: discrete (classification) segments predict ``proj(h) @ Eᵀ + b``
+            with the tokenizer's embedding table ``E [V, D]`` (``tokenizer.
+            embedding_table(name)``); ``proj = Linear(decoder_dim, D)`` if the widths
+            differ, else identity. Off by default; no effect without such segments.
+        tied_bias: the ``b [V]`` of a tied output layer.
     """
 
     def __init__(
@@ -153,6 +211,8 @@ class MaskedAutoencoder(nn.Module):
         dropout: float = 0.0,
         attn_impl: Optional[str] = None,
         learnable_decoder_pos: bool = False,
+        tie_embeddings: bool = False,
+        tied_bias: bool = True,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -185,9 +245,17 @@ class MaskedAutoencoder(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim) * 0.02)
         self.decoder_pos = None if self.linear_decoder else \
             tokenizer.position_embedding(decoder_dim, learnable_decoder_pos)
-        self.heads = nn.ModuleDict({s.name: nn.Linear(decoder_dim, s.patch_dim)
+        self.heads = nn.ModuleDict({s.name: TiedLogits(decoder_dim, dim, s.patch_dim, tied_bias)
+                                    if tie_embeddings and s.kind == CLASSIFICATION
+                                    else nn.Linear(decoder_dim, s.patch_dim)
                                     for s in self.segments})
-        for m in [self.decoder_embed, *self.heads.values()]:
+        for s in self.segments:  # the table a tied head reads must exist, [V, D]
+            if isinstance(self.heads[s.name], TiedLogits):
+                table = getattr(tokenizer, "embedding_table", None)
+                if table is None or tuple(table(s.name).shape) != (s.patch_dim, dim):
+                    raise ValueError(f"tie_embeddings: tokenizer has no [{s.patch_dim}, {dim}] "
+                                     f"embedding_table({s.name!r})")
+        for m in [self.decoder_embed, *self.heads.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -196,6 +264,11 @@ class MaskedAutoencoder(nn.Module):
     def patch_embeddings(self, x) -> torch.Tensor:
         """Tokens + position (+ type) embeddings, no masking: ``[N, L, D]``."""
         return self.tokenizer.embed(x)
+
+    def padding(self, x) -> Optional[torch.Tensor]:
+        """``[N, L]`` bool, True at padding tokens (``tokenizer.padding``), or None."""
+        fn = getattr(self.tokenizer, "padding", None)
+        return None if fn is None else fn(x)
 
     def segment_ratios(self, mask_ratio=None) -> Tuple[float, ...]:
         """Per-segment ratios: explicit float → all segments; dict → by name;
@@ -214,10 +287,11 @@ class MaskedAutoencoder(nn.Module):
     # --- encoder -----------------------------------------------------------------
     def forward_encoder(self, x, mask_ratio=None, scores: Optional[torch.Tensor] = None):
         """Returns ``latent [N, 1+K, D]`` (CLS first; ``[N, 1+L, D]`` with a linear
-        decoder), ``mask [N, L]`` (1 = masked) and ``ids_restore [N, L]``."""
+        decoder), ``mask [N, L]`` (1 = masked or pad) and ``ids_restore [N, L]``."""
         tokens = self.patch_embeddings(x)  # [N, L, D]
         kept, mask, ids_restore = random_masking(
-            tokens, self.segment_ratios(mask_ratio), scores, [s.length for s in self.segments])
+            tokens, self.segment_ratios(mask_ratio), scores, [s.length for s in self.segments],
+            self.padding(x))
         if self.linear_decoder:  # every position enters, masked ones as mask token + position
             filler = self.tokenizer.add_position(self.mask_token.to(tokens.dtype).expand_as(tokens))
             kept = torch.where(mask.unsqueeze(-1) > 0, filler, tokens)  # [N, L, D]
@@ -244,8 +318,15 @@ class MaskedAutoencoder(nn.Module):
             seq = torch.gather(seq, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # unshuffle
             seq = torch.cat([h[:, :1], self.decoder_pos(seq)], dim=1)  # [N, 1+L, Dd]
             seq = self.decoder(seq)[:, 1:]  # [N, L, Dd]
-        pred = {s.name: self.heads[s.name](seq[:, s.start:s.stop]) for s in self.segments}
+        pred = {s.name: self._head(s.name, seq[:, s.start:s.stop]) for s in self.segments}
         return pred[self.segments[0].name] if len(self.segments) == 1 else pred
+
+    def _head(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """``h [N, L_s, Dd] -> [N, L_s, patch_dim]``; a tied head reads ``E`` now."""
+        head = self.heads[name]
+        if isinstance(head, TiedLogits):
+            return head(h, self.tokenizer.embedding_table(name))
+        return head(h)
 
     # --- loss --------------------------------------------------------------------
     def token_losses(self, x, pred) -> torch.Tensor:
@@ -274,6 +355,9 @@ class MaskedAutoencoder(nn.Module):
                      token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``Σ_s w_s · Σ_{i∈s} ℓ_i m_i a_i / max(Σ_{i∈s} m_i, 1)`` (sums over the batch too).
 
+        Padding tokens (``self.padding(x)``) get ``m_i = 0`` here whatever ``mask``
+        says: zero loss, not counted — the loss is a mean over masked real tokens.
+
         Args:
             x: raw input (targets are recomputed from it).
             pred: output of ``forward_decoder``.
@@ -284,6 +368,10 @@ class MaskedAutoencoder(nn.Module):
         per_token = self.token_losses(x, pred) * mask  # [N, L]
         if token_weights is not None:
             per_token = per_token * token_weights
+        pad = self.padding(x)  # [N, L] bool or None
+        if pad is not None:
+            mask = mask.masked_fill(pad, 0)
+            per_token = per_token.masked_fill(pad, 0)  # exact zero (and zero gradient) at pads
         total = per_token.new_zeros(())
         for seg in self.segments:
             count = mask[:, seg.start:seg.stop].sum().clamp_min(1.0)
@@ -299,7 +387,8 @@ class MaskedAutoencoder(nn.Module):
 
     # --- evaluation --------------------------------------------------------------
     def features(self, x, pool: str = "cls") -> torch.Tensor:
-        """Encoder features without masking: CLS token or mean of tokens, ``[N, D]``."""
+        """Encoder features without masking: CLS token or mean of tokens, ``[N, D]``.
+        Pads are encoded and pooled here too (the encoder has no key-padding mask)."""
         tokens = self.patch_embeddings(x)  # [N, L, D]
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         h = self.encoder(torch.cat([cls, tokens], dim=1))  # [N, 1+L, D]

@@ -44,6 +44,10 @@ class MultimodalTokenizer(nn.Module):
     targets are ids (CE). M3AE defaults: both mask ratios 0.75, loss weights
     image 1.0 / text 0.5.
 
+    Text padding: give the text tokenizer a ``pad_id`` (``DiscreteTokenizer(...,
+    pad_id=0)``); ``padding(x)`` is then ``[N, L_img + T]`` with image patches never
+    padding, and the MAE hides pads and drops them from the text loss.
+
     Input: ``{"image": [N, C, H, W], "text": [N, T] long}`` or a tuple
     ``(image, text)``. ``patchify`` returns ``{"image": [N, L_img, p·p·C],
     "text": [N, T]}``; ``unpatchify`` maps that dict back to the input dict.
@@ -108,6 +112,18 @@ class MultimodalTokenizer(nn.Module):
 
     def targets(self, x) -> Dict[str, torch.Tensor]:
         return self.patchify(x)
+
+    def padding(self, x) -> Optional[torch.Tensor]:
+        """``[N, L_img + T]`` bool, True at text pads; None if the text has no ``pad_id``."""
+        image, text = self.split(x)
+        pad = self.text.padding(text)  # [N, T] or None
+        if pad is None:
+            return None
+        return torch.cat([pad.new_zeros(pad.shape[0], self.image.num_tokens), pad], dim=1)
+
+    def embedding_table(self, name: str = "text") -> torch.Tensor:
+        """The text embedding weight ``E [V, D]`` (read by a tied output layer)."""
+        return self.text.embedding_table(name)
 
     def position_embedding(self, dim: int, learnable: bool = False) -> nn.Module:
         """Decoder positions: sub-tokenizer layouts at width ``dim`` + new type vectors."""

@@ -18,6 +18,10 @@ looks at the modality:
   another width (the MAE decoder's positions, plus new modality types if any).
 - ``num_tokens``, ``embed_dim``, ``patch_dim``, ``target_kind`` (single-segment
   tokenizers; the multimodal one reports per segment).
+- ``padding(x) -> [N, L] bool | None``: True at padding tokens (never visible, no
+  loss; see ``problems/mae.py``). None unless a ``DiscreteTokenizer`` has a ``pad_id``.
+- ``embedding_table(name) -> [V, D]`` (discrete segments only): the input embedding
+  weight, which a tied output layer reuses.
 
 Input conventions (channels first, like ``torch.nn.Conv*``):
 
@@ -115,6 +119,10 @@ class Tokenizer(nn.Module):
     def targets(self, x) -> Dict[str, torch.Tensor]:
         """Reconstruction target keyed by segment name."""
         return {self.name: self.patchify(x)}
+
+    def padding(self, x) -> Optional[torch.Tensor]:
+        """``[N, L]`` bool, True at padding tokens; None: no padding."""
+        return None
 
     def position_embedding(self, dim: int, learnable: bool = False) -> nn.Module:
         """A new position embedding with this layout at width ``dim``."""
@@ -265,21 +273,30 @@ class DiscreteTokenizer(Tokenizer):
     Target: the id itself; the MAE predicts ``vocab_size`` logits per token and
     uses cross-entropy (``target_kind = "classification"``, ``patch_dim = vocab_size``).
 
+    With ``pad_id`` set, tokens equal to it are padding (``padding(x) = x == pad_id``):
+    the MAE never shows them to the encoder and gives them no loss. Their embedding
+    row is an ordinary one (no ``padding_idx``), so ``pad_id=None`` changes nothing.
+
     Args:
         vocab_size: ``V``.
         length: ``T`` (tokens per sample).
         embed_dim: ``D``.
         learnable_pos: learnable position table.
         name: segment name (``"tokens"``; the multimodal tokenizer uses ``"text"``).
+        pad_id: id of the padding token, or None (no padding).
     """
 
     target_kind = CLASSIFICATION
 
     def __init__(self, vocab_size: int, length: int, embed_dim: int,
-                 learnable_pos: bool = False, name: str = "tokens"):
+                 learnable_pos: bool = False, name: str = "tokens",
+                 pad_id: Optional[int] = None):
+        if pad_id is not None and not 0 <= pad_id < vocab_size:
+            raise ValueError(f"pad_id {pad_id} outside the vocabulary [0, {vocab_size})")
         super().__init__(embed_dim, (length,), vocab_size, learnable_pos)
         self.name = name
         self.vocab_size = vocab_size
+        self.pad_id = pad_id
         self.table = nn.Embedding(vocab_size, embed_dim)
         nn.init.normal_(self.table.weight, std=0.02)
 
@@ -290,6 +307,16 @@ class DiscreteTokenizer(Tokenizer):
     def unpatchify(self, ids: torch.Tensor) -> torch.Tensor:
         """``[N, T] -> [N, T]``; pass ``logits.argmax(-1)`` to decode predictions."""
         return ids
+
+    def padding(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``x: [N, T] -> [N, T]`` bool (``x == pad_id``), or None without ``pad_id``."""
+        return None if self.pad_id is None else x == self.pad_id
+
+    def embedding_table(self, name: Optional[str] = None) -> torch.Tensor:
+        """The input embedding weight ``E [V, D]`` (read by a tied output layer)."""
+        if name is not None and name != self.name:
+            raise KeyError(f"no discrete segment {name!r} (this one is {self.name!r})")
+        return self.table.weight
 
     def _embed_patches(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids)  # [N, T, D]

@@ -1,6 +1,9 @@
 """MAE: masking (random, learned scores, per modality), losses checked against hand
 computations (masked-only mean, norm_pix, CE, per-modality weights, MLO-MAE
-probability weighting), linear decoder, features, functional calls.
+probability weighting), linear decoder, features, functional calls, weight tying of
+discrete logits to the input embedding table.
+
+Text padding in the multimodal MAE: ``tests/test_multimodal_padding.py``.
 
 Second-order gradients through the decoder: ``tests/test_mae_second_order.py``.
 """
@@ -318,3 +321,128 @@ def test_functional_call_matches_module_float64():
     assert torch.allclose(pred_p, pred + 1.0, atol=1e-12)
     assert torch.equal(mae(x, scores=scores)[1], pred)
     assert mae.features(x).shape == (2, D)
+
+
+# --- weight tying for discrete tokens -----------------------------------------------
+
+def _tied_mae(decoder_depth, tie=True, bias=True):
+    torch.manual_seed(0)
+    return MaskedAutoencoder(DiscreteTokenizer(13, 10, D), depth=1, num_heads=2, decoder_dim=8,
+                             decoder_depth=decoder_depth, decoder_heads=2, mask_ratio=0.5,
+                             tie_embeddings=tie, tied_bias=bias).double()
+
+
+def _head_input(mae, ids, scores, mask_ratio=None):
+    """What the output layer reads, ``h [N, L, Dd]`` (captured by a hook)."""
+    seen = []
+    hook = mae.heads["tokens"].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    out = mae(ids, mask_ratio=mask_ratio, scores=scores)
+    hook.remove()
+    return seen[0], out
+
+
+@pytest.mark.parametrize("decoder_depth", [2, 0], ids=["decoder", "linear"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_tied_logits_use_the_embedding_table(measured, decoder_depth, bias):
+    """tie_embeddings: logits = proj(h) @ Eᵀ + b with E the input table itself."""
+    mae = _tied_mae(decoder_depth, bias=bias)
+    table = mae.tokenizer.table.weight  # E [13, D]
+    head = mae.heads["tokens"]
+    # one parameter object under one name; the head holds no [V, ·] weight of its own
+    assert [n for n, p in mae.named_parameters() if p is table] == ["tokenizer.table.weight"]
+    assert all(p.shape[0] != 13 or p.dim() == 1 for p in head.parameters())
+    assert (head.bias is not None) == bias
+    assert isinstance(head.proj, nn.Identity) == (decoder_depth == 0)  # D → D needs no proj
+    if bias:
+        with torch.no_grad():
+            head.bias.normal_()  # zeros at init: make it count
+    ids = torch.randint(0, 12, (3, 10))  # id 12 is never an input
+    scores = torch.rand(3, 10)
+    h, (loss, logits, mask) = _head_input(mae, ids, scores)
+    z = head.proj(h)  # [N, L, D]
+    hand = torch.tensor([[[sum(z[n, i, d].item() * table[v, d].item() for d in range(D))
+                           + (head.bias[v].item() if bias else 0.0) for v in range(13)]
+                          for i in range(10)] for n in range(3)], dtype=torch.float64)
+    measured("tied logits vs hand proj(h)·Eᵀ + b (float64)",
+             ((logits - hand).abs().max() / hand.abs().max()).item(), 1e-12)
+    delta = torch.randn(D, dtype=torch.float64)
+    with torch.no_grad():  # editing a row never used as input moves its output logit only
+        table[12] += delta
+    moved = _head_input(mae, ids, scores)[1][1]
+    assert torch.equal(moved[..., :12], logits[..., :12])
+    assert torch.allclose(moved[..., 12] - logits[..., 12], z @ delta, atol=1e-12)
+    assert (z @ delta).abs().min() > 1e-6
+
+
+def test_tied_embedding_gets_its_gradient_from_the_output_side(measured):
+    """Every token masked: the table never embeds an encoder input, so its gradient is
+    the output layer's alone — zero untied, dloss/dE of CE(z Eᵀ + b) tied."""
+    untied = _tied_mae(2, tie=False)
+    assert isinstance(untied.heads["tokens"], nn.Linear)  # default: untied, as before
+    ids = torch.randint(0, 13, (3, 10))
+    untied(ids, mask_ratio=1.0)[0].backward()
+    assert untied.tokenizer.table.weight.grad.abs().max() == 0
+    mae = _tied_mae(2)
+    h, (loss, _, mask) = _head_input(mae, ids, None, mask_ratio=1.0)
+    assert mask.sum() == 30
+    loss.backward()
+    grad = mae.tokenizer.table.weight.grad
+    # reference: the same CE through an independent copy of E on the detached features
+    z = mae.heads["tokens"].proj(h).detach()  # [N, L, D]
+    e = mae.tokenizer.table.weight.detach().clone().requires_grad_(True)
+    ref_logits = torch.einsum("nld,vd->nlv", z, e) + mae.heads["tokens"].bias.detach()
+    ref = nn.functional.cross_entropy(ref_logits.flatten(0, 1), ids.flatten())
+    (ref_grad,) = torch.autograd.grad(ref, e)
+    assert grad.abs().max() > 0
+    measured("tied E gradient (all masked) vs output-side CE gradient",
+             (grad - ref_grad).abs().max() / ref_grad.abs().max(), 1e-12)
+
+
+def test_tied_weights_under_functional_call(measured):
+    mae = _tied_mae(2)
+    ids = torch.randint(0, 13, (3, 10))
+    scores = torch.rand(3, 10)
+    h, (loss, logits, _) = _head_input(mae, ids, scores)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in mae.named_parameters()}
+    assert "tokenizer.table.weight" in params and not any(k.startswith("heads.tokens.w")
+                                                          for k in params)
+    loss_f, logits_f, _ = functional_call(mae, params, (ids,), {"scores": scores})
+    assert torch.allclose(logits_f, logits, atol=1e-14)
+    (g_f,) = torch.autograd.grad(loss_f, params["tokenizer.table.weight"])
+    loss.backward()
+    measured("tied E gradient: functional_call vs module",
+             (g_f - mae.tokenizer.table.weight.grad).abs().max().item(), 1e-14)
+    # a perturbed table in the dict reaches the output side too, module untouched
+    delta = torch.zeros(13, D, dtype=torch.float64)
+    delta[5] = torch.randn(D, dtype=torch.float64)
+    params = {k: v.detach() for k, v in mae.named_parameters()}
+    params["tokenizer.table.weight"] = params["tokenizer.table.weight"] + delta
+    ids = ids.clamp(max=4)  # id 5 is never an input: only the output side sees δ
+    _, logits_p, _ = functional_call(mae, params, (ids,), {"scores": scores})
+    h0, (_, logits_0, _) = _head_input(mae, ids, scores)
+    expected = logits_0.detach().clone()
+    expected[..., 5] += mae.heads["tokens"].proj(h0) @ delta[5]
+    measured("functional_call: perturbed E row moves its logit by proj(h)·δ",
+             (logits_p - expected).abs().max().item(), 1e-12)
+
+
+def test_multimodal_tied_text_head_with_padding():
+    """M3AE: only the text segment ties (to the text table); with pads the loss still
+    counts masked real tokens only."""
+    torch.manual_seed(0)
+    tok = MultimodalTokenizer(ImageTokenizer(8, 2, 3, D), DiscreteTokenizer(20, 8, D, pad_id=0),
+                              mask_ratios=(0.75, 0.5), loss_weights=(0.0, 1.0))
+    mae = MaskedAutoencoder(tok, depth=1, num_heads=2, decoder_dim=8, decoder_depth=1,
+                            decoder_heads=2, tie_embeddings=True).double()
+    assert isinstance(mae.heads["image"], nn.Linear)
+    assert [n for n, p in mae.named_parameters() if p is tok.text.table.weight] == \
+        ["tokenizer.text.table.weight"]
+    text = torch.randint(1, 20, (3, 8))
+    text[:, 6:] = 0
+    x = {"image": torch.randn(3, 3, 8, 8, dtype=torch.float64), "text": text}
+    loss, pred, mask = mae(x)
+    terms = [t for n in range(3) for j in range(6) if mask[n, 16 + j] == 1
+             for t in [_ce(pred["text"][n, j].tolist(), int(text[n, j]))]]
+    assert len(terms) == 3 * 3 and _rel(loss, sum(terms) / len(terms)) < 1e-12
+    loss.backward()
+    assert tok.text.table.weight.grad.abs().sum() > 0

@@ -1,4 +1,5 @@
-"""Tokenizers: shapes, exact patchify/unpatchify round trips, position embeddings."""
+"""Tokenizers: shapes, exact patchify/unpatchify round trips, position embeddings,
+padding masks (``pad_id``) and the embedding table a tied output layer reads."""
 
 import math
 
@@ -85,6 +86,29 @@ def test_discrete_tokenizer():
     assert tok.embed(ids).shape == (2, 9, D)
     assert tok.target_kind == "classification" and tok.patch_dim == 11
     assert torch.allclose(tok.embed(ids)[0, 3], tok.table.weight[ids[0, 3]] + tok.pos.table[3])
+
+
+def test_discrete_padding_and_embedding_table():
+    tok = DiscreteTokenizer(vocab_size=11, length=6, embed_dim=D, pad_id=0)
+    ids = torch.tensor([[3, 4, 5, 0, 0, 0], [0, 0, 7, 8, 9, 10]])
+    assert torch.equal(tok.padding(ids), ids == 0)
+    assert DiscreteTokenizer(11, 6, D).padding(ids) is None  # no pad_id: no padding
+    assert ImageTokenizer(8, 4, 3, D).padding(torch.randn(1, 3, 8, 8)) is None
+    assert tok.embedding_table() is tok.table.weight and tok.embedding_table("tokens") is tok.table.weight
+    with pytest.raises(KeyError):
+        tok.embedding_table("text")
+    for bad in (-1, 11):
+        with pytest.raises(ValueError, match="pad_id"):
+            DiscreteTokenizer(11, 6, D, pad_id=bad)
+    # the multimodal padding mask: image patches are never padding, text pads where x == pad_id
+    mm = MultimodalTokenizer(ImageTokenizer(8, 4, 3, D), DiscreteTokenizer(11, 6, D, pad_id=0))
+    x = {"image": torch.randn(2, 3, 8, 8), "text": ids}
+    pad = mm.padding(x)
+    assert pad.shape == (2, 4 + 6) and pad.dtype == torch.bool
+    assert not pad[:, :4].any() and torch.equal(pad[:, 4:], ids == 0)
+    assert torch.equal(mm.padding((x["image"], ids)), pad)
+    assert _multimodal().padding({"image": x["image"], "text": ids.clamp(max=19)}) is None
+    assert mm.embedding_table("text") is mm.text.table.weight
 
 
 def _multimodal():
