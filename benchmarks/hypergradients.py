@@ -637,6 +637,11 @@ def bench_betty_accuracy(size: str, methods: Sequence[Method]) -> List[dict]:
 
 
 # ==================================================================== report
+def _rng(row: dict, field: str) -> str:
+    r = row.get(field + "_range")
+    return f" ({r[0]:.2f}–{r[1]:.2f})" if r and r[0] != r[1] else ""
+
+
 def fmt(x, spec="{:.2f}"):
     return "—" if x is None else spec.format(x)
 
@@ -658,7 +663,7 @@ def tables(res: dict) -> str:
         for r in res["time"]:
             out.append(f"| {r['size']} | {r['method']} | {r['passes']} | {r['ours_ms']:.2f} | "
                        f"{r['floor_ms']:.2f} | {fmt(r['composed_ms'])} | {r['ours_over_plain']:.2f} | "
-                       f"{r['floor_over_plain']:.2f} | **{r['ours_over_floor']:.2f}** |")
+                       f"{r['floor_over_plain']:.2f} | **{r['ours_over_floor']:.2f}**{_rng(r, 'ours_over_floor')} |")
         out.append("")
     if res.get("memory"):
         out += ["### Peak memory of two outer steps (RSS high-water above the resident set after "
@@ -678,7 +683,7 @@ def tables(res: dict) -> str:
         for r in res["betty_time"]:
             f = r.get("floor_ms")
             out.append(f"| {r['size']} | {r['method']} | {r['ours_ms']:.2f} | {r['betty_ms']:.2f} "
-                       f"| **{r['speedup']:.2f}×** | {fmt(f)} | {fmt(f and r['ours_ms'] / f)} "
+                       f"| **{r['speedup']:.2f}×**{_rng(r, 'speedup')} | {fmt(f)} | {fmt(f and r['ours_ms'] / f)} "
                        f"| {fmt(f and r['betty_ms'] / f)} |")
         out.append("")
     if res.get("betty_acc"):
@@ -700,6 +705,23 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def median_rows(rounds: List[List[dict]], key: Tuple[str, ...], range_of: Optional[str] = None) -> List[dict]:
+    """Per-row median over rounds of every numeric field (ratios are medians of the
+    per-round ratios, not ratios of medians); ``range_of`` also keeps that field's min/max."""
+    out = []
+    for row in rounds[0]:
+        k = tuple(row[f] for f in key)
+        same = [r for rows in rounds for r in rows if tuple(r[f] for f in key) == k]
+        agg = dict(row)
+        for f, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and f not in key:
+                agg[f] = statistics.median(r[f] for r in same)
+        if range_of:
+            agg[range_of + "_range"] = (min(r[range_of] for r in same), max(r[range_of] for r in same))
+        out.append(agg)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and configurations (< 2 min)")
@@ -707,6 +729,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--sizes", default=None, help="comma list of linear,mlp,transformer")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the timing sections this many times; tables report the median "
+                         "of each row's numbers and ratios over rounds, with the ratio's range")
     ap.add_argument("--out", default=None, help="write the Markdown tables to this file")
     ap.add_argument("--json", default=None, help="also dump the raw results as JSON")
     ap.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
@@ -723,11 +748,18 @@ def main(argv=None):
     res: dict = {"time": [], "prims": [], "memory": [], "betty_time": [], "betty_acc": []}
     t0 = now()
     print(f"# machine: {machine()}", flush=True)
-    for size in sizes:
-        rows, prims = bench_time(size, methods, repeats)
-        res["time"] += rows
-        res["prims"].append(prims)
-        print(f"[time] {size} done ({now() - t0:.0f}s)", flush=True)
+    time_rounds, prim_rounds = [], []
+    for r in range(a.rounds):
+        rows_r, prims_r = [], []
+        for size in sizes:
+            rows, prims = bench_time(size, methods, repeats)
+            rows_r += rows
+            prims_r.append(prims)
+            print(f"[time] round {r + 1}: {size} done ({now() - t0:.0f}s)", flush=True)
+        time_rounds.append(rows_r)
+        prim_rounds.append(prims_r)
+    res["time"] = median_rows(time_rounds, ("size", "method"), range_of="ours_over_floor")
+    res["prims"] = median_rows(prim_rounds, ("size",))
     mem_cfgs = ([("plain", 1), ("unrolled", 1), ("unrolled", 5), ("neumann", 5), ("fd", 1)] if a.quick
                 else [("plain", 1)] + [("unrolled", k) for k in (1, 2, 5, 10)]
                 + [(kind, k) for kind in ("neumann", "cg") for k in (1, 5, 10)] + [("fd", 1)])
@@ -735,14 +767,19 @@ def main(argv=None):
     print(f"[memory] done ({now() - t0:.0f}s)", flush=True)
     if a.betty:
         bsizes = [s for s in sizes if s in ("linear", "mlp")]
-        for size in bsizes:
-            res["betty_time"] += bench_betty_time(size, methods, repeats)
-            print(f"[betty time] {size} done ({now() - t0:.0f}s)", flush=True)
+        betty_rounds = []
+        for r in range(a.rounds):
+            rows_r = []
+            for size in bsizes:
+                rows_r += bench_betty_time(size, methods, repeats)
+                print(f"[betty time] round {r + 1}: {size} done ({now() - t0:.0f}s)", flush=True)
+            betty_rounds.append(rows_r)
+        res["betty_time"] = median_rows(betty_rounds, ("size", "method"), range_of="speedup")
         acc_methods = methods + ([Method("cg K=5 α=0.5", "cg", 5, 0.5)] if not a.quick else [])
         for size in bsizes:
             res["betty_acc"] += bench_betty_accuracy(size, acc_methods)
         print(f"[betty accuracy] done ({now() - t0:.0f}s)", flush=True)
-    text = f"Machine: {machine()}; repeats={repeats}; total {now() - t0:.0f}s\n\n" + tables(res)
+    text = f"Machine: {machine()}; repeats={repeats}; rounds={a.rounds}; total {now() - t0:.0f}s\n\n" + tables(res)
     print(text)
     if a.out:
         with open(a.out, "w") as fh:
