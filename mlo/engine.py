@@ -17,7 +17,6 @@ Everything else steps in place with its ``torch.optim`` optimizer.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch

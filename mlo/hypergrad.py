@@ -170,7 +170,6 @@ def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]]) -
 def path_contribution(engine: "Engine", path: Sequence[str],
                       direct: Sequence[Tuple[str, Cot]]) -> Dict[str, Tensor]:
     """The term of one path ``(U, n1, ..., nm, U)`` alone."""
-    U = path[0]
     cots = [cot for src, cot in direct if src == path[-2]]
     for i in range(len(path) - 2, 0, -1):
         prev = path[i - 1]

@@ -44,7 +44,7 @@ Second-order use (MetaMAE latent adaptation) needs ``math_attention()`` or
 ``attn_impl="math"`` (see ``problems/transformer.py``).
 """
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F

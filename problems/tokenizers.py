@@ -38,7 +38,7 @@ MultimodalTok.     ``{"image": [N,C,H,W],      ``[image patches ; text tokens]``
 """
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn

@@ -22,37 +22,13 @@ import pytest
 import torch
 
 import mlo
+from _helpers import RecSGD, rel, Vars
 from engines.base import available
 
 DT = torch.float64
 D = 5
 K_STEPS = 3      # lower steps per upper update
 ETA = 0.4        # lower learning rate
-
-
-def rel(a, b) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-class RecSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` recording the gradient it applies (= the engine's total gradient)."""
-
-    def __init__(self, params, **kw):
-        super().__init__(params, **kw)
-        self.record = []
-
-    def step(self, closure=None):
-        self.record.append(self.param_groups[0]["params"][0].grad.detach().clone())
-        return super().step(closure)
-
-
-class Vars(mlo.Problem):
-    def __init__(self, name, params, loss, **kw):
-        super().__init__(name, params=params, **kw)
-        self._loss = loss
-
-    def training_step(self, batch):
-        return self._loss(self)
 
 
 def data(seed=0, n=15):

@@ -175,7 +175,7 @@ def test_finite_difference_is_identity_hessian_formula(name, scale_by_lr, measur
 @pytest.mark.parametrize("K", [1, 2, 10])
 def test_unrolled_matches_k_step_recursion(K, measured):
     P = ridge(seed=7)
-    X, y, H, lam = P["X"], P["y"], P["H"], P["lam"]
+    H, lam = P["H"], P["lam"]
     eta = 0.5
     f = loss_fn(P)
     lam_t = lam.clone().requires_grad_()

@@ -22,36 +22,10 @@ import pytest
 import torch
 
 import mlo
+from _helpers import RecSGD, rel, Vars
 
 DT = torch.float64
 HUGE = 10 ** 9  # unroll_steps that keep a problem's upper from ever becoming ready
-
-
-def rel(a, b) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-class RecSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` recording the gradient it applies (= the engine's total gradient)."""
-
-    def __init__(self, params, **kw):
-        super().__init__(params, **kw)
-        self.record = []
-
-    def step(self, closure=None):
-        self.record.append(self.param_groups[0]["params"][0].grad.detach().clone())
-        return super().step(closure)
-
-
-class Vars(mlo.Problem):
-    """Explicit tensors with loss ``loss(self)``; other problems wired as attributes."""
-
-    def __init__(self, name, params, loss, **kw):
-        super().__init__(name, params=params, **kw)
-        self._loss = loss
-
-    def training_step(self, batch):
-        return self._loss(self)
 
 
 def chain_data(seed=7, nl=3, nm=4, nb=5, no=6):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mlo
+from _helpers import RecSGD
 
 DT = torch.float64
 
@@ -260,18 +261,6 @@ def test_lower_scheduler_inside_windows(method, measured):
 
 
 # ------------------------------------- the top updating while a window reads it
-class RecSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` recording the gradient it applies."""
-
-    def __init__(self, params, **kw):
-        super().__init__(params, **kw)
-        self.record = []
-
-    def step(self, closure=None):
-        self.record.append(self.param_groups[0]["params"][0].grad.detach().clone())
-        return super().step(closure)
-
-
 def test_top_updates_inside_a_window_that_reads_it(measured):
     """T (the only top, loss ½‖t‖²: t ← 0.9 t per update) is read by N, which is unrolled
     for Y's only path (Y, N, Y) but on no path of T. N steps every iteration, Y is ready
