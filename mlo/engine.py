@@ -26,7 +26,7 @@ import engines.base as eb
 
 from .config import EngineConfig
 from .graph import Graph, GraphError
-from .hypergrad import hypergradient, path_contribution
+from .hypergrad import _no_side_effects, _rng_state, hypergradient, path_contribution
 from .problem import Problem
 from .state import Read, ReadContext, Window, reading
 
@@ -212,12 +212,17 @@ class Engine:
         Returns:
             ``{"loss": float, "grad": {param: tensor}, "own": {param: ∂F/∂λ},
             "paths": {path: {param: tensor}}}`` (``own``/``paths`` when it has paths).
+
+        Module buffers (e.g. BatchNorm running statistics) and the RNG state are
+        restored afterwards; only ``P.last_batch`` and, without ``batch``, the data
+        iterator advance.
         """
         if name not in self.problems:
             raise KeyError(f"no problem named {name!r} (known: {list(self.problems)})")
         P = self.problems[name]
         batch = P.next_batch() if batch is None else batch
-        loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path)
+        with _no_side_effects(self, _rng_state()):
+            loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path)
         out = {"loss": float(loss.detach()),
                "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
         out.update(extra)

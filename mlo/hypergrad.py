@@ -17,9 +17,18 @@ then up through ``u2l`` reads — exactly the paths of :class:`mlo.graph.Graph`.
 A *cotangent* is ``(state, vec)``: a vector ``vec`` on a problem's state tensors
 ``state`` (its iterates at the time they were read; ``None`` when that unrolled
 window was truncated).
+
+Implicit and finite-difference VJPs re-evaluate the lower loss (once for the
+Hessian-vector products, twice for central differences). Those evaluations are
+not training steps and leave no trace: every problem's module buffers (e.g.
+BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked``, updated in
+place by a forward in training mode) and the global RNG state are restored
+afterwards (:func:`_no_side_effects`), so buffers and random streams after N
+iterations are those of the N training steps whatever the method.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -112,7 +121,8 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
             return engine._loss_of(P, P.last_batch)
 
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine._lr(P))
-    grads = method(lower, vv, **opts)
+    with _no_side_effects(engine, rng):
+        grads = method(lower, vv, **opts)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
     for (s, k), g in zip(layout, grads):
         out[s][k] = g
@@ -129,6 +139,32 @@ def _set_rng_state(state) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
+
+
+@contextlib.contextmanager
+def _no_side_effects(engine: "Engine", rng=None):
+    """Restores every problem's module buffers (and the RNG state ``rng``) on exit.
+
+    A re-evaluated loss may run any problem's module in training mode, whose
+    forward updates buffers in place (BatchNorm running statistics); buffers
+    reassigned instead of updated are put back as well.
+    """
+    saved, seen = [], set()
+    for P in engine.problems.values():
+        for mod in P.module.modules():
+            for k, b in mod._buffers.items():
+                if b is not None and (id(mod), k) not in seen:
+                    seen.add((id(mod), k))
+                    saved.append((mod, k, b, b.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for mod, k, b, copy in saved:
+                b.copy_(copy)
+                mod._buffers[k] = b
+        if rng is not None:
+            _set_rng_state(rng)
 
 
 def _no_loss(params, inputs):  # pragma: no cover - unrolled never evaluates the loss
