@@ -19,7 +19,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional, Type, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -65,8 +65,10 @@ class Problem:
         scheduler: optional ``torch.optim.lr_scheduler`` class, stepped after every
             update of this problem.
         scheduler_kwargs: its keyword arguments.
-        data: any iterable of batches; re-iterated when exhausted. ``None`` feeds
-            ``batch=None`` (for losses that need no data).
+        data: any iterable of batches; re-iterated when exhausted. A single-use
+            iterator (a generator) cannot be re-iterated: once spent, the next batch
+            raises ``RuntimeError`` (use a list, a DataLoader or an endless
+            iterator). ``None`` feeds ``batch=None`` (for losses that need no data).
         config: a :class:`ProblemConfig` (or a dict of its fields).
 
     Subclasses implement :meth:`training_step`.
@@ -168,11 +170,18 @@ class Problem:
         try:
             return next(self._iter)
         except StopIteration:
-            self._iter = iter(self.data)
-            try:
-                return next(self._iter)
-            except StopIteration:
-                raise RuntimeError(f"problem {self.name!r}: its data yielded no batches") from None
+            pass
+        if isinstance(self.data, Iterator):   # iter() of a spent iterator is itself
+            raise RuntimeError(
+                f"problem {self.name!r}: its data is a single-use iterator "
+                f"({type(self.data).__name__}) and has no batches left; it cannot be restarted. "
+                f"Pass a re-iterable (a list, a DataLoader) or an endless iterator "
+                f"(itertools.cycle(...), a generator with `while True`)")
+        self._iter = iter(self.data)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            raise RuntimeError(f"problem {self.name!r}: its data yielded no batches") from None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, method={self.config.method!r}, "
