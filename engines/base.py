@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -43,14 +43,15 @@ class Lower:
         outputs: for unrolled methods only, ``θ_K`` — the lower iterate still
             connected by the autograd graph to ``inputs`` through the K
             differentiable optimizer steps taken since the window opened.
-        lr: the inner learning rate ``η`` (finite differences may scale by it).
+        lr: the inner learning rate ``η`` (finite differences may scale by it):
+            a float, or one float per tensor of ``params`` (per-group rates).
     """
 
     params: Tensors
     inputs: Tensors
     loss_fn: Callable[[Tensors, Tensors], Tensor]
     outputs: Optional[Tensors] = None
-    lr: float = 1.0
+    lr: Union[float, Sequence[float]] = 1.0
 
 
 Method = Callable[..., Tensors]

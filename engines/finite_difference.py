@@ -8,7 +8,8 @@ second derivative by a central difference of first derivatives::
                 ≈ −s · [∇x f(θ + εv, x) − ∇x f(θ − εv, x)] / (2ε),
     ε = epsilon / ‖v‖,
 
-with ``s = lower.lr`` when ``scale_by_lr`` and ``s = 1`` otherwise. Two
+with ``s = lower.lr`` when ``scale_by_lr`` and ``s = 1`` otherwise (per-tensor
+rates ``η_i`` give ``H⁻¹ ≈ diag(η_i I)``: ``v`` is scaled tensor by tensor). Two
 gradient evaluations, no Hessian-vector products. The perturbed parameters
 ``θ ± εv`` are new tensors passed to ``lower.loss_fn``; ``lower.params`` are
 never modified (no in-place edit of ``.data``).
@@ -53,7 +54,8 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
         v: cotangent on ``lower.params``, one tensor per parameter.
         epsilon: perturbation size relative to ``‖v‖`` (DARTS uses 0.01).
         scale_by_lr: multiply by ``lower.lr`` (``H⁻¹ ≈ η·I``, as in DARTS's
-            unrolled one-step approximation); otherwise ``H⁻¹ ≈ I``.
+            unrolled one-step approximation; ``diag(η_i I)`` for per-tensor
+            rates); otherwise ``H⁻¹ ≈ I``.
         create_graph: keep the graph of the result (differentiable w.r.t.
             ``params``, ``inputs`` and ``v``).
 
@@ -64,6 +66,13 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
     v = tuple(v)
     if len(v) != len(lower.params):
         raise ValueError(f"v has {len(v)} tensors, lower.params has {len(lower.params)}")
+    scale = 1.0
+    if scale_by_lr and isinstance(lower.lr, (int, float)):
+        scale = lower.lr
+    elif scale_by_lr:                      # H⁻¹ ≈ diag(η_i I): scale v tensor by tensor
+        if len(lower.lr) != len(v):
+            raise ValueError(f"lower.lr has {len(lower.lr)} rates, lower.params has {len(v)} tensors")
+        v = tuple(eta * t for eta, t in zip(lower.lr, v))
     norm = float(torch.sqrt(sum(torch.sum(t.detach() ** 2) for t in v)))
     if norm == 0.0:
         return zeros_like_all(lower.inputs)
@@ -82,6 +91,5 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
     g_plus = _grad_inputs(lower, plus, inputs, create_graph)
     g_minus = _grad_inputs(lower, minus, inputs, create_graph)
 
-    scale = lower.lr if scale_by_lr else 1.0
     out = tuple(-scale * (gp - gm) / (2.0 * eps) for gp, gm in zip(g_plus, g_minus))
     return out if create_graph else tuple(t.detach() for t in out)

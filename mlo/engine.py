@@ -155,9 +155,12 @@ class Engine:
                             f"dict with a scalar 'loss', got {type(out).__name__}")
         return loss.reshape(())
 
-    def _lr(self, P: Problem) -> float:
-        lr = P.optimizer.param_groups[0].get("lr", 1.0)
-        return float(lr)
+    def _lr(self, P: Problem) -> Union[float, tuple]:
+        """``P``'s inner learning rate: one float, or one per variable when its
+        optimizer's param groups have different learning rates."""
+        lr = {id(p): float(g.get("lr", 1.0)) for g in P.optimizer.param_groups for p in g["params"]}
+        per = tuple(lr[id(p)] for p in P._real)
+        return per[0] if len(set(per)) == 1 else per
 
     def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False):
         """Loss, total gradient (own + hypergradient) and the reads of ``P``'s loss."""

@@ -324,3 +324,44 @@ def test_spent_generator_fails_clearly():
         eng.step()
     with pytest.raises(RuntimeError, match="yielded no batches"):
         mlo.Engine([Seen([])]).step()
+
+
+# ------------------------------------------- FD scale_by_lr with per-group lrs
+def test_finite_difference_scale_by_lr_per_param_group(measured):
+    """DARTS's ``H⁻¹ ≈ η I`` with per-group learning rates is ``diag(η_w I, η_b)``:
+    ``∂F/∂λ = −η ⊙ ∂²_{λθ} f · v``. With ``f = mean logcosh(Xw + b − y) + ½e^{λ_w}·w² +
+    ½e^{λ_b} b²`` the mixed term is ``(e^{λ_w} w v_w, e^{λ_b} b v_b)`` and central
+    differences of ``∂f/∂λ`` (quadratic in θ) are exact."""
+    P = data(seed=3)
+    eta_w, eta_b = 0.3, 0.05
+
+    class L(mlo.Problem):
+        def training_step(self, batch):
+            p, lam = self.params, self.up.params["lam"]
+            return torch.log(torch.cosh(P["X"] @ p["w"] + p["b"] - P["y"])).mean() \
+                + 0.5 * (lam[:D].exp() * p["w"] ** 2).sum() + 0.5 * lam[D].exp() * p["b"] ** 2
+
+    class U(mlo.Problem):
+        def training_step(self, batch):
+            p = self.lo.params
+            return 0.5 * ((P["Xv"] @ p["w"] + p["b"] - P["yv"]) ** 2).mean() + 0 * self.params["lam"].sum()
+
+    lo = L("lo", params={"w": P["w"], "b": P["b"]},
+           config=mlo.ProblemConfig(unroll_steps=2, method="finite_difference",
+                                    method_options={"epsilon": 0.01, "scale_by_lr": True}))
+    lo.optimizer = torch.optim.SGD([{"params": [lo.module.w], "lr": eta_w},
+                                    {"params": [lo.module.b], "lr": eta_b}])
+    up = U("up", params={"lam": 0.2 * torch.arange(D + 1, dtype=DT) - 0.3}, optimizer=RecordingSGD,
+           optimizer_kwargs={"lr": 0.1})
+    lo.up, up.lo = up, lo
+    eng = mlo.Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}})
+    errs = []
+    for _ in range(2):
+        lam = up.module.lam.detach().clone()
+        eng.run(2)
+        w, b = lo.module.w.detach(), lo.module.b.detach()
+        r = (P["Xv"] @ w + b - P["yv"]) / N
+        v_w, v_b = P["Xv"].T @ r, r.sum()
+        expected = -torch.cat([eta_w * lam[:D].exp() * w * v_w, (eta_b * lam[D].exp() * b * v_b)[None]])
+        errs.append(rel(up.optimizer.record[-1][0], expected))
+    measured("FD scale_by_lr, two param groups (η_w, η_b) vs closed form", max(errs), 1e-9)
