@@ -9,7 +9,8 @@ upper's own forward through the lower, which any hand-written bilevel loop does
 too). Unrolled windows step with the differentiable twin through
 ``functional_call``: the trajectory of parameters *and* buffers must equal plain
 ``torch.optim`` training, and the hypergradient through BatchNorm must equal a
-naive autograd unroll. float64, non-default hyperparameters.
+naive autograd unroll. ``mlo.compare``'s reference engine must receive the
+buffers too. float64, non-default hyperparameters.
 """
 from __future__ import annotations
 
@@ -184,3 +185,35 @@ def test_unrolled_hypergradient_through_batchnorm_vs_naive(measured):
     measured("unrolled through BatchNorm (train mode), 2 windows: hypergradient vs naive", err, 1e-11)
     err_b = max(rel(b.double(), c.double()) for b, c in zip(module.buffers(), ref_module.buffers()))
     measured("unrolled through BatchNorm: running stats vs naive functional_call unroll", err_b, 1e-13)
+
+
+def test_compare_reference_engine_gets_the_buffers(measured):
+    """``mlo.compare`` evaluates a reference Setting in its own engine into which the
+    measured engine's state is copied. With BatchNorm in eval mode in the upper's loss
+    the running statistics are part of that state, and with two validation batches
+    the reference must use the measured upper's batch: CG compared with the very same
+    CG setting must agree."""
+    from mlo.compare import Setting, compare
+    from mlo.compare.graphs import HOLD
+
+    train, val = make_data(seed=2)
+
+    class EvalUpper(Upper):
+        def training_step(self, batch):
+            x, y = batch
+            self.lo.module.eval()                      # validation in eval mode
+            try:
+                return upper_loss(self.lo(x), y, self.params["lam"])
+            finally:
+                self.lo.module.train()
+
+    def factory(method, options):
+        lo = Lower("lo", module=make_module(dropout=0.0, seed=2), optimizer_kwargs=SGD_LO, data=train,
+                   config=mlo.ProblemConfig(unroll_steps=HOLD, method=method, method_options=options))
+        up = EvalUpper("up", params={"lam": torch.full((1, D), -1.0, dtype=DT)}, data=val)
+        lo.up, up.lo = up, lo
+        return mlo.Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}}), "up"
+
+    cg = Setting("cg", {"max_iter": 50, "tol": 0.0, "damping": 0.5})
+    rep = compare(factory, [cg], cg, warmup=5, repeats=1, memory=False)
+    measured("mlo.compare: CG vs the same CG reference, BN in eval mode", rep.rows[0].rel_error, 1e-12)

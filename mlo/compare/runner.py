@@ -19,7 +19,8 @@ Protocol (for every method setting, the same lower state):
 4. The reference is evaluated at exactly the state the method was evaluated at: a
    callable reference reads that engine (after ``close_windows``); a reference
    :class:`Setting` runs in its own engine into which the measured engine's
-   variables and last batches are copied.
+   variables, module buffers (BatchNorm statistics) and last batches are copied,
+   and its upper is evaluated on the batch the measured upper last used.
 
 Measurements: cosine similarity and relative error ``‖g − g*‖/‖g*‖`` of the upper's
 total gradient (own term + all paths, flattened over its variables); time = median
@@ -200,6 +201,8 @@ def _copy_state(src: Engine, dst: Engine) -> None:
             Q = dst.problems[name]
             for k, t in P.own_state().items():
                 Q.own_state()[k].copy_(t)
+            for b, c in zip(Q.module.buffers(), P.module.buffers()):   # e.g. BatchNorm statistics
+                b.copy_(c)
             Q.last_batch = P.last_batch
 
 
@@ -274,12 +277,12 @@ def compare(factory: Factory, methods: Sequence[Setting], reference: Reference, 
         multi = len(paths) > 1
         out = eng.gradient(upper, by_path=multi)   # through the same window if unrolled
         eng.close_windows()
+        U = eng.problems[upper]
         if ref_engine is not None:
             _copy_state(eng, ref_engine)
-            ref = ref_engine.gradient(upper, by_path=multi)
+            ref = ref_engine.gradient(upper, batch=U.last_batch, by_path=multi)   # the same batch
         else:
             ref = reference(eng, upper)
-        U = eng.problems[upper]
         names, like = U.param_names, U.own_state()
         g, r = _flat(out["grad"], names, like), _flat(ref["grad"], names, like)
         row = Row(s, _cos(g, r), _rel(g, r), statistics.median(times), peak, g, r)
