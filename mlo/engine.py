@@ -32,6 +32,13 @@ from .state import Read, ReadContext, Window, reading
 
 __all__ = ["Engine"]
 
+
+def _plain(v):
+    """A hyperparameter for ``torch.optim``: tensors become floats, also inside tuples (betas)."""
+    if isinstance(v, (tuple, list)):
+        return type(v)(_plain(x) for x in v)
+    return float(v.detach()) if isinstance(v, Tensor) else v
+
 Deps = Mapping[str, Mapping[Union[str, Problem], Sequence[Union[str, Problem]]]]
 
 
@@ -281,7 +288,7 @@ class Engine:
                     raise KeyError(f"problem {P.name!r}: optimizer_hyperparameters() returned "
                                    f"{k!r}, which {type(P.optimizer).__name__} does not have "
                                    f"(its hyperparameters: {sorted(x for x in group if x != 'params')})")
-                group[k] = v if diff else float(v.detach() if isinstance(v, Tensor) else v)
+                group[k] = v if diff else _plain(v)
 
     @staticmethod
     def _clip(P: Problem, grads: List[Tensor]) -> List[Tensor]:

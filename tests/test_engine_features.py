@@ -73,7 +73,7 @@ class Lo(mlo.Problem):
         return f_lower(self.params, self.up.params, self.P)
 
     def optimizer_hyperparameters(self):
-        return {"lr": self.up.params["log_lr"].exp()} if self.hyper else None
+        return self.hyper(self.up.params) if self.hyper else None
 
 
 class Up(mlo.Problem):
@@ -127,11 +127,13 @@ def clip(gs, c):
     return [g * torch.clamp(c / (norm + 1e-6), max=1.0) for g in gs], float(norm.detach())
 
 
-def naive(P, u0, update, hp, windows=2, clip_lo=None, clip_up=None, lr_of=None, schedule=None):
+def naive(P, u0, update, hp, windows=2, clip_lo=None, clip_up=None, lr_of=None, schedule=None,
+          hp_of=None):
     """Plain autograd: ``windows`` windows of K differentiable lower steps; the upper
     (torch.optim.SGD + clip_grad_norm_) steps on ``∂F/∂u`` after each.
 
-    ``hp[name]``: the hyperparameters of parameter ``name``; ``lr_of(u)``: learned lr.
+    ``hp[name]``: the hyperparameters of parameter ``name``; ``lr_of(u)``: learned lr;
+    ``hp_of(u)``: other learned hyperparameters (override ``hp``).
     Returns (upper gradients per window, final lower params, lower grad norms)."""
     u_leaf = {k: v.clone().requires_grad_() for k, v in u0.items()}
     uopt = torch.optim.SGD(list(u_leaf.values()), **UP_KW)
@@ -151,7 +153,8 @@ def naive(P, u0, update, hp, windows=2, clip_lo=None, clip_up=None, lr_of=None, 
             for (n, x), g in zip(p.items(), gs):
                 lr = lr_of(u) if lr_of else hp[n]["lr"]
                 lr = lr * (schedule[n](step) if schedule else 1.0)
-                new[n] = update(x, g, st[n], hp[n], lr, step + 1)
+                h = {**hp[n], **hp_of(u)} if hp_of else hp[n]
+                new[n] = update(x, g, st[n], h, lr, step + 1)
             p, step = new, step + 1
         g_u = torch.autograd.grad(F_upper(p, u, P), list(u.values()))
         grads.append([g.detach() for g in g_u])
@@ -232,7 +235,7 @@ def test_learnable_lr_adam_vs_naive_and_finite_differences(opt, measured):
     cls, kw, decoupled = ADAMS[opt]
     P = data(seed=1)
     u0 = {"log_lr": torch.tensor(math.log(0.08), dtype=DT), "lam": P["lam"]}
-    eng, lo, up = build(P, cls, kw, u0, hyper=True)
+    eng, lo, up = build(P, cls, kw, u0, hyper=lambda u: {"lr": u["log_lr"].exp()})
     us = []
     for _ in range(2):
         us.append({k: v.detach().clone() for k, v in zip(up.param_names, up._real)})
@@ -261,6 +264,28 @@ def test_learnable_lr_adam_vs_naive_and_finite_differences(opt, measured):
     got = torch.cat([x.flatten() for x in up.optimizer.record[1]])
     measured("learnable lr Adam/AdamW windows: hypergradient vs central FD", rel(got, torch.tensor(fd, dtype=DT)),
              1e-6)
+
+
+def test_learnable_betas_in_windows_and_in_place(measured):
+    """``optimizer_hyperparameters`` returning ``betas = (sigmoid(s), 0.95)``: inside
+    windows the hypergradient through β₁ equals the naive unroll; a lower stepping in
+    place (CG) gets the tuple as floats (it used to fail on ``float(tuple)``)."""
+    P = data(seed=4)
+    kw = dict(lr=0.05, betas=(0.9, 0.999), eps=0.05)
+    hyper = lambda u: {"betas": (torch.sigmoid(u["s"]), 0.95)}  # noqa: E731
+    u0 = {"s": torch.tensor(0.4, dtype=DT), "lam": P["lam"]}
+    eng, lo, up = build(P, torch.optim.Adam, kw, u0, hyper=hyper)
+    eng.run(2 * K)
+    grads, _, _ = naive(P, u0, adam, {"w": kw, "b": kw}, hp_of=hyper)
+    assert all(float(g[0].abs()) > 1e-4 for g in grads)
+    measured("learnable Adam β₁ in windows: hypergradient vs naive", applied_error(up, grads), 1e-10)
+
+    eng, lo, up = build(P, torch.optim.Adam, kw, u0, hyper=hyper)
+    lo.config.method = "cg"
+    eng = mlo.Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}})
+    s = float(up.module.s.detach())
+    eng.step()
+    assert lo.optimizer.param_groups[0]["betas"] == (1 / (1 + math.exp(-s)), 0.95)
 
 
 # ------------------------------------------------------------- param groups
