@@ -147,7 +147,11 @@ def _no_side_effects(engine: "Engine", rng=None):
 
     A re-evaluated loss may run any problem's module in training mode, whose
     forward updates buffers in place (BatchNorm running statistics); buffers
-    reassigned instead of updated are put back as well.
+    reassigned instead of updated are put back as well. The values are written
+    through ``.data``, like the BatchNorm kernel's own update, which does not bump
+    the version counter either: a graph still pending that saved a buffer
+    (BatchNorm in eval mode inside an unrolled window) stays valid and sees the
+    values it saved.
     """
     saved, seen = [], set()
     for P in engine.problems.values():
@@ -161,8 +165,9 @@ def _no_side_effects(engine: "Engine", rng=None):
     finally:
         with torch.no_grad():
             for mod, k, b, copy in saved:
-                b.copy_(copy)
-                mod._buffers[k] = b
+                b.data.copy_(copy)
+                if mod._buffers.get(k) is not b:
+                    mod._buffers[k] = b
         if rng is not None:
             _set_rng_state(rng)
 

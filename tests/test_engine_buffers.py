@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 import mlo
-from _helpers import RecSGD, rel
+from _helpers import RecSGD, Vars, rel
 
 DT = torch.float64
 D, H, K = 4, 6, 3                  # inputs, hidden width, lower steps per upper update
@@ -33,6 +33,17 @@ METHODS = {
     "neumann": {"iterations": 3, "alpha": 0.05},
     "finite_difference": {"epsilon": 0.02, "scale_by_lr": True},
 }
+
+
+class Call(mlo.Problem):
+    """A module problem with loss ``loss(self)``; other problems wired as attributes."""
+
+    def __init__(self, name, module, loss, **kw):
+        super().__init__(name, module=module, **kw)
+        self._loss = loss
+
+    def training_step(self, batch):
+        return self._loss(self)
 
 
 def make_data(seed=0, n=8, batches=3):
@@ -217,3 +228,50 @@ def test_compare_reference_engine_gets_the_buffers(measured):
     cg = Setting("cg", {"max_iter": 50, "tol": 0.0, "damping": 0.5})
     rep = compare(factory, [cg], cg, warmup=5, repeats=1, memory=False)
     measured("mlo.compare: CG vs the same CG reference, BN in eval mode", rep.rows[0].rel_error, 1e-12)
+
+
+class EvalBN(nn.Module):
+    """``BatchNorm1d`` in eval mode with its statistics as plain constants (no buffers)."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(bn.weight.detach().clone()), nn.Parameter(bn.bias.detach().clone())
+        self.mean, self.var, self.eps = bn.running_mean.clone(), bn.running_var.clone(), bn.eps
+
+    def forward(self, x):
+        return (x - self.mean) / torch.sqrt(self.var + self.eps) * self.weight + self.bias
+
+
+def test_eval_mode_batchnorm_in_a_middle_window_with_implicit_bottom(measured):
+    """T → M (unrolled, BatchNorm in eval mode) → B (CG). M's update graph saves the
+    BatchNorm statistics and stays pending until T backpropagates through M's window;
+    B's CG runs in between (restoring buffers). Restoring must not invalidate that
+    graph: T's gradients equal those of the same graph with the statistics as
+    constants instead of buffers."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, D, generator=gen, dtype=DT), torch.randn(6, generator=gen, dtype=DT)
+
+    def run(first):
+        torch.manual_seed(5)
+        bn = nn.BatchNorm1d(D).double()
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5)
+        module = nn.Sequential(bn if first else EvalBN(bn), nn.Linear(D, 1)).double().eval()
+        B = Vars("B", {"b": torch.zeros(D, dtype=DT)},
+                 lambda s: 0.5 * ((s.params["b"] - s.M.params["1.weight"].squeeze(0)) ** 2).sum(),
+                 config=mlo.ProblemConfig(method="cg"))
+        M = Call("M", module, lambda s: ((s(x).squeeze(-1) - y - s.B.params["b"].sum()) ** 2).mean()
+                 + (s.T.params["t"].exp() * s.params["1.weight"] ** 2).sum(),
+                 optimizer_kwargs={"lr": 0.1, "momentum": 0.5}, config=mlo.ProblemConfig(unroll_steps=2))
+        T = Vars("T", {"t": torch.zeros(1, D, dtype=DT)},
+                 lambda s: ((s.M(x).squeeze(-1) - y) ** 2).mean() + 0.1 * (s.params["t"] ** 2).sum(),
+                 optimizer=RecSGD, optimizer_kwargs={"lr": 0.2})
+        B.M, M.B, M.T, T.M = M, B, T, M
+        eng = mlo.Engine([T, M, B], {"u2l": {T: [M], M: [B]}, "l2u": {B: [M], M: [T]}})
+        eng.run(8)
+        assert eng.counts() == {"T": 4, "M": 8, "B": 8}
+        return torch.stack(T.optimizer.record)
+
+    got, ref = run(True), run(False)
+    measured("eval-mode BN in an unrolled middle window (CG bottom): T's gradients vs constants",
+             rel(got, ref), 1e-12)
