@@ -61,7 +61,14 @@ class Problem:
             iterates while an unrolled hypergradient is being built.
         params: instead of (not with) ``module``, a dict of explicit tensors.
         optimizer: a ``torch.optim.Optimizer`` class (default SGD).
-        optimizer_kwargs: its keyword arguments (e.g. ``{"lr": 0.1}``).
+        optimizer_kwargs: its keyword arguments (e.g. ``{"lr": 0.1}``), the defaults of
+            every parameter group.
+        param_groups: optional parameter groups by *name*, e.g. MAE's "no weight decay
+            on biases and norms": ``[{"params": ["blocks.0.norm1.weight", ...],
+            "weight_decay": 0.0}]``. Each dict lists parameter names (as in
+            ``module.named_parameters()``, or the keys of ``params``) and overrides
+            ``optimizer_kwargs`` for them; parameters listed nowhere form a last group
+            with the defaults.
         scheduler: optional ``torch.optim.lr_scheduler`` class, stepped after every
             update of this problem.
         scheduler_kwargs: its keyword arguments.
@@ -78,6 +85,7 @@ class Problem:
                  params: Optional[Mapping[str, Tensor]] = None,
                  optimizer: Type[torch.optim.Optimizer] = torch.optim.SGD,
                  optimizer_kwargs: Optional[Dict[str, Any]] = None,
+                 param_groups: Optional[Sequence[Mapping[str, Any]]] = None,
                  scheduler: Optional[type] = None,
                  scheduler_kwargs: Optional[Dict[str, Any]] = None,
                  data: Optional[Iterable] = None,
@@ -99,7 +107,11 @@ class Problem:
             raise TypeError(f"problem {name!r}: `optimizer` must be a torch.optim.Optimizer "
                             f"class (e.g. torch.optim.Adam), got {optimizer!r}")
         okw = dict(optimizer_kwargs or {})
-        self.optimizer = optimizer(self._real, **okw)
+        groups = self._groups(param_groups) if param_groups is not None else self._real
+        try:
+            self.optimizer = optimizer(groups, **okw)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"problem {name!r}: {optimizer.__name__}(**optimizer_kwargs): {e}") from None
         self.scheduler = scheduler(self.optimizer, **(scheduler_kwargs or {})) if scheduler else None
         if isinstance(config, dict):
             config = ProblemConfig.from_dict(config)
@@ -117,6 +129,34 @@ class Problem:
         self.last_loss: Optional[Tensor] = None
         self.step_count = 0      # updates taken
         self.ready_count = 0     # times it became ready (updates + skipped updates)
+
+    def _groups(self, param_groups: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+        """``torch.optim`` param groups from groups of parameter names."""
+        by_name = dict(zip(self.param_names, self._real))
+        taken: Dict[str, int] = {}
+        groups = []
+        for i, g in enumerate(param_groups):
+            if not isinstance(g, Mapping) or "params" not in g:
+                raise ValueError(f"problem {self.name!r}: param_groups[{i}] must be a dict with "
+                                 f"a 'params' list of parameter names, got {g!r}")
+            names = g["params"]
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"problem {self.name!r}: param_groups[{i}]['params'] must be a "
+                                 f"list of parameter names, got {names!r}")
+            for n in names:
+                if n not in by_name:
+                    raise ValueError(f"problem {self.name!r}: param_groups[{i}] names unknown "
+                                     f"parameter {n!r}; trainable parameters: {self.param_names}")
+                if n in taken:
+                    raise ValueError(f"problem {self.name!r}: parameter {n!r} is in param_groups"
+                                     f"[{taken[n]}] and param_groups[{i}]")
+                taken[n] = i
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": [by_name[n] for n in names]})
+        rest = [p for n, p in by_name.items() if n not in taken]
+        if rest:
+            groups.append({"params": rest})
+        return [g for g in groups if g["params"]]
 
     # -------------------------------------------------------------- the loss
     def training_step(self, batch) -> Union[Tensor, Dict[str, Tensor]]:

@@ -44,13 +44,16 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("measured errors (error / tolerance)")
     width = min(90, max(len(c) for _, c, _, _ in _RECORDS))
     # One line per check name: the worst error over its parametrisations.
+    def ratio(err, tol):
+        return err / tol if tol > 0 else (0.0 if err == 0 else math.inf)
+
     worst = {}
     for nodeid, check, err, tol in _RECORDS:
-        key = check
-        if key not in worst or err / tol > worst[key][0] / worst[key][1]:
-            worst[key] = (err, tol, 1 + (worst[key][2] if key in worst else 0))
+        if check not in worst:
+            worst[check] = (err, tol, 1)
         else:
-            worst[key] = (worst[key][0], worst[key][1], worst[key][2] + 1)
+            e, t, n = worst[check]
+            worst[check] = (err, tol, n + 1) if ratio(err, tol) > ratio(e, t) else (e, t, n + 1)
     for check, (err, tol, n) in worst.items():
         tr.write_line(f"{check[:width]:<{width}}  {err:9.2e} / {tol:7.1e}  (worst of {n})")
     path = os.environ.get("MLO_ERRORS_CSV")

@@ -60,14 +60,15 @@ def F_upper(p, u, P):
 
 class Lo(mlo.Problem):
     def __init__(self, P, groups=None, hyper=False, schedule=None, **kw):
+        if groups is not None:          # per-group settings, declared by parameter name
+            cls, defaults, g = groups
+            kw.update(optimizer=cls, optimizer_kwargs=defaults,
+                      param_groups=[{"params": ["w"], **g[0]}, {"params": ["b"], **g[1]}])
+            if schedule is not None:
+                kw.update(scheduler=torch.optim.lr_scheduler.LambdaLR,
+                          scheduler_kwargs={"lr_lambda": schedule})
         super().__init__("lo", params={"w": P["w"], "b": P["b"]}, **kw)
         self.P, self.hyper = P, hyper
-        if groups is not None:          # per-group settings: replace the optimizer (and scheduler)
-            cls, defaults, g = groups
-            self.optimizer = cls([{"params": [self.module.w], **g[0]},
-                                  {"params": [self.module.b], **g[1]}], **defaults)
-            if schedule is not None:
-                self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def training_step(self, batch):
         return f_lower(self.params, self.up.params, self.P)

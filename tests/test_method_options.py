@@ -92,3 +92,35 @@ def test_unrolled_with_unsupported_optimizer_names_problem():
 def test_data_must_be_iterable():
     with pytest.raises(TypeError, match=r"problem 'inner': `data` must be an iterable.*int"):
         Node("inner", lambda s: s.params["x"].sum(), data=5)
+
+
+def test_param_groups_by_name():
+    P = Node("inner", lambda s: s.params["x"].sum(), optimizer=torch.optim.AdamW,
+             optimizer_kwargs={"lr": 0.1, "weight_decay": 0.05},
+             param_groups=[{"params": ["x"], "weight_decay": 0.0, "lr": 0.3}])
+    (g,) = P.optimizer.param_groups
+    assert g["weight_decay"] == 0.0 and g["lr"] == 0.3 and g["params"][0] is P.module.x
+
+
+def test_param_groups_default_group_and_errors():
+    from torch import nn
+    mod = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+
+    class M(mlo.Problem):
+        def training_step(self, batch):
+            return self(torch.ones(2, 3)).sum()
+
+    P = M("net", module=mod, optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.1, "weight_decay": 0.01},
+          param_groups=[{"params": ["0.bias", "1.weight", "1.bias"], "weight_decay": 0.0}])
+    g0, g1 = P.optimizer.param_groups
+    assert [id(p) for p in g0["params"]] == [id(mod[0].bias), id(mod[1].weight), id(mod[1].bias)]
+    assert g0["weight_decay"] == 0.0 and g1["weight_decay"] == 0.01 and g1["params"][0] is mod[0].weight
+    with pytest.raises(ValueError, match=r"problem 'net': param_groups\[0\] names unknown parameter "
+                                         r"'0.weigth'.*'0.weight'"):
+        M("net", module=mod, param_groups=[{"params": ["0.weigth"]}])
+    with pytest.raises(ValueError, match=r"'0.bias' is in param_groups\[0\] and param_groups\[1\]"):
+        M("net", module=mod, param_groups=[{"params": ["0.bias"]}, {"params": ["0.bias"]}])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] must be a list of parameter names"):
+        M("net", module=mod, param_groups=[{"params": "0.bias"}])
+    with pytest.raises(ValueError, match=r"problem 'net': SGD\(\*\*optimizer_kwargs\):.*learning rate"):
+        M("net", module=mod, optimizer_kwargs={"lr": -1.0})
