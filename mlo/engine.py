@@ -204,8 +204,13 @@ class Engine:
                     direct.setdefault(id(r), (r.source, (r.src_state, {})))[1][1][k] = x
             direct_list = list(direct.values())
             if by_path:
-                extra["paths"] = {p: path_contribution(self, p, direct_list)
-                                  for p in self.graph.paths(name)}
+                # Every variable in every path's entry: a path truncated at a closed
+                # window (or not reaching some variable) contributes zeros, not nothing.
+                extra["paths"] = {}
+                for p in self.graph.paths(name):
+                    c = path_contribution(self, p, direct_list)
+                    extra["paths"][p] = {k: c[k] if k in c else torch.zeros_like(t)
+                                         for k, t in zip(P.param_names, own)}
             h = hypergradient(self, name, direct_list)
             extra["own"] = dict(zip(P.param_names, [x.detach() for x in grads]))
             grads = [gi + h[k].to(gi.dtype) if k in h else gi for k, gi in zip(P.param_names, grads)]
@@ -221,7 +226,9 @@ class Engine:
 
         Returns:
             ``{"loss": float, "grad": {param: tensor}, "own": {param: ∂F/∂λ},
-            "paths": {path: {param: tensor}}}`` (``own``/``paths`` when it has paths).
+            "paths": {path: {param: tensor}}}`` (``own``/``paths`` when it has paths;
+            every path lists every variable — zeros where it contributes nothing, e.g.
+            when it runs through an unrolled window that has closed).
 
         Module buffers (e.g. BatchNorm running statistics) and the RNG state are
         restored afterwards; only ``P.last_batch`` and, without ``batch``, the data

@@ -170,3 +170,27 @@ def test_diamond_scheduled_updates(mA, mB, mC, measured):
             errs.append(rel(P["T"].optimizer.record[-1], own + sum(paths.values())))
     assert len(errs) == 4 and not eng._windows
     measured("diamond scheduled (T updating 4 times), mixed methods vs closed form", max(errs), 1e-11)
+
+
+def test_paths_through_a_closed_window_report_zeros(measured):
+    """C unrolled with unroll 1: A (which has C on its own path (A, C, A)) becomes ready
+    every iteration and ends C's window, so between iterations every path of T through
+    C is truncated. ``by_path`` lists those paths with zeros for every variable (it used
+    to give an empty dict: ``out["paths"][p]["lam"]`` raised KeyError); the two others
+    are ``J_ATᵀ g_A`` and ``J_BTᵀ g_B``."""
+    d = data(seed=23)
+    methods = {"A": CG, "B": NEU, "C": UNR}
+    eng = build(d, methods, {"A": HUGE, "B": HUGE, "C": 1})
+    eng.run(3)
+    assert "C" not in eng._windows
+    out = eng.gradient("T", by_path=True)
+    P = eng.problems
+    own, paths = expected(d, methods, {"C": 1}, P["A"].module.a.detach(), P["B"].module.b.detach(),
+                          P["C"].module.c.detach(), d["lam"])
+    through_c = [p for p in PATHS if "C" in p]
+    assert all(torch.equal(out["paths"][p]["lam"], torch.zeros_like(d["lam"])) for p in through_c)
+    kept = {p: paths[p] for p in PATHS if p not in through_c}
+    errs = [rel(out["paths"][p]["lam"], e) for p, e in kept.items()]
+    errs.append(rel(sum(v["lam"] for v in out["paths"].values()), out["grad"]["lam"] - out["own"]["lam"]))
+    errs.append(rel(out["grad"]["lam"], own + sum(kept.values())))
+    measured("diamond, C's window closed: surviving paths and total vs closed form", max(errs), 1e-12)
