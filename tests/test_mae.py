@@ -19,6 +19,7 @@ from problems.mae import MaskedAutoencoder, num_masked, random_masking
 from problems.masking_net import MaskingNetwork
 from problems.multimodal import MultimodalTokenizer
 from problems.tokenizers import DiscreteTokenizer, ImageTokenizer, TabularTokenizer
+from _hand import ce as _ce, mse as _mse, pixels as _pixels, rel_scalar as _rel
 
 D = 16
 
@@ -36,30 +37,6 @@ def _multimodal_mae(loss_weights=(0.3, 2.0), mask_ratios=(0.75, 0.5)):
                               mask_ratios=mask_ratios, loss_weights=loss_weights)
     return MaskedAutoencoder(tok, depth=1, num_heads=2, decoder_dim=8, decoder_depth=1,
                              decoder_heads=2)  # L = 16 image + 8 text
-
-
-def _pixels(image, n, i, p=2):
-    """Token ``i`` of sample ``n`` read straight from the image: a list of p·p·C floats
-    in (row, col, channel) order — independent of ``patchify``."""
-    grid_w = image.shape[-1] // p
-    r, c = divmod(i, grid_w)
-    block = image[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p]  # [C, p, p]
-    return [block[ch, a, b].item() for a in range(p) for b in range(p)
-            for ch in range(block.shape[0])]
-
-
-def _mse(pred, target):
-    return sum((u - v) ** 2 for u, v in zip(pred, target)) / len(target)
-
-
-def _ce(logits, label):
-    m = max(logits)
-    return -(logits[label] - m - math.log(sum(math.exp(v - m) for v in logits)))
-
-
-def _rel(a, b):
-    a, b = (float(v.detach()) if torch.is_tensor(v) else float(v) for v in (a, b))
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 # --- masking ------------------------------------------------------------------------

@@ -7,7 +7,6 @@ masked count; the text mask ratio counts real tokens, with one kept count per ba
 gather. Without padding, everything is bit-identical to the unpadded model.
 """
 
-import math
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch
 from problems.mae import MaskedAutoencoder, num_masked, random_masking
 from problems.multimodal import MultimodalTokenizer
 from problems.tokenizers import DiscreteTokenizer, ImageTokenizer
+from _hand import ce as _ce, mse as _mse, pixels as _pixels, rel_scalar as _rel
 
 D, V, T, PAD = 16, 20, 8, 0
 LI = 16  # image tokens (8x8 image, patch 2)
@@ -39,28 +39,6 @@ def _batch(real_lengths=(8, 6, 4), left_pad=(False, False, True), dtype=torch.fl
         else:
             text[b, r:] = PAD
     return {"image": torch.randn(n, 3, 8, 8, generator=g, dtype=dtype), "text": text}
-
-
-def _pixels(image, n, i, p=2):
-    """Token ``i`` of sample ``n`` read straight from the image (row, col, channel)."""
-    r, c = divmod(i, image.shape[-1] // p)
-    block = image[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p]
-    return [block[ch, a, b].item() for a in range(p) for b in range(p)
-            for ch in range(block.shape[0])]
-
-
-def _mse(pred, target):
-    return sum((u - v) ** 2 for u, v in zip(pred, target)) / len(target)
-
-
-def _ce(logits, label):
-    m = max(logits)
-    return -(logits[label] - m - math.log(sum(math.exp(v - m) for v in logits)))
-
-
-def _rel(a, b):
-    a, b = (float(v.detach()) if torch.is_tensor(v) else float(v) for v in (a, b))
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 # --- loss ---------------------------------------------------------------------------
