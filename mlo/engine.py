@@ -26,6 +26,7 @@ import engines.base as eb
 
 from .config import EngineConfig
 from .graph import Graph, GraphError
+from .optim import FunctionalOptimizer
 from .hypergrad import _no_side_effects, _rng_state, hypergradient, path_contribution
 from .problem import Problem
 from .state import Read, ReadContext, Window, reading
@@ -84,7 +85,6 @@ class Engine:
             except (TypeError, ValueError) as e:
                 raise type(e)(f"problem {n!r}: ProblemConfig.method_options: {e}") from None
         self._windowed = {n for n in on_path if self.problems[n].config.method == "unrolled"}
-        from .optim import FunctionalOptimizer
         for n in sorted(self._windowed):
             opt = self.problems[n].optimizer
             if not FunctionalOptimizer.supports(opt):
@@ -249,7 +249,6 @@ class Engine:
         name = P.name
         diff = name in self._windowed
         if diff and name not in self._windows:
-            from .optim import FunctionalOptimizer
             self._windows[name] = Window(FunctionalOptimizer.from_torch(P.optimizer, P._real))
             P._state = dict(zip(P.param_names, P._real))
         loss, grads, reads, _ = self._gradient(P, P.next_batch(), diff)

@@ -59,9 +59,17 @@ class FunctionalOptimizer:
         self.state = state
 
     @staticmethod
+    def _twin(optimizer: torch.optim.Optimizer):
+        """The subclass that reproduces ``optimizer``'s class, or ``None``."""
+        for sub in (FunctionalSGD, FunctionalAdam):
+            if type(optimizer) in sub.torch_types:
+                return sub
+        return None
+
+    @staticmethod
     def supports(optimizer: torch.optim.Optimizer) -> bool:
         """Whether :meth:`from_torch` has a differentiable twin for ``optimizer``."""
-        return any(type(optimizer) in sub.torch_types for sub in (FunctionalSGD, FunctionalAdam))
+        return FunctionalOptimizer._twin(optimizer) is not None
 
     @classmethod
     def from_torch(cls, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> "FunctionalOptimizer":
@@ -81,10 +89,8 @@ class FunctionalOptimizer:
                 complex. (``foreach``/``fused``/``capturable``/``differentiable``
                 are accepted; sparse gradients are rejected by :meth:`step`.)
         """
-        for sub in (FunctionalSGD, FunctionalAdam):
-            if type(optimizer) in sub.torch_types:
-                break
-        else:
+        sub = cls._twin(optimizer)
+        if sub is None:
             raise TypeError(
                 f"FunctionalOptimizer does not support {type(optimizer).__name__}; "
                 "supported: torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW")

@@ -23,23 +23,14 @@ import pytest
 import torch
 
 import mlo
-from _helpers import rel
+from _helpers import recording, rel
 
 DT = torch.float64
 K = 4
 N, D = 10, 3
 
 
-class RecordingSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` recording every gradient it applies (all params, in order)."""
-
-    def __init__(self, params, **kw):
-        super().__init__(params, **kw)
-        self.record = []
-
-    def step(self, closure=None):
-        self.record.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
+RecordingSGD = recording(torch.optim.SGD)
 
 
 def data(seed=0):

@@ -24,32 +24,13 @@ import pytest
 import torch
 
 import mlo
+from _helpers import recording, rel
 
 DT = torch.float64
 
 
-def rel(a, b) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def _recording(base):
-    """A ``torch.optim`` subclass recording the gradients it is asked to apply."""
-
-    class Recording(base):
-        def __init__(self, params, **kw):
-            super().__init__(params, **kw)
-            self.record = []
-
-        def step(self, closure=None):
-            self.record.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
-            return super().step(closure)
-
-    Recording.__name__ = f"Recording{base.__name__}"
-    return Recording
-
-
-RecSGD = _recording(torch.optim.SGD)
-RecAdam = _recording(torch.optim.Adam)
+RecSGD = recording(torch.optim.SGD)
+RecAdam = recording(torch.optim.Adam)
 
 
 class Vars(mlo.Problem):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import mlo
-from _helpers import RecSGD, rel, Vars
+from _helpers import chain_levels, RecSGD, rel, Vars
 
 DT = torch.float64
 HUGE = 10 ** 9  # unroll_steps that keep a problem's upper from ever becoming ready
@@ -45,14 +45,7 @@ def chain_engine(d, mid, bot, lr_m=0.2, lr_b=0.2, unroll_m=HUGE, unroll_b=HUGE):
     T = Vars("T", {"lam": d["lam"]},
              lambda s: 0.5 * ((d["P"] @ s.B.params["th"] - d["t"]) ** 2).sum() + 0 * s.params["lam"].sum(),
              optimizer=RecSGD, optimizer_kwargs={"lr": 0.05, "momentum": 0.4})
-    M = Vars("M", {"mu": d["mu0"]},
-             lambda s: 0.5 * s.params["mu"] @ d["S"] @ s.params["mu"] - s.params["mu"] @ (d["K"] @ s.T.params["lam"]),
-             optimizer_kwargs={"lr": lr_m},
-             config=mlo.ProblemConfig(method=mid[0], method_options=dict(mid[1]), unroll_steps=unroll_m))
-    B = Vars("B", {"th": d["th0"]},
-             lambda s: 0.5 * s.params["th"] @ d["R"] @ s.params["th"] - s.params["th"] @ (d["B"] @ s.M.params["mu"]),
-             optimizer_kwargs={"lr": lr_b},
-             config=mlo.ProblemConfig(method=bot[0], method_options=dict(bot[1]), unroll_steps=unroll_b))
+    M, B = chain_levels(d, mid, bot, lr_m, lr_b, unroll_m, unroll_b)
     T.B, M.T, B.M = B, T, M
     return mlo.Engine([T, M, B], {"u2l": {T: [M], M: [B]}, "l2u": {B: [T]}})
 

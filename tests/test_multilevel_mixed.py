@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import mlo
-from _helpers import RecSGD, rel, Vars
+from _helpers import chain_levels, RecSGD, rel, Vars
 
 DT = torch.float64
 HUGE = 10 ** 9
@@ -47,14 +47,7 @@ def chain_engine(d, mid, bot, unroll_m, unroll_b, lr_t=0.0):
              lambda s: torch.log(torch.cosh(d["P"] @ s.B.params["th"] - d["y"])).sum()
              + 0.5 * RHO * (s.params["lam"] ** 2).sum(),
              optimizer=RecSGD, optimizer_kwargs={"lr": lr_t, "momentum": 0.5})
-    M = Vars("M", {"mu": d["mu0"]},
-             lambda s: 0.5 * s.params["mu"] @ d["S"] @ s.params["mu"] - s.params["mu"] @ (d["K"] @ s.T.params["lam"]),
-             optimizer_kwargs={"lr": LR_M},
-             config=mlo.ProblemConfig(method=mid[0], method_options=dict(mid[1]), unroll_steps=unroll_m))
-    B = Vars("B", {"th": d["th0"]},
-             lambda s: 0.5 * s.params["th"] @ d["R"] @ s.params["th"] - s.params["th"] @ (d["B"] @ s.M.params["mu"]),
-             optimizer_kwargs={"lr": LR_B},
-             config=mlo.ProblemConfig(method=bot[0], method_options=dict(bot[1]), unroll_steps=unroll_b))
+    M, B = chain_levels(d, mid, bot, LR_M, LR_B, unroll_m, unroll_b)
     T.B, M.T, B.M = B, T, M
     return mlo.Engine([T, M, B], {"u2l": {T: [M], M: [B]}, "l2u": {B: [T]}})
 
