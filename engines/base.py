@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import Tensor
 
-__all__ = ["Lower", "Method", "register", "get", "available", "check_options", "zeros_like_all"]
+__all__ = ["Lower", "Method", "register", "get", "available", "check_options", "zeros_like_all",
+           "second_order"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -57,15 +58,20 @@ class Lower:
 Method = Callable[..., Tensors]
 _REGISTRY: Dict[str, Method] = {}
 _CHECKS: Dict[str, Callable[..., None]] = {}
+_FIRST_ORDER: set = set()
 
 
-def register(name: str, check: Optional[Callable[..., None]] = None):
+def register(name: str, check: Optional[Callable[..., None]] = None, *, second_order: bool = True):
     """Decorator registering ``fn`` as hypergradient method ``name``.
 
     Args:
         name: the registry name.
         check: optional ``check(**options)`` raising ``ValueError`` for invalid
             option *values* (names are checked against ``fn``'s signature).
+        second_order: whether the method differentiates through gradients of the
+            lower loss (Hessian-vector products, backward through unrolled steps).
+            Callers then evaluate the loss with double-differentiable kernels
+            (e.g. the math path of scaled-dot-product attention).
     """
 
     def deco(fn: Method) -> Method:
@@ -74,6 +80,8 @@ def register(name: str, check: Optional[Callable[..., None]] = None):
         _REGISTRY[name] = fn
         if check is not None:
             _CHECKS[name] = check
+        if not second_order:
+            _FIRST_ORDER.add(name)
         return fn
 
     return deco
@@ -107,6 +115,12 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     check = _CHECKS.get(name)
     if check is not None:
         check(**options)
+
+
+def second_order(name: str) -> bool:
+    """Whether method ``name`` needs second derivatives of the lower loss."""
+    get(name)
+    return name not in _FIRST_ORDER
 
 
 def available() -> Tuple[str, ...]:

@@ -43,8 +43,8 @@ def _check(*, epsilon: float = 0.01, scale_by_lr: bool = False, create_graph: bo
         raise ValueError(f"finite_difference: epsilon must be a number > 0, got {epsilon!r}")
 
 
-@register("darts", check=_check)
-@register("finite_difference", check=_check)
+@register("darts", check=_check, second_order=False)
+@register("finite_difference", check=_check, second_order=False)
 def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.01,
                       scale_by_lr: bool = False, create_graph: bool = False) -> Tensors:
     """``(dθ*/dx)ᵀ v ≈ −s [∇x f(θ+εv, x) − ∇x f(θ−εv, x)] / (2ε)``, ``ε = epsilon/‖v‖``.

@@ -77,6 +77,7 @@ def save(engine, path: PathLike) -> None:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     blob: Dict[str, Any] = {"format": _FORMAT, "iteration": engine.iteration,
                             "since": {n: dict(c) for n, c in engine._since.items()},
+                            "last_block": dict(engine._last_block),
                             "open_windows": open_windows,
                             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
                             "problems": {n: _problem_blob(engine, P) for n, P in engine.problems.items()}}
@@ -123,6 +124,7 @@ def load(engine, path: PathLike) -> None:
     engine.iteration = blob["iteration"]
     for name, counts in blob["since"].items():
         engine._since[name].update(counts)
+    engine._last_block = dict(blob.get("last_block") or {})
     rng = blob.get("rng")
     if rng is not None:
         torch.set_rng_state(rng["cpu"])

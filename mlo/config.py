@@ -16,9 +16,14 @@ class ProblemConfig:
         unroll_steps: steps this problem takes per step of the problems above it
             (Betty's semantics): an upper problem becomes ready once every problem
             directly below it has taken its ``unroll_steps`` steps.
-        update_every: the problem updates only on every N-th time it becomes ready
-            (MLO-MAE's "update the mask network every N iterations"). A skipped
+        update_every: the problem updates only on every N-th time it becomes ready.
+            This counts readinesses, not iterations: with a lower that unrolls 2
+            steps, ``update_every=5`` is one update per 10 iterations. A skipped
             update still ends the unrolled windows below it.
+        update_every_iterations: update at most once per block of N engine
+            iterations — at the first readiness inside each block ``[jN, (j+1)N)``
+            (MLO-MAE's "update the mask network every N iterations"). ``None``: no
+            such limit. Combines with ``update_every`` (both must allow it).
         method: how this problem's *best response* is differentiated for the
             problems above it: ``"unrolled"``, ``"neumann"``, ``"cg"``,
             ``"finite_difference"`` (alias ``"darts"``) — any name in
@@ -31,6 +36,7 @@ class ProblemConfig:
 
     unroll_steps: int = 1
     update_every: int = 1
+    update_every_iterations: Optional[int] = None
     method: str = "unrolled"
     method_options: Dict[str, Any] = field(default_factory=dict)
     grad_clip: Optional[float] = None
@@ -40,6 +46,10 @@ class ProblemConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ProblemConfig.{name} must be an integer >= 1, got {v!r}")
+        v = self.update_every_iterations
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"ProblemConfig.update_every_iterations must be an integer >= 1 or "
+                             f"None, got {v!r}")
         if not isinstance(self.method, str):
             raise ValueError(f"ProblemConfig.method must be a method name, got {self.method!r}")
         if not isinstance(self.method_options, dict):

@@ -17,6 +17,7 @@ Everything else steps in place with its ``torch.optim`` optimizer.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -27,7 +28,7 @@ import engines.base as eb
 from .config import EngineConfig
 from .graph import Graph, GraphError
 from .optim import FunctionalOptimizer
-from .hypergrad import _no_side_effects, _rng_state, hypergradient, path_contribution
+from .hypergrad import _no_side_effects, _rng_state, hypergradient, path_contribution, second_order_kernels
 from .problem import Problem
 from .state import Read, ReadContext, Window, reading
 
@@ -96,6 +97,14 @@ class Engine:
         self._windows: Dict[str, Window] = {}
         self._learned_hp: Dict[str, set] = {}
         self._since = {n: {lo: 0 for lo in self.graph.lowers(n)} for n in self.problems}
+        self._last_block: Dict[str, int] = {}   # update_every_iterations bookkeeping
+        #: Per problem: updates, seconds spent in them (own gradient + hypergradient +
+        #: optimizer step), and the last update's loss and gradient norms.
+        self.records: Dict[str, Dict[str, float]] = {
+            n: {"updates": 0, "seconds": 0.0} for n in self.problems}
+        #: Per problem with paths: the hypergradient (sum over paths, without the
+        #: direct term ``∂F/∂λ``) applied at its last update, ``{param: tensor}``.
+        self.last_hypergradient: Dict[str, Dict[str, Tensor]] = {}
         tops = [n for n in self.problems if not self.graph.above[n]]
         self._unique_top = tops[0] if len(tops) == 1 else None
         self.iteration = 0
@@ -139,6 +148,12 @@ class Engine:
                 consumed |= self.graph.path_nodes(name)
             if P.ready_count % P.config.update_every:
                 continue
+            period = P.config.update_every_iterations
+            if period is not None:
+                block = self.iteration // period
+                if self._last_block.get(name) == block:
+                    continue
+                self._last_block[name] = block
             self._update(P)
             for up in self.graph.above[name]:
                 self._since[up][name] += 1
@@ -175,7 +190,9 @@ class Engine:
         nodes = self.graph.path_nodes(name)
         reads: List[Read] = []
         P.last_batch = batch
-        with reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
+        # Inside a window the loss's gradient is differentiated again later.
+        with second_order_kernels(diff), \
+                reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
             loss = self._loss_of(P, batch)
         own = [P.own_state()[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes for k, a in r.alias.items()]
@@ -213,6 +230,8 @@ class Engine:
                                          for k, t in zip(P.param_names, own)}
             h = hypergradient(self, name, direct_list)
             extra["own"] = dict(zip(P.param_names, [x.detach() for x in grads]))
+            extra["hyper"] = {k: (h[k].detach() if k in h else torch.zeros_like(t))
+                              for k, t in zip(P.param_names, own)}
             grads = [gi + h[k].to(gi.dtype) if k in h else gi for k, gi in zip(P.param_names, grads)]
         return loss, grads, reads, extra
 
@@ -246,12 +265,31 @@ class Engine:
         return out
 
     def _update(self, P: Problem) -> None:
+        t0 = time.perf_counter()
+        self._update_inner(P)
+        rec = self.records[P.name]
+        rec["updates"] += 1
+        rec["seconds"] += time.perf_counter() - t0
+
+    def _record(self, P: Problem, loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> None:
+        rec = self.records[P.name]
+        norm = lambda ts: float(torch.linalg.vector_norm(  # noqa: E731
+            torch.stack([torch.linalg.vector_norm(t.detach().double()) for t in ts])))
+        rec["loss"] = float(loss.detach())
+        rec["grad_norm"] = norm(grads)
+        if "hyper" in extra:
+            self.last_hypergradient[P.name] = extra["hyper"]
+            rec["own_grad_norm"] = norm(list(extra["own"].values()))
+            rec["hypergrad_norm"] = norm(list(extra["hyper"].values()))
+
+    def _update_inner(self, P: Problem) -> None:
         name = P.name
         diff = name in self._windowed
         if diff and name not in self._windows:
             self._windows[name] = Window(FunctionalOptimizer.from_torch(P.optimizer, P._real))
             P._state = dict(zip(P.param_names, P._real))
-        loss, grads, reads, _ = self._gradient(P, P.next_batch(), diff)
+        loss, grads, reads, extra = self._gradient(P, P.next_batch(), diff)
+        self._record(P, loss, grads, extra)
         grads = self._clip(P, grads)
         self._set_hyperparameters(P, diff, reads)
         P.last_loss = loss.detach()

@@ -42,7 +42,43 @@ from .state import ReadContext, reading
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
 
-__all__ = ["hypergradient", "path_contribution", "best_response_vjp"]
+__all__ = ["hypergradient", "path_contribution", "best_response_vjp", "second_order_kernels"]
+
+try:  # torch >= 2.2
+    from torch.nn.attention import SDPBackend as _SDPBackend, sdpa_kernel as _sdpa_kernel
+except ImportError:  # pragma: no cover - older torch: its default kernels are used
+    _sdpa_kernel = None
+
+
+def second_order_kernels(enabled: bool = True):
+    """Context in which losses are evaluated with double-differentiable kernels.
+
+    Fused scaled-dot-product attention kernels have no double backward (on CPU with
+    torch 2.13: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented"); methods that differentiate a gradient of the lower loss
+    (unrolled windows, Hessian-vector products) evaluate it with torch's math
+    attention backend instead — same values, any order of derivatives.
+    """
+    if not enabled or _sdpa_kernel is None:
+        return contextlib.nullcontext()
+    return _sdpa_kernel([_SDPBackend.MATH])
+
+
+def _run_method(method, name: str, P, lower, v, opts):
+    """Runs a best-response method; a missing higher derivative becomes an error
+    that names the problem and the way out."""
+    try:
+        return method(lower, v, **opts)
+    except RuntimeError as e:
+        msg = str(e)
+        if "derivative for" in msg and "not implemented" in msg:
+            raise RuntimeError(
+                f"problem {name!r}: method {P.config.method!r} differentiates through the gradient "
+                f"of its loss, but an operation in that loss has no second derivative ({msg}). "
+                f"Evaluate that operation with a double-differentiable implementation (for "
+                f"attention: attn_impl='math' / problems.transformer.math_attention(); mlo already "
+                f"forces torch's math SDPA backend), or use method='finite_difference'") from e
+        raise
 
 Cot = Tuple[Optional[Dict[str, Tensor]], Dict[str, Tensor]]
 
@@ -85,7 +121,7 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
             return []
         lower = eb.Lower(params=(), inputs=tuple(a for _, _, a in pairs), loss_fn=_no_loss,
                          outputs=tuple(t for t, _ in outs.values()))
-        grads = method(lower, tuple(v for _, v in outs.values()), **opts)
+        grads = _run_method(method, name, P, lower, tuple(v for _, v in outs.values()), opts)
         result: Dict[int, Tuple[object, Dict[str, Tensor]]] = {}
         for (r, k, _), g in zip(pairs, grads):
             result.setdefault(id(r), (r, {}))[1][k] = g
@@ -102,7 +138,11 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
     src_states = {s: engine.problems[s].own_state() for s in srcs}
     layout = [(s, k) for s in srcs for k in src_states[s]]
     inputs = tuple(src_states[s][k].detach().requires_grad_() for s, k in layout)
+    if P.last_batch is None and P.data is not None:
+        # Never evaluated yet (engine.gradient before its first step): its next batch.
+        P.last_batch = P.next_batch()
     rng = _rng_state()
+    second = eb.second_order(P.config.method) or bool(opts.get("create_graph"))
 
     def loss_fn(ps, xs):
         given: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
@@ -117,12 +157,12 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
         # Same randomness (dropout, random masks) in every evaluation: HVPs and
         # finite differences need one deterministic function.
         _set_rng_state(rng)
-        with reading(ReadContext(P, resolve, own=dict(zip(names, ps)))):
+        with second_order_kernels(second), reading(ReadContext(P, resolve, own=dict(zip(names, ps)))):
             return engine._loss_of(P, P.last_batch)
 
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine._lr(P))
     with _no_side_effects(engine, rng):
-        grads = method(lower, vv, **opts)
+        grads = _run_method(method, name, P, lower, vv, opts)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
     for (s, k), g in zip(layout, grads):
         out[s][k] = g

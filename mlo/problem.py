@@ -50,6 +50,18 @@ class _Variables(nn.Module):
                         "read its variables with problem.params[name]")
 
 
+class _Method(nn.Module):
+    """Runs ``module.<method>`` as ``forward``, so ``functional_call`` can run any method."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.m = module
+        self.method = method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.m, self.method)(*args, **kwargs)
+
+
 class Problem:
     """A node of the problem graph.
 
@@ -200,6 +212,36 @@ class Problem:
         if self._state is None and (ctx is None or (ctx.reader is self and ctx.own is None)):
             return self.module(*args, **kwargs)   # its own parameters: no functional_call needed
         return functional_call(self.module, self.params, args, kwargs)
+
+    def call(self, method: str, *args, **kwargs):
+        """Runs ``module.<method>(*args, **kwargs)`` with the problem's current state.
+
+        Like ``problem(x)`` but for any method of the module, e.g. the encoder
+        features of an MAE that another problem's loss reads::
+
+            feats = self.pretrain.call("features", x, pool="cls")   # [N, D]
+
+        Inside a loss evaluated by the engine this is differentiable in (and
+        recorded as a read of) the problem's variables, exactly like ``problem(x)``.
+
+        Raises:
+            AttributeError: the module has no callable attribute ``method`` (the
+                message names the problem and the module class).
+        """
+        fn = getattr(self.module, method, None) if isinstance(method, str) else None
+        if not callable(fn):
+            raise AttributeError(
+                f"problem {self.name!r}: its module ({type(self.module).__name__}) has no method "
+                f"{method!r} to call")
+        ctx = current_context()
+        if self._state is None and (ctx is None or (ctx.reader is self and ctx.own is None)):
+            return fn(*args, **kwargs)
+        wrapper = self.__dict__.get("_methods", {}).get(method)
+        if wrapper is None:
+            wrapper = _Method(self.module, method)
+            self.__dict__.setdefault("_methods", {})[method] = wrapper
+        state = {"m." + k: v for k, v in self.params.items()}
+        return functional_call(wrapper, state, args, kwargs, strict=False)
 
     # ------------------------------------------------------------- the data
     def next_batch(self):

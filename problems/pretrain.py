@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 import mlo
 
@@ -23,18 +22,6 @@ __all__ = ["MAEPretrain", "Masker"]
 
 # masker(x, problem) -> scores [N, L]  or  (scores [N, L], token_weights [N, L] | None)
 Masker = Callable[[Tensor, "MAEPretrain"], Union[Tensor, Tuple[Tensor, Optional[Tensor]]]]
-
-
-class _Method(nn.Module):
-    """Calls ``module.<method>`` as ``forward`` so ``functional_call`` can run any method."""
-
-    def __init__(self, module: nn.Module, method: str):
-        super().__init__()
-        self.m = module
-        self.method = method
-
-    def forward(self, *args, **kwargs):
-        return getattr(self.m, self.method)(*args, **kwargs)
 
 
 class MAEPretrain(mlo.Problem):
@@ -65,12 +52,10 @@ class MAEPretrain(mlo.Problem):
                          data=data, **kwargs)
         self.mask_ratio = mask_ratio
         self.masker = masker
-        self._embed = _Method(mae, "patch_embeddings")
 
     def patch_embeddings(self, x: Tensor) -> Tensor:
         """The MAE's token + position embeddings ``[N, L, D]`` at the problem's current state."""
-        state = {"m." + k: v for k, v in self.params.items()}
-        return functional_call(self._embed, state, (x,), strict=False)
+        return self.call("patch_embeddings", x)
 
     def training_step(self, batch) -> Dict[str, Tensor]:
         x = batch if isinstance(batch, Tensor) else batch[0]
