@@ -34,6 +34,21 @@ def _axpy(x: Tensor, y: Tensor, a) -> Tensor:
     return x.add(y, alpha=a) if isinstance(a, _Number) else x.addcmul(y, a)
 
 
+def _sqrt(v: Tensor) -> Tensor:
+    """``v.sqrt()`` for ``v >= 0``, bitwise, whose derivative at ``v == 0`` is 0, not inf.
+
+    An element whose gradient is exactly 0 but graph-connected (e.g. a softmax key
+    bias) has ``v = m = 0``: autograd's ``∂sqrt(v) = 1/(2·0) = inf`` meets the
+    ``∂denom`` factor ``m = 0`` and ``inf·0`` turns every upstream derivative into NaN.
+    The derivative of ``m/(sqrt(v)+eps)`` there is ``∂m/eps`` — the sqrt
+    term contributes nothing — so take 0 for it. The inner ``where`` keeps ``sqrt``
+    away from 0 so no inf is ever formed; derivatives of every order stay finite.
+    (``v == 0`` and not ``v > 0``: a NaN ``v`` stays NaN, as in torch.)
+    """
+    zero = v == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
+
+
 def _copy(t):
     return None if t is None else t.detach().clone(memory_format=torch.preserve_format)
 
@@ -208,6 +223,9 @@ class FunctionalAdam(FunctionalOptimizer):
     ``differentiable`` set follow torch's tensor-step arithmetic for those modes;
     ``foreach`` is ignored (torch's multi-tensor path gives identical numbers) and so
     is ``fused`` (the fused CPU kernel agrees to ~1e-16 relative, not bitwise).
+    Where :math:`m_t = \hat v_t = 0` (a gradient exactly 0 yet graph-connected), the
+    update's derivative is :math:`-\frac{\gamma}{1-\beta_1^t}\,\partial m_t/\epsilon`,
+    not NaN: the :math:`\sqrt{\hat v_t}` term is multiplied by :math:`m_t = 0` (``_sqrt``).
     """
 
     torch_types = (torch.optim.Adam, torch.optim.AdamW)
@@ -243,11 +261,11 @@ class FunctionalAdam(FunctionalOptimizer):
         if group.get("capturable", False) or group.get("differentiable", False):
             step_size_neg = (lr / (1 - beta1 ** step_t)).neg()
             bc2_sqrt = (1 - beta2 ** step_t).sqrt()
-            denom = (v.sqrt() / (bc2_sqrt * step_size_neg)).add(eps / step_size_neg)
+            denom = (_sqrt(v) / (bc2_sqrt * step_size_neg)).add(eps / step_size_neg)
             return p.addcdiv(m, denom), state
         step = step_t.item()
         step_size = lr / (1 - beta1 ** step)
-        denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add(eps)
+        denom = (_sqrt(v) / (1 - beta2 ** step) ** 0.5).add(eps)
         if isinstance(step_size, _Number):
             return p.addcdiv(m, denom, value=-step_size), state
         return p + (-step_size) * m / denom, state  # addcdiv's kernel order: (value * t1) / t2
