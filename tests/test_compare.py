@@ -2,10 +2,11 @@
 
 Tiny settings, one timing repeat. Checks: files are written; the exact references
 agree with independent computations (autograd through the closed-form best
-responses); CG with as many iterations as lower parameters has ~0 error; the
-numbers in the table are the ones an engine built from the same factory computes
-(including the unrolled protocol: ``warmup − K`` truncated steps, then a K-step
-window, against the P1 closed-form recursion).
+responses); CG with as many iterations as lower parameters has ~0 error, while on
+p4 (non-identity SPD level Hessians) CG with 1 iteration does not and Neumann's error
+falls with K; the numbers in the table are the ones an engine built from the same
+factory computes (including the unrolled protocol: ``warmup − K`` truncated steps,
+then a K-step window, against the P1 closed-form recursion).
 """
 from __future__ import annotations
 
@@ -110,6 +111,21 @@ def test_ridge_table_numbers_are_engine_numbers(ridge):
     assert rep.rows[1].rel_error > 1e-3          # K=5 is far from the implicit value
 
 
+def p4_closed_form(p4):
+    """Independent of the graph's reference: best responses by autograd through dense
+    solves, ``E*(M) = (S_E + aI)⁻¹S_E A M``, ``C*(E) = (S_C + cI)⁻¹S_C F E``, the residual
+    ``r*`` at the optimum, and each path's term as a vector-Jacobian product with ``r*``."""
+    A, F, G, Q, t, M, a, c, SE, SC = (p4.data[k] for k in ("A", "F", "G", "Q", "t", "M", "a", "c", "SE", "SC"))
+    M_ = M.clone().requires_grad_()
+    E = torch.linalg.solve(SE + a * torch.eye(A.shape[0], dtype=DT), SE @ A @ M_)
+    C = torch.linalg.solve(SC + c * torch.eye(F.shape[0], dtype=DT), SC @ F @ E)
+    r = (G @ E + Q @ C - t).detach()
+    (direct,) = torch.autograd.grad(r @ (G @ E), M_, retain_graph=True)
+    (through_c,) = torch.autograd.grad(r @ (Q @ C), M_, retain_graph=True)
+    (total,) = torch.autograd.grad(0.5 * ((G @ E + Q @ C - t) ** 2).sum(), M_)
+    return r, {("mask", "pretrain", "mask"): direct, ("mask", "pretrain", "finetune", "mask"): through_c}, total
+
+
 def test_p4_runs_per_path_breakdown_and_reference(p4, tmp_path):
     e = p4.data["A"].shape[0]
     methods = [Setting("cg", {"max_iter": e, "tol": 0.0}), Setting("unrolled", steps=3),
@@ -125,34 +141,67 @@ def test_p4_runs_per_path_breakdown_and_reference(p4, tmp_path):
     assert len(prow) == 2 * len(methods)
     assert len(rep.paths) == 2 and "per-path breakdown" in text
     cg = rep.rows[0]
-    assert cg.rel_error < 1e-12
+    assert cg.rel_error < 1e-10
     for p in cg.paths:
-        assert p.rel_error < 1e-12 and abs(p.cosine - 1) < 1e-12
+        assert p.rel_error < 1e-10 and abs(p.cosine - 1) < 1e-12
     assert sum(p.share for p in cg.paths) >= 1 - 1e-12      # triangle inequality
-    # FD: H⁻¹ ≈ I at both levels — exactly (1+a)(1+c) / (1+a) too large per path
-    fd = rep.rows[2]
-    a, c = p4.data["a"], p4.data["c"]
-    errs = sorted(p.rel_error for p in fd.paths)
-    assert errs[0] == pytest.approx(a, rel=1e-6)                    # path 1: factor (1+a)
-    assert errs[1] == pytest.approx((1 + a) * (1 + c) - 1, rel=1e-6)  # path 2: (1+a)(1+c)
+    # FD: H⁻¹ ≈ I at both levels, i.e. J_E ≈ S_E A and J_C ≈ S_C F; a quadratic makes
+    # the central difference exact, so each path's error is that of the closed form
+    A, F, G, Q, SE, SC = (p4.data[k] for k in ("A", "F", "G", "Q", "SE", "SC"))
+    r, exact, _ = p4_closed_form(p4)
+    fd_terms = {("mask", "pretrain", "mask"): (SE @ A).T @ (G.T @ r),
+                ("mask", "pretrain", "finetune", "mask"): (SE @ A).T @ ((Q @ SC @ F).T @ r)}
+    for p in rep.rows[2].paths:
+        assert p.rel_error == pytest.approx(rel(fd_terms[tuple(p.path)], exact[tuple(p.path)]), rel=1e-6)
+        assert p.rel_error > 0.1
 
 
-def test_p4_reference_is_exact(p4):
-    """Closed-form per-path reference vs autograd through E*(M), C*(E*(M))."""
-    A, F, G, Q, t, M, a, c = (p4.data[k] for k in ("A", "F", "G", "Q", "t", "M", "a", "c"))
-    M_ = M.clone().requires_grad_()
-    E = torch.linalg.solve((1 + a) * torch.eye(A.shape[0], dtype=DT), A @ M_)
-    C = torch.linalg.solve((1 + c) * torch.eye(F.shape[0], dtype=DT), F @ E)
-    (exact,) = torch.autograd.grad(0.5 * ((G @ E + Q @ C - t) ** 2).sum(), M_)
-    rep = run(p4, [Setting("neumann", {"iterations": 100, "alpha": 1.0})])
-    assert rel(rep.rows[0].ref, exact) < 1e-10
-    assert rep.rows[0].rel_error < 1e-12
+def test_p4_reference_is_exact(p4, measured):
+    """Closed-form per-path reference vs autograd through E*(M), C*(E*(M)) (the warmup
+    reaches the best responses, so the reference is also the total derivative)."""
+    _, exact_paths, exact = p4_closed_form(p4)
+    opts = {"iterations": 400, "alpha": 1.0}   # ‖I − H_C‖ ≈ 0.91: 0.91⁴⁰⁰ ≈ 4e-17
+    rep = run(p4, [Setting("neumann", opts)])
+    measured("p4 closed-form reference (after warmup) vs autograd through E*, C*", rel(rep.rows[0].ref, exact), 1e-10)
+    assert rep.rows[0].rel_error < 1e-10
     # the engine's own numbers for this setting, rebuilt by hand
-    eng, up = p4.factory("neumann", {"iterations": 100, "alpha": 1.0})
+    eng, up = p4.factory("neumann", opts)
     eng.run(p4.warmup)
     out = eng.gradient(up, by_path=True)
     assert torch.equal(out["grad"]["M"], rep.rows[0].grad)
     assert {tuple(p.path) for p in rep.rows[0].paths} == set(out["paths"])
+    ref = p4.reference(eng, up)
+    for path, term in exact_paths.items():
+        measured("p4 closed-form reference per path vs autograd through E*, C*",
+                 rel(ref["paths"][path]["M"], term), 1e-10)
+
+
+def test_p4_discriminates_methods(p4, measured):
+    """The lower Hessians are not multiples of I: CG with 1 iteration is far off on
+    every path, CG with many iterations matches the closed form per path, Neumann's
+    error falls with K for both α, finite differences are off."""
+    a, c, SE, SC = (p4.data[k] for k in ("a", "c", "SE", "SC"))
+    for S, reg in ((SE, a), (SC, c)):
+        ev = torch.linalg.eigvalsh(S + reg * torch.eye(S.shape[0], dtype=DT))
+        assert ev[-1] / ev[0] > 10 and ev[-1] < 2            # ill-conditioned; α = 1 contracts
+    e = p4.data["A"].shape[0]
+    Ks, alphas = (5, 20, 100), (0.3, 1.0)
+    methods = ([Setting("cg", {"max_iter": 1, "tol": 0.0}), Setting("cg", {"max_iter": 3, "tol": 0.0})]
+               + [Setting("cg", {"max_iter": k, "tol": 0.0}) for k in (e, 4 * e)]
+               + [Setting("neumann", {"iterations": k, "alpha": al}) for al in alphas for k in Ks])
+    rows = run(p4, methods).rows
+    cg1, cg3, *cg_many = rows[:4]
+    assert cg1.rel_error > 0.5 and all(p.rel_error > 0.1 for p in cg1.paths)
+    assert cg1.rel_error > cg3.rel_error > 1e-3
+    for row in cg_many:
+        measured("p4 CG (≥ dim iterations) vs closed form, total", row.rel_error, 1e-8)
+        for p in row.paths:
+            measured("p4 CG (≥ dim iterations) vs closed form, per path", p.rel_error, 1e-8)
+    neu = rows[4:]
+    for i in range(len(alphas)):
+        errs = [r.rel_error for r in neu[i * len(Ks):(i + 1) * len(Ks)]]
+        print(f"p4 Neumann α={alphas[i]}: K={Ks} → {errs}")
+        assert errs[0] > 1e-2 and errs[0] > errs[1] > errs[2]
 
 
 def test_reference_setting_and_errors(ridge):

@@ -12,11 +12,17 @@ default method settings and the number of warm-up lower steps. Built in:
   breast-cancer data. Lower: weights + bias, ``BCE + ½Σ exp(λ_j) w_j²`` (SGD with
   momentum), trained to near-optimum; upper: validation BCE; ``λ`` = per-feature log
   weight decay. Reference: CG to relative residual 1e-12 in float64.
-* ``p4`` — the MLO-MAE-shaped linear three-level graph (DESIGN.md, P4): pretrain
-  ``½‖E − AM‖² + a/2‖E‖²`` (reads mask), finetune ``½‖C − FE‖² + c/2‖C‖²`` (reads
-  pretrain), mask ``½‖GE + QC − t‖²`` (reads both); two paths into ``mask``. The
-  method under test is used at both lower levels. Reference: closed form per path
-  at the evaluated ``(E, C)``: ``(A/(1+a))ᵀGᵀr`` and ``(A/(1+a))ᵀ(QF/(1+c))ᵀr``.
+* ``p4`` — the MLO-MAE-shaped linear three-level graph (DESIGN.md, P4, with
+  non-identity level metrics): pretrain ``½(E − AM)ᵀS_E(E − AM) + a/2‖E‖²`` (reads
+  mask), finetune ``½(C − FE)ᵀS_C(C − FE) + c/2‖C‖²`` (reads pretrain), mask
+  ``½‖GE + QC − t‖²`` (reads both); two paths into ``mask``. ``S_E``, ``S_C`` are fixed
+  SPD matrices (condition number 30 by default), so the lower Hessians ``S_E + aI``,
+  ``S_C + cI`` are not multiples of the identity and CG, Neumann and finite
+  differences differ.
+  The method under test is used at both lower levels. Reference: closed form per path
+  at the evaluated ``(E, C)`` with the best-response Jacobians
+  ``J_E = (S_E + aI)⁻¹S_E A``, ``J_C = (S_C + cI)⁻¹S_C F``: ``J_Eᵀ Gᵀ r`` and
+  ``J_Eᵀ (Q J_C)ᵀ r``, ``r = GE + QC − t``.
 
 More graphs (e.g. a tiny MLO-MAE built from ``problems``) are added with
 :func:`register_graph` by code that may import them — ``mlo`` itself knows nothing
@@ -222,48 +228,77 @@ def logreg(quick: bool = False, n_train: int = 100, n_val: int = 150, seed: int 
 
 
 # ------------------------------------------------------------------------ p4
+def _spd(r, n: int, top: float, cond: float) -> torch.Tensor:
+    """``U diag(s) Uᵀ``: random orthogonal ``U``, ``s`` geometric from ``top/cond`` to ``top``."""
+    U, _ = torch.linalg.qr(r(n, n))
+    s = top * cond ** -torch.linspace(1.0, 0.0, n, dtype=DT)
+    S = (U * s) @ U.T
+    return (S + S.T) / 2
+
+
 def p4(quick: bool = False, m: int = 8, e: int = 12, c: int = 6, o: int = 10,
-       a: float = 0.5, cc: float = 0.3, lr: float = 0.3, seed: int = 0,
-       warmup: int = 120) -> GraphSpec:
-    """P4: pretrain (E), finetune (C), mask (M); Hessians ``(1+a)I``, ``(1+c)I``."""
+       a: float = 0.1, cc: float = 0.05, cond: float = 30.0, lr: float = 0.6, seed: int = 0,
+       warmup: int = 500) -> GraphSpec:
+    """P4: pretrain (E), finetune (C), mask (M); Hessians ``S_E + aI``, ``S_C + cI``.
+
+    ``S_E`` (spectrum ``[0.05, 1.5]``) and ``S_C`` (``[0.04, 1.2]``) of condition number
+    ``cond = 30`` give Hessians with spectra ``[0.15, 1.6]`` and ``[0.09, 1.25]``
+    (condition numbers ≈ 11 and ≈ 14): CG needs several iterations, Neumann with
+    ``α ≤ 1`` converges at a rate set by ``α`` and ``K``, and finite differences
+    (``H⁻¹ ≈ I``) are off by a matrix, not a scalar. SGD with ``lr = 0.6`` contracts by
+    ≤ 0.95 per step; after ``warmup = 500`` steps both lowers are at their best
+    responses to ~1e-13, so the per-path reference is also the exact total derivative.
+    """
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=DT)  # noqa: E731
     A, Fm, G, Q, t, M0 = r(e, m), r(c, e) / 2, r(o, e) / 2, r(o, c), r(o), r(m)
     E0, C0 = r(e), r(c)
+    SE, SC = _spd(r, e, 1.5, cond), _spd(r, c, 1.2, cond)
 
     def factory(method, options):
         mask = _Fn("mask", lambda s, b: 0.5 * ((G @ s.pre.params["E"] + Q @ s.fin.params["C"] - t) ** 2).sum(),
                    params={"M": M0})
-        pre = _Fn("pretrain", lambda s, b: 0.5 * ((s.params["E"] - A @ s.mask.params["M"]) ** 2).sum()
-                  + 0.5 * a * (s.params["E"] ** 2).sum(),
-                  params={"E": E0}, optimizer_kwargs={"lr": lr}, config=_cfg(method, options))
+
+        def pre_loss(s, b):
+            dE = s.params["E"] - A @ s.mask.params["M"]
+            return 0.5 * dE @ SE @ dE + 0.5 * a * (s.params["E"] ** 2).sum()
+
+        def fin_loss(s, b):
+            dC = s.params["C"] - Fm @ s.pre.params["E"]
+            return 0.5 * dC @ SC @ dC + 0.5 * cc * (s.params["C"] ** 2).sum()
+
+        pre = _Fn("pretrain", pre_loss, params={"E": E0}, optimizer_kwargs={"lr": lr},
+                  config=_cfg(method, options))
         # finetune's unroll_steps holds mask back; pretrain (1 step) lets finetune
         # step every iteration: each engine.step() moves E then C once.
-        fin = _Fn("finetune", lambda s, b: 0.5 * ((s.params["C"] - Fm @ s.pre.params["E"]) ** 2).sum()
-                  + 0.5 * cc * (s.params["C"] ** 2).sum(),
-                  params={"C": C0}, optimizer_kwargs={"lr": lr}, config=_cfg(method, options, hold=True))
+        fin = _Fn("finetune", fin_loss, params={"C": C0}, optimizer_kwargs={"lr": lr},
+                  config=_cfg(method, options, hold=True))
         mask.pre, mask.fin, pre.mask, fin.pre = pre, fin, mask, pre
         eng = Engine([mask, pre, fin], {"u2l": {mask: [pre]},
                                         "l2u": {pre: [fin, mask], fin: [mask]}})
         return eng, "mask"
 
+    # best-response Jacobians E*(M) = JE M, C*(E) = JC E (constant: the levels are quadratic)
+    JE = torch.linalg.solve(SE + a * torch.eye(e, dtype=DT), SE @ A)
+    JC = torch.linalg.solve(SC + cc * torch.eye(c, dtype=DT), SC @ Fm)
+
     def reference(engine, upper):
         E = engine.problems["pretrain"].params["E"].detach()
         C = engine.problems["finetune"].params["C"].detach()
         res = G @ E + Q @ C - t
-        JA = A / (1 + a)
-        t1 = JA.T @ (G.T @ res)
-        t2 = JA.T @ ((Q @ Fm / (1 + cc)).T @ res)
+        t1 = JE.T @ (G.T @ res)
+        t2 = JE.T @ ((Q @ JC).T @ res)
         return {"grad": {"M": t1 + t2},
                 "paths": {("mask", "pretrain", "mask"): {"M": t1},
                           ("mask", "pretrain", "finetune", "mask"): {"M": t2}}}
 
     settings = default_settings(e, alphas=(0.3, 1.0), quick=quick)
     return GraphSpec("p4", factory, reference, settings, warmup,
-                     f"P4 MLO-MAE-shaped linear 3 levels (M {m}, E {e}, C {c}); lowers SGD lr {lr:g}; "
-                     f"the method is used at both lower levels",
+                     f"P4 MLO-MAE-shaped linear 3 levels (M {m}, E {e}, C {c}), SPD level metrics of "
+                     f"condition {cond:g}; lowers SGD lr {lr:g}; the method is used at both lower levels",
                      "closed form per path at the evaluated (E, C)",
-                     dict(A=A, F=Fm, G=G, Q=Q, t=t, M=M0, E0=E0, C0=C0, a=a, c=cc, lr=lr))
+                     dict(A=A, F=Fm, G=G, Q=Q, t=t, M=M0, E0=E0, C0=C0, a=a, c=cc, lr=lr, SE=SE, SC=SC,
+                          JE=JE, JC=JC))
 
 
 register_graph("ridge", ridge)
