@@ -1,0 +1,346 @@
+"""MLO-MAE and its baselines as problem graphs (DESIGN.md, "MLO-MAE").
+
+Three levels (Guo et al., MLO-MAE), from the bottom up::
+
+    pretrain  θ*(φ) = argmin_θ  Σ_x Σ_{i masked} p_i(x) ℓ_i(θ; x) / #masked     all training images
+                      masked = top-k of p(x) = σ(MLP_φ(vec(E_θ(x))))  (ratio r)
+    finetune  ψ*(θ) = argmin_ψ  CE(head_ψ(cls_θ*(x)), y)                         finetune split (80 %)
+    mask      min_φ  CE(head_ψ*(cls_θ*(φ)(x)), y)                                mask split (20 %)
+
+``E_θ(x)`` are the MAE's own patch + position embeddings, not detached: the
+pretraining gradient also reaches them through the probabilities. The masking
+network ``φ`` has no direct gradient; its only signal is the hypergradient of the
+mask-split cross-entropy along two paths, ``mask → pretrain → mask`` and
+``mask → pretrain → finetune → mask``::
+
+    u2l = {mask: [pretrain]}          (pretrain's loss reads the masking network)
+    l2u = {pretrain: [finetune, mask], finetune: [mask]}
+
+Variants (one argument of :func:`build`, same models, splits and budgets):
+
+* ``"mlo-mae"`` — the three levels above.
+* ``"blo-mae"`` — the paper's ablation: levels I and II merged into one lower
+  (reconstruction + ``blo_weight`` · CE of the head on the finetune split), the
+  masking network above it.
+* ``"mae"`` — random masking (uniform noise scores, no probability weighting), the
+  pretrain level alone.
+* ``"frozen-mask"`` — a control: the untrained masking network's top-k and weights,
+  held fixed (no hypergradient).
+
+Every problem uses AdamW with betas (0.9, 0.95) and weight decay 1e-3 as in the
+official code (lr 1e-4 encoder, 1e-3 head and masking network), optionally with a
+cosine schedule over the run. The best-response method of the lower levels is
+finite differences (DARTS) by default as in the paper; any registered method is
+selectable, per problem through ``configs``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mlo
+from problems.datasets.splits import infinite_loader, split
+from problems.mae import MaskedAutoencoder
+from problems.masking_net import MaskingNetwork
+from problems.pretrain import MAEPretrain
+from problems.tokenizers import ImageTokenizer
+
+__all__ = ["VARIANTS", "MLOMAESettings", "MLOMAEGraph", "ClassifierHead", "build",
+           "build_mae_model", "mask_split"]
+
+VARIANTS = ("mlo-mae", "blo-mae", "mae", "frozen-mask")
+
+
+@dataclass
+class MLOMAESettings:
+    """Model, optimization and schedule of an MLO-MAE run (defaults: the paper's
+    CIFAR-10 set-up, ViT-B/2 with a 512×8 decoder)."""
+
+    # model
+    image_size: int = 32
+    patch_size: int = 2
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mask_ratio: float = 0.75
+    norm_pix: bool = True
+    mask_hidden: int = 512
+    num_classes: int = 10
+    head_dropout: float = 0.1
+    # optimization
+    batch_size: int = 128
+    pretrain_lr: float = 1e-4
+    finetune_lr: float = 1e-3
+    mask_lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 1e-3
+    cosine: bool = True              # cosine annealing over `steps` iterations
+    steps: int = 1000                # pretraining iterations (the schedule's length)
+    unroll_steps: int = 2            # pretrain steps per finetune/mask update
+    method: str = "finite_difference"
+    method_options: Dict[str, Any] = field(default_factory=dict)
+    mask_every: int = 1              # update the masking network once per N iterations
+    blo_weight: float = 1.0          # BLO-MAE: weight of the CE term in the merged lower
+    finetune_fraction: float = 0.8   # finetune / mask split of the training set
+    configs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-problem overrides
+
+    def __post_init__(self):
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"MLOMAESettings: image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"MLOMAESettings: embed_dim {self.embed_dim} is not divisible by "
+                             f"num_heads {self.num_heads}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"MLOMAESettings: mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.finetune_fraction < 1.0:
+            raise ValueError("MLOMAESettings: finetune_fraction must be in (0, 1), got "
+                             f"{self.finetune_fraction}")
+        for k in ("steps", "unroll_steps", "mask_every", "batch_size"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MLOMAESettings: {k} must be an integer >= 1, got {v!r}")
+        unknown = set(self.configs) - {"pretrain", "finetune", "mask"}
+        if unknown:
+            raise ValueError(f"MLOMAESettings.configs: unknown problem(s) {sorted(unknown)}; "
+                             f"problems: pretrain, finetune, mask")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "MLOMAESettings":
+        """Settings from a plain dict (e.g. a YAML preset); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MLO-MAE setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class ClassifierHead(nn.Module):
+    """MLO-MAE's classification head: ``LayerNorm → Dropout → Linear``, ``[N, D] → [N, C]``."""
+
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc(self.drop(self.norm(h)))
+
+
+class MAEWithHead(nn.Module):
+    """BLO-MAE's merged lower: the MAE and the head as one set of variables."""
+
+    def __init__(self, mae: MaskedAutoencoder, head: ClassifierHead):
+        super().__init__()
+        self.mae, self.head = mae, head
+
+    def forward(self, x, mask_ratio=None, scores=None, token_weights=None):
+        return self.mae(x, mask_ratio=mask_ratio, scores=scores, token_weights=token_weights)
+
+    def patch_embeddings(self, x: Tensor) -> Tensor:
+        return self.mae.patch_embeddings(x)
+
+    def features(self, x: Tensor, pool: str = "cls") -> Tensor:
+        return self.mae.features(x, pool=pool)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """Logits ``[N, C]`` of the head on the unmasked CLS feature."""
+        return self.head(self.mae.features(x, pool="cls"))
+
+
+def build_mae_model(s: MLOMAESettings) -> MaskedAutoencoder:
+    """The MAE of the settings (image tokenizer, CLS token, transformer decoder)."""
+    tok = ImageTokenizer(s.image_size, s.patch_size, s.in_chans, s.embed_dim)
+    return MaskedAutoencoder(tok, depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio,
+                             decoder_dim=s.decoder_dim, decoder_depth=s.decoder_depth,
+                             decoder_heads=s.decoder_heads, mask_ratio=s.mask_ratio,
+                             norm_pix=s.norm_pix)
+
+
+def mask_split(n: int, finetune_fraction: float = 0.8, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """Disjoint index sets (finetune, mask) covering ``range(n)`` (seeded)."""
+    ft, mk = split(n, (finetune_fraction, 1.0 - finetune_fraction), seed)
+    return ft, mk
+
+
+# --------------------------------------------------------------------- problems
+def _probability_masker(net):
+    """``masker(x, pretrain) -> (scores, weights)``: top-k of ``p`` masked, losses × ``p``.
+
+    ``net`` is the mask problem (its current state) or a fixed module."""
+    def masker(x: Tensor, pre: MAEPretrain):
+        p = net(pre.patch_embeddings(x))  # [N, L], embeddings not detached
+        return p, p
+    return masker
+
+
+class Finetune(mlo.Problem):
+    """Level II: ``CE(head(cls(x)), y)`` on the finetune split; reads the pretrain level."""
+
+    def __init__(self, head: nn.Module, pretrain: mlo.Problem, data, **kw):
+        super().__init__("finetune", module=head, data=data, **kw)
+        self.pretrain = pretrain
+
+    def training_step(self, batch):
+        x, y = batch
+        logits = self(self.pretrain.call("features", x, pool="cls"))  # [N, C]
+        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+
+class MaskLevel(mlo.Problem):
+    """Level III: the masking network; its loss is the CE on the mask split through
+    the levels below (``classify(x) -> logits``). No direct gradient."""
+
+    def __init__(self, net: MaskingNetwork, classify, data, **kw):
+        super().__init__("mask", module=net, data=data, **kw)
+        self.classify = classify
+
+    def training_step(self, batch):
+        x, y = batch
+        logits = self.classify(x)  # [N, C]
+        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+
+class MergedLower(MAEPretrain):
+    """BLO-MAE's lower: reconstruction on a training batch + ``w`` · CE on a finetune batch."""
+
+    def __init__(self, model: MAEWithHead, data, weight: float, **kw):
+        super().__init__(model, data, **kw)
+        self.weight = weight
+
+    def training_step(self, batch):
+        pre_batch, (x, y) = batch
+        rec = super().training_step(pre_batch)["loss"]
+        ce = F.cross_entropy(self.call("classify", x), y)
+        return {"loss": rec + self.weight * ce, "recon": rec.detach(), "ce": ce.detach()}
+
+
+# ------------------------------------------------------------------------ graph
+@dataclass
+class MLOMAEGraph:
+    """What :func:`build` returns: the engine, its problems and the models."""
+
+    variant: str
+    engine: mlo.Engine
+    problems: Dict[str, mlo.Problem]
+    mae: MaskedAutoencoder
+    head: Optional[ClassifierHead]
+    masker: Optional[MaskingNetwork]
+    settings: MLOMAESettings
+
+
+def _adamw(lr: float, s: MLOMAESettings) -> Dict[str, Any]:
+    return {"optimizer": torch.optim.AdamW,
+            "optimizer_kwargs": {"lr": lr, "betas": tuple(s.betas), "weight_decay": s.weight_decay}}
+
+
+def _schedule(s: MLOMAESettings, updates: int) -> Dict[str, Any]:
+    if not s.cosine:
+        return {}
+    return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR,
+            "scheduler_kwargs": {"T_max": max(1, updates)}}
+
+
+def _config(name: str, s: MLOMAESettings, **fixed) -> mlo.ProblemConfig:
+    d = {"method": s.method, "method_options": dict(s.method_options), **fixed}
+    d.update(s.configs.get(name, {}))
+    return mlo.ProblemConfig.from_dict(d)
+
+
+def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed: int = 0,
+          engine_config: Optional[mlo.EngineConfig] = None,
+          split_seed: Optional[int] = None) -> MLOMAEGraph:
+    """Builds one variant's graph on the training tensors ``(x [N, C, H, W], y [N])``.
+
+    Args:
+        variant: one of :data:`VARIANTS`.
+        settings: :class:`MLOMAESettings`.
+        train: the training set; pretraining sees all of it, the finetune and mask
+            levels its ``finetune_fraction`` / remaining parts.
+        seed: seeds the models' initialisation and the batch order.
+        engine_config: passed to :class:`mlo.Engine`.
+        split_seed: seed of the finetune/mask split (default ``seed``).
+
+    Returns:
+        :class:`MLOMAEGraph`; run it with ``graph.engine.run(settings.steps)``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown MLO-MAE variant {variant!r}; choose from {list(VARIANTS)}")
+    s = settings
+    x, y = train[0], train[1]
+    if x.dim() != 4 or tuple(x.shape[1:]) != (s.in_chans, s.image_size, s.image_size):
+        raise ValueError(f"training images have shape {tuple(x.shape)}; the settings expect "
+                         f"[N, {s.in_chans}, {s.image_size}, {s.image_size}]")
+    torch.manual_seed(seed)
+    mae = build_mae_model(s)
+    head = ClassifierHead(s.embed_dim, s.num_classes, s.head_dropout)
+    net = MaskingNetwork(mae.num_tokens, s.embed_dim, s.mask_hidden)
+    ft_idx, mk_idx = mask_split(len(x), s.finetune_fraction, seed if split_seed is None else split_seed)
+    bs = s.batch_size
+    pre_data = infinite_loader((x,), bs, seed=seed)
+    ft_data = infinite_loader((x[ft_idx], y[ft_idx]), bs, seed=seed + 1)
+    mk_data = infinite_loader((x[mk_idx], y[mk_idx]), bs, seed=seed + 2)
+    upper_updates = math.ceil(s.steps / s.unroll_steps)
+    mask_updates = max(1, s.steps // max(s.mask_every, s.unroll_steps))
+    hold = {"unroll_steps": s.unroll_steps}
+
+    if variant in ("mae", "frozen-mask"):
+        masker = None
+        if variant == "frozen-mask":
+            net.requires_grad_(False)
+            masker = _probability_masker(net)
+        pre = MAEPretrain(mae, pre_data, masker=masker, **_adamw(s.pretrain_lr, s),
+                          **_schedule(s, s.steps), config=_config("pretrain", s, **hold))
+        engine = mlo.Engine([pre], config=engine_config)
+        return MLOMAEGraph(variant, engine, {"pretrain": pre}, mae, None,
+                           net if variant == "frozen-mask" else None, s)
+
+    mask_cfg = dict(s.configs.get("mask", {}))
+    mask_cfg.setdefault("update_every_iterations", s.mask_every if s.mask_every > 1 else None)
+    if variant == "mlo-mae":
+        pre = MAEPretrain(mae, pre_data, **_adamw(s.pretrain_lr, s), **_schedule(s, s.steps),
+                          config=_config("pretrain", s, **hold))
+        fin = Finetune(head, pre, ft_data, **_adamw(s.finetune_lr, s),
+                       **_schedule(s, upper_updates), config=_config("finetune", s))
+        mask = MaskLevel(net, lambda xb: fin(pre.call("features", xb, pool="cls")), mk_data,
+                         **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
+                         config=mlo.ProblemConfig.from_dict(mask_cfg))
+        pre.masker = _probability_masker(mask)
+        engine = mlo.Engine([pre, fin, mask], dependencies={
+            "u2l": {mask: [pre]}, "l2u": {pre: [fin, mask], fin: [mask]}}, config=engine_config)
+        return MLOMAEGraph(variant, engine, {"pretrain": pre, "finetune": fin, "mask": mask},
+                           mae, head, net, s)
+
+    # blo-mae: one lower (MAE + head), masking network above.
+    merged = MAEWithHead(mae, head)
+    head_names = ["head." + k for k, _ in head.named_parameters()]
+    lower = MergedLower(merged, zip_batches(pre_data, ft_data), s.blo_weight,
+                        **_adamw(s.pretrain_lr, s), **_schedule(s, s.steps),
+                        param_groups=[{"params": head_names, "lr": s.finetune_lr}],
+                        config=_config("pretrain", s, **hold))
+    mask = MaskLevel(net, lambda xb: lower.call("classify", xb), mk_data,
+                     **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
+                     config=mlo.ProblemConfig.from_dict(mask_cfg))
+    lower.masker = _probability_masker(mask)
+    engine = mlo.Engine([lower, mask], dependencies={"u2l": {mask: [lower]}, "l2u": {lower: [mask]}},
+                        config=engine_config)
+    return MLOMAEGraph(variant, engine, {"pretrain": lower, "mask": mask}, mae, head, net, s)
+
+
+def zip_batches(*streams):
+    """Endless tuples of one batch from each endless stream."""
+    while True:
+        yield tuple(next(st) for st in streams)
