@@ -75,6 +75,7 @@ class MLOMAESettings:
     mask_ratio: float = 0.75
     norm_pix: bool = True
     mask_hidden: int = 512
+    detach_mask_input: bool = False  # ablation: the official code does NOT detach E_θ(x)
     num_classes: int = 10
     head_dropout: float = 0.1
     # optimization
@@ -177,12 +178,15 @@ def mask_split(n: int, finetune_fraction: float = 0.8, seed: int = 0) -> Tuple[T
 
 
 # --------------------------------------------------------------------- problems
-def _probability_masker(net):
+def _probability_masker(net, detach: bool = False):
     """``masker(x, pretrain) -> (scores, weights)``: top-k of ``p`` masked, losses × ``p``.
 
-    ``net`` is the mask problem (its current state) or a fixed module."""
+    ``net`` is the mask problem (its current state) or a fixed module. With
+    ``detach`` the embeddings enter the masking network as constants (an ablation;
+    by default the pretraining gradient also flows through ``p`` into them)."""
     def masker(x: Tensor, pre: MAEPretrain):
-        p = net(pre.patch_embeddings(x))  # [N, L], embeddings not detached
+        emb = pre.patch_embeddings(x)  # [N, L, D]
+        p = net(emb.detach() if detach else emb)  # [N, L]
         return p, p
     return masker
 
@@ -301,7 +305,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         masker = None
         if variant == "frozen-mask":
             net.requires_grad_(False)
-            masker = _probability_masker(net)
+            masker = _probability_masker(net, s.detach_mask_input)
         pre = MAEPretrain(mae, pre_data, masker=masker, **_adamw(s.pretrain_lr, s),
                           **_schedule(s, s.steps), config=_config("pretrain", s, **hold))
         engine = mlo.Engine([pre], config=engine_config)
@@ -318,7 +322,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         mask = MaskLevel(net, lambda xb: fin(pre.call("features", xb, pool="cls")), mk_data,
                          **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
                          config=mlo.ProblemConfig.from_dict(mask_cfg))
-        pre.masker = _probability_masker(mask)
+        pre.masker = _probability_masker(mask, s.detach_mask_input)
         engine = mlo.Engine([pre, fin, mask], dependencies={
             "u2l": {mask: [pre]}, "l2u": {pre: [fin, mask], fin: [mask]}}, config=engine_config)
         return MLOMAEGraph(variant, engine, {"pretrain": pre, "finetune": fin, "mask": mask},
@@ -334,7 +338,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     mask = MaskLevel(net, lambda xb: lower.call("classify", xb), mk_data,
                      **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
                      config=mlo.ProblemConfig.from_dict(mask_cfg))
-    lower.masker = _probability_masker(mask)
+    lower.masker = _probability_masker(mask, s.detach_mask_input)
     engine = mlo.Engine([lower, mask], dependencies={"u2l": {mask: [lower]}, "l2u": {lower: [mask]}},
                         config=engine_config)
     return MLOMAEGraph(variant, engine, {"pretrain": lower, "mask": mask}, mae, head, net, s)
