@@ -139,8 +139,9 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
     layout = [(s, k) for s in srcs for k in src_states[s]]
     inputs = tuple(src_states[s][k].detach().requires_grad_() for s, k in layout)
     if P.last_batch is None and P.data is not None:
-        # Never evaluated yet (engine.gradient before its first step): its next batch.
-        P.last_batch = P.next_batch()
+        # Never evaluated yet (engine.gradient before its first step): its next batch,
+        # left in place for its first training step (the run is unchanged).
+        P.last_batch = P.peek_batch()
     rng = _rng_state()
     second = eb.second_order(P.config.method) or bool(opts.get("create_graph"))
 

@@ -244,7 +244,15 @@ class Problem:
         return functional_call(wrapper, state, args, kwargs, strict=False)
 
     # ------------------------------------------------------------- the data
+    def peek_batch(self):
+        """The batch :meth:`next_batch` will return next, without consuming it."""
+        if "_peeked" not in self.__dict__:
+            self._peeked = self.next_batch()
+        return self._peeked
+
     def next_batch(self):
+        if "_peeked" in self.__dict__:
+            return self.__dict__.pop("_peeked")
         if self.data is None:
             return None
         if self._iter is None:

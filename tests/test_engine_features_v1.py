@@ -362,13 +362,7 @@ def test_gradient_before_any_step(method, measured):
                  rel(got["grad"]["lam"], exact), 1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: engine.gradient(U) before the first step makes the lower take its next "
-    "batch with P.next_batch(), advancing the lower's data iterator; its first training step "
-    "then uses batch 1 instead of batch 0, so the run differs from one without the call "
-    "(README: 'engine.gradient(...) changes nothing'; docstring: only the named problem's "
-    "iterator advances)"))
-@pytest.mark.parametrize("method", ["cg"])
+@pytest.mark.parametrize("method", ["cg", "finite_difference"])
 def test_gradient_before_any_step_leaves_the_lower_data_alone(method):
     eng, lo, up = batch_engine(method)
     eng.gradient("up")
