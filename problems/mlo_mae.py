@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import mlo
 from problems.datasets.splits import infinite_loader, split
-from problems.mae import MaskedAutoencoder
+from problems.mae import MaskedAutoencoder, num_masked
 from problems.masking_net import MaskingNetwork
 from problems.pretrain import MAEPretrain
 from problems.tokenizers import ImageTokenizer
@@ -76,6 +76,7 @@ class MLOMAESettings:
     norm_pix: bool = True
     mask_hidden: int = 512
     detach_mask_input: bool = False  # ablation: the official code does NOT detach E_θ(x)
+    normalize_weights: bool = False  # ablation: weights p / mean_masked(p) (loss scale fixed)
     num_classes: int = 10
     head_dropout: float = 0.1
     # optimization
@@ -178,16 +179,22 @@ def mask_split(n: int, finetune_fraction: float = 0.8, seed: int = 0) -> Tuple[T
 
 
 # --------------------------------------------------------------------- problems
-def _probability_masker(net, detach: bool = False):
+def _probability_masker(net, detach: bool = False, normalize: bool = False, ratio: float = 0.75):
     """``masker(x, pretrain) -> (scores, weights)``: top-k of ``p`` masked, losses × ``p``.
 
-    ``net`` is the mask problem (its current state) or a fixed module. With
-    ``detach`` the embeddings enter the masking network as constants (an ablation;
-    by default the pretraining gradient also flows through ``p`` into them)."""
+    ``net`` is the mask problem (its current state) or a fixed module. Ablations:
+    ``detach`` feeds the embeddings to the masking network as constants (by default
+    the pretraining gradient also flows through ``p`` into them); ``normalize``
+    weights the masked losses by ``p_i / mean_{j masked} p_j`` per sample, so the
+    masking network can move weight between patches but not scale the loss down."""
     def masker(x: Tensor, pre: MAEPretrain):
         emb = pre.patch_embeddings(x)  # [N, L, D]
         p = net(emb.detach() if detach else emb)  # [N, L]
-        return p, p
+        if not normalize:
+            return p, p
+        k = num_masked(p.shape[1], ratio)
+        top = p.topk(k, dim=1).values  # [N, k], the masked patches' probabilities
+        return p, p / top.mean(dim=1, keepdim=True)
     return masker
 
 
@@ -305,7 +312,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         masker = None
         if variant == "frozen-mask":
             net.requires_grad_(False)
-            masker = _probability_masker(net, s.detach_mask_input)
+            masker = _probability_masker(net, s.detach_mask_input, s.normalize_weights, s.mask_ratio)
         pre = MAEPretrain(mae, pre_data, masker=masker, **_adamw(s.pretrain_lr, s),
                           **_schedule(s, s.steps), config=_config("pretrain", s, **hold))
         engine = mlo.Engine([pre], config=engine_config)
@@ -322,7 +329,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         mask = MaskLevel(net, lambda xb: fin(pre.call("features", xb, pool="cls")), mk_data,
                          **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
                          config=mlo.ProblemConfig.from_dict(mask_cfg))
-        pre.masker = _probability_masker(mask, s.detach_mask_input)
+        pre.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio)
         engine = mlo.Engine([pre, fin, mask], dependencies={
             "u2l": {mask: [pre]}, "l2u": {pre: [fin, mask], fin: [mask]}}, config=engine_config)
         return MLOMAEGraph(variant, engine, {"pretrain": pre, "finetune": fin, "mask": mask},
@@ -338,7 +345,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     mask = MaskLevel(net, lambda xb: lower.call("classify", xb), mk_data,
                      **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
                      config=mlo.ProblemConfig.from_dict(mask_cfg))
-    lower.masker = _probability_masker(mask, s.detach_mask_input)
+    lower.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio)
     engine = mlo.Engine([lower, mask], dependencies={"u2l": {mask: [lower]}, "l2u": {lower: [mask]}},
                         config=engine_config)
     return MLOMAEGraph(variant, engine, {"pretrain": lower, "mask": mask}, mae, head, net, s)
