@@ -1,0 +1,202 @@
+"""examples/mlo_mae_cifar.py end to end: tiny runs of the cpu preset (mlo-mae, mae,
+blo-mae), resume from the written checkpoint, a fake CIFAR-10 in the official
+format through the paper preset shrunk with --set, and bad input (one ``error:``
+line, exit code 2)."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlo.checkpoint
+from problems.datasets import load_digits, write_cifar_like
+from problems.mlo_mae import MLOMAESettings, build
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mlo_mae_cifar.py"
+LAST_LINE = re.compile(r"^linear-probe test accuracy: \d+\.\d\d%$")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("mlo_mae_cifar", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def run(script, capsys, out, *extra):
+    argv = ["--quick", "--no-progress", "--device", "cpu", "--out", str(out), *extra]
+    accuracy = script.main(argv)
+    stdout = capsys.readouterr().out
+    return accuracy, stdout.strip().splitlines()
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+@pytest.fixture(scope="module")
+def quick_run(script, tmp_path_factory):
+    """One 20-step mlo-mae run of the cpu preset, shared by the checks below:
+    ``(out dir, returned accuracy, stdout lines)``."""
+    out = tmp_path_factory.mktemp("quick")
+    buf, n = io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(buf):   # capsys is function-scoped
+        acc = script.main(["--quick", "--preset", "cpu", "--steps", "20", "--no-progress",
+                           "--device", "cpu", "--out", str(out)])
+    torch.set_num_threads(n)
+    return out, acc, buf.getvalue().strip().splitlines()
+
+
+def test_quick_run_outputs(quick_run):
+    out, acc, lines = quick_run
+    assert LAST_LINE.match(lines[-1]), lines[-1]
+    assert lines[-1] == f"linear-probe test accuracy: {100 * acc:.2f}%"
+    header, rows = read_csv(out / "metrics.csv")
+    assert header == ["iteration", "seconds", "loss_pretrain", "loss_finetune", "loss_mask",
+                      "mask_hypergrad_norm", "seconds_pretrain", "seconds_finetune", "seconds_mask"]
+    assert [int(r[0]) for r in rows] == [10, 20]
+    for r in rows:
+        assert all(v != "" for v in r), r          # every problem has updated by iteration 10
+        assert all(float(v) >= 0 for v in r[5:])    # norm and seconds
+    assert (out / "masks.png").read_bytes()[:8] == PNG
+    import matplotlib.image
+    assert matplotlib.image.imread(out / "masks.png").ndim == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] == pytest.approx(acc) and 0.0 <= acc <= 1.0
+    assert summary["variant"] == "mlo-mae" and summary["method"] == "finite_difference"
+    assert summary["steps"] == 20 and summary["data"] == "digits"
+    assert set(summary["problem_seconds"]) == {"pretrain", "finetune", "mask"}
+    assert len(summary["mean_mask_probability"]) == 16
+    assert all(0.0 < p < 1.0 for p in summary["mean_mask_probability"])
+    assert sum(summary["mask_frequency"]) == pytest.approx(12)   # 12 of 16 patches masked
+    assert list((out / "tb").iterdir())                         # TensorBoard events
+
+
+def test_checkpoint_loads_into_the_same_graph(quick_run):
+    out = quick_run[0]
+    summary = json.loads((out / "summary.json").read_text())
+    settings = MLOMAESettings.from_dict(summary["settings"])
+    train = load_digits(seed=0, fractions=(0.8, 0.0, 0.2)).train.tensors
+    graph = build("mlo-mae", settings, train, seed=0)
+    mlo.checkpoint.load(graph.engine, out / "checkpoint.pt")
+    assert graph.engine.iteration == 20
+    assert graph.problems["mask"].step_count == 10   # unroll 2: one mask update per 2 iterations
+
+
+def test_resume_continues(script, capsys, quick_run, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "metrics.csv").write_text((quick_run[0] / "metrics.csv").read_text())
+    acc, lines = run(script, capsys, out, "--preset", "cpu", "--steps", "30",
+                     "--resume", str(quick_run[0] / "checkpoint.pt"))
+    assert any("resumed from" in line and "at iteration 20" in line for line in lines)
+    assert LAST_LINE.match(lines[-1])
+    _, rows = read_csv(out / "metrics.csv")
+    assert [int(r[0]) for r in rows] == [10, 20, 30]           # appended after the saved rows
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30
+    assert summary["problem_updates"] == {"pretrain": 10, "finetune": 5, "mask": 5}
+
+
+@pytest.mark.parametrize("variant,columns", [
+    ("mae", ["iteration", "seconds", "loss_pretrain", "seconds_pretrain"]),
+    ("blo-mae", ["iteration", "seconds", "loss_pretrain", "loss_mask", "mask_hypergrad_norm",
+                 "seconds_pretrain", "seconds_mask"]),
+])
+def test_variants(script, capsys, tmp_path, variant, columns):
+    acc, lines = run(script, capsys, tmp_path, "--preset", "cpu", "--variant", variant, "--steps", "4")
+    assert LAST_LINE.match(lines[-1])
+    header, rows = read_csv(tmp_path / "metrics.csv")
+    assert header == columns and [int(r[0]) for r in rows] == [4]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["variant"] == variant and summary["steps"] == 4
+    assert (summary["mean_mask_probability"] is None) == (variant == "mae")
+    assert (tmp_path / "masks.png").read_bytes()[:8] == PNG
+
+
+def test_paper_preset_on_cifar_format(script, capsys, tmp_path):
+    root = tmp_path / "data"
+    write_cifar_like(str(root), "cifar10", n_per_file=8, n_test=8)
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 4, "decoder_dim": 32, "decoder_depth": 1,
+            "decoder_heads": 4, "mask_hidden": 16, "batch_size": 4, "pretrain_lr": "1e-3"}
+    sets = [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]
+    acc, lines = run(script, capsys, tmp_path / "out", "--preset", "paper", "--data-dir", str(root),
+                     "--steps", "3", *sets)
+    assert LAST_LINE.match(lines[-1])
+    assert not any("CIFAR-10 not found" in line for line in lines)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["data"] == "cifar10" and summary["steps"] == 3
+    s = summary["settings"]
+    assert (s["image_size"], s["patch_size"], s["in_chans"], s["embed_dim"]) == (32, 2, 3, 32)
+    assert s["pretrain_lr"] == 1e-3 and s["norm_pix"] is True
+    assert len(summary["mean_mask_probability"]) == 256
+    assert (tmp_path / "out" / "masks.png").read_bytes()[:8] == PNG
+
+
+def test_paper_preset_offline_falls_back_to_cpu(script, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(script, "DEFAULT_DATA_DIRS", (str(tmp_path / "no_data"),))
+    monkeypatch.setattr(script, "online", lambda *a, **k: False)
+    acc, lines = run(script, capsys, tmp_path / "out", "--preset", "paper", "--steps", "2",
+                     "--method", "cg")
+    loud = [line for line in lines if "CIFAR-10 not found" in line]
+    assert len(loud) == 1 and "(offline)" in loud[0] and "cpu preset" in loud[0]
+    assert LAST_LINE.match(lines[-1])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["data"] == "digits" and summary["method"] == "cg"
+    assert summary["settings"]["method_options"] == {"max_iter": 5}   # CG is never unbounded
+
+
+def bad_inputs(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint\x00\x01")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "key.yaml").write_text("data: digits\nsettings: {embed_dim: 64}\nschedule: 3\n")
+    (tmp_path / "setting.yaml").write_text("data: digits\nsettings: {embed_dim: 64, emb_dim: 3}\n")
+    return {
+        "empty resume file": (["--resume", str(tmp_path / "empty.pt")], "not a readable checkpoint"),
+        "corrupt resume file": (["--resume", str(tmp_path / "corrupt.pt")], "cannot resume"),
+        "foreign resume file": (["--resume", str(tmp_path / "foreign.pt")], "not an mlo checkpoint"),
+        "missing resume file": (["--resume", str(tmp_path / "nope.pt")], "does not exist"),
+        "paper without CIFAR": (["--preset", "paper", "--data-dir", str(tmp_path / "empty_dir")],
+                                "no CIFAR-10 in --data-dir"),
+        "preset unknown key": (["--preset-file", str(tmp_path / "key.yaml")], "unknown key(s) ['schedule']"),
+        "preset unknown setting": (["--preset-file", str(tmp_path / "setting.yaml")], "['emb_dim']"),
+        "--set unknown setting": (["--preset", "cpu", "--set", "embed=3"], "['embed']"),
+        "--set invalid value": (["--preset", "cpu", "--set", "mask_ratio=1.5"], "mask_ratio"),
+    }
+
+
+CASES = ["empty resume file", "corrupt resume file", "foreign resume file", "missing resume file",
+         "paper without CIFAR", "preset unknown key", "preset unknown setting",
+         "--set unknown setting", "--set invalid value"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_line(script, capsys, tmp_path, case):
+    argv, expected = bad_inputs(tmp_path)[case]
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--quick", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "out"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
