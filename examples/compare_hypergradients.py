@@ -1,4 +1,4 @@
-"""Compare hypergradient approximations on built-in graphs (thin wrapper of ``mlo.compare``).
+"""Compare hypergradient approximations on built-in and plug-in graphs (wraps ``mlo.compare``).
 
 For each graph it computes the upper problem's hypergradient with every method ×
 settings — unrolled K ∈ {1, 5, 20, 100}, Neumann K × α, CG iterations, finite
@@ -8,7 +8,13 @@ for multilevel graphs, and writes CSV + PNG (error vs cost, log-log)::
 
     python examples/compare_hypergradients.py                      # ridge, logreg, p4
     python examples/compare_hypergradients.py --graphs p4 --out out/ --repeats 3
+    python examples/compare_hypergradients.py --graphs mlo_mae     # tiny MLO-MAE (plug-in)
     python -m mlo.compare --help                                   # the same tool
+
+``mlo_mae`` is a tiny float64 MLO-MAE built from ``problems`` (``problems/compare_graphs.py``)
+with a per-path breakdown of the mask hypergradient; ``mlo`` cannot import ``problems``,
+so it is a plug-in: the ``mlo.compare_graphs`` entry point declared in ``setup.cfg``
+(``pip install -e .`` registers it). Other packages add graphs the same way.
 
 Your own graph, from Python::
 
@@ -24,30 +30,7 @@ lower problems use ``method`` and whose upper never becomes ready (see
 """
 from __future__ import annotations
 
-import sys
-
-from mlo.compare import available_graphs, main, register_graph
-
-
-def register_mlo_mae() -> bool:
-    """Hook for a tiny MLO-MAE graph (pretrain / finetune / mask on small images).
-
-    ``mlo`` must not import ``problems`` (dependencies point examples → problems → mlo),
-    so the graph is registered here. TODO: once ``problems`` provides a builder
-    ``tiny_mlo_mae_compare(quick=False) -> mlo.compare.GraphSpec`` (a factory over the
-    MLO-MAE graph with a frozen-size ViT, float64, and CG-to-1e-12 reference), it is
-    picked up automatically and ``--graphs mlo_mae`` runs it.
-    """
-    try:
-        from problems.graphs import tiny_mlo_mae_compare  # type: ignore[import-not-found]
-    except ImportError:
-        return False
-    register_graph("mlo_mae", tiny_mlo_mae_compare)
-    return True
-
+from mlo.compare import main
 
 if __name__ == "__main__":
-    if not register_mlo_mae() and "mlo_mae" in sys.argv:
-        sys.exit("the 'mlo_mae' graph is not available yet (problems.graphs.tiny_mlo_mae_compare "
-                 f"missing); available: {', '.join(available_graphs())}")
     main()

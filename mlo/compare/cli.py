@@ -1,20 +1,27 @@
-"""Command line of the comparison tool: ``python -m mlo.compare``."""
+"""Command line of the comparison tool: ``python -m mlo.compare``.
+
+``--graphs`` takes built-in names and plug-in graphs (``mlo.compare_graphs`` entry
+points, e.g. ``mlo_mae``; see :mod:`mlo.compare.graphs`). An unknown name, or a
+plug-in that fails to import, ends the run before anything is computed with a
+one-line error that lists the available graphs.
+"""
 from __future__ import annotations
 
 import argparse
 import time
 from typing import List, Optional, Sequence
 
-from .graphs import available_graphs, get_graph
+from .graphs import GraphSpec, available_graphs, get_graph
 from .report import format_report, save
 from .runner import Report, compare
 
 __all__ = ["main", "run_graph"]
 
 
-def run_graph(name: str, quick: bool = False, repeats: int = 5, memory: bool = True) -> Report:
-    """Builds the registered graph ``name`` and runs its default settings."""
-    spec = get_graph(name, quick=quick)
+def run_graph(name: str, quick: bool = False, repeats: int = 5, memory: bool = True,
+              spec: Optional[GraphSpec] = None) -> Report:
+    """Builds the graph ``name`` (unless ``spec`` is given) and runs its default settings."""
+    spec = spec or get_graph(name, quick=quick)
     return compare(spec.factory, spec.settings, spec.reference, warmup=spec.warmup,
                    repeats=repeats, memory=memory, name=spec.name,
                    description=spec.description, reference_name=spec.reference_name)
@@ -24,18 +31,29 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Report]:
     ap = argparse.ArgumentParser(
         prog="python -m mlo.compare",
         description="Compare hypergradient methods (unrolled, Neumann, CG, finite differences) "
-                    "against an exact reference on built-in graphs: error, time, memory.")
+                    "against an exact reference on built-in and plug-in graphs: error, time, memory.")
     ap.add_argument("--graphs", nargs="+", default=["ridge", "logreg", "p4"],
-                    help=f"graphs to run (registered: {', '.join(available_graphs())})")
+                    help=f"graphs to run (available: {', '.join(available_graphs())}; "
+                         f"default: ridge logreg p4)")
     ap.add_argument("--out", default="compare_out", help="directory for CSV and PNG files")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
     ap.add_argument("--quick", action="store_true", help="fewer settings (smoke run)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     args = ap.parse_args(argv)
+    known = available_graphs()
+    unknown = [n for n in args.graphs if n not in known]
+    if unknown:
+        ap.exit(2, f"{ap.prog}: error: unknown graph{'s' if len(unknown) > 1 else ''} "
+                   f"{', '.join(unknown)}; available: {', '.join(known)}\n")
     t0 = time.perf_counter()
     reports = []
     for name in args.graphs:
-        rep = run_graph(name, quick=args.quick, repeats=args.repeats, memory=not args.no_memory)
+        try:
+            spec = get_graph(name, quick=args.quick)
+        except ImportError as e:          # a plug-in or an optional dependency is missing
+            ap.exit(1, f"{ap.prog}: error: {' '.join(str(e).split())}\n")
+        rep = run_graph(name, quick=args.quick, repeats=args.repeats, memory=not args.no_memory,
+                        spec=spec)
         print(format_report(rep))
         print("wrote " + ", ".join(save(rep, args.out)))
         print()

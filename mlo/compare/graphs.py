@@ -24,12 +24,23 @@ default method settings and the number of warm-up lower steps. Built in:
   ``J_E = (S_E + aI)⁻¹S_E A``, ``J_C = (S_C + cI)⁻¹S_C F``: ``J_Eᵀ Gᵀ r`` and
   ``J_Eᵀ (Q J_C)ᵀ r``, ``r = GE + QC − t``.
 
-More graphs (e.g. a tiny MLO-MAE built from ``problems``) are added with
-:func:`register_graph` by code that may import them — ``mlo`` itself knows nothing
-about masked autoencoders (``examples/compare_hypergradients.py`` holds the hook).
+More graphs come from code that may import what ``mlo`` must not (``mlo`` knows
+nothing about masked autoencoders): :func:`register_graph` at run time, or a plug-in
+— a Python entry point in the group ``mlo.compare_graphs`` (:data:`ENTRY_POINT_GROUP`)
+naming a builder ``builder(quick: bool = False) -> GraphSpec``, e.g. in setup.cfg::
+
+    [options.entry_points]
+    mlo.compare_graphs =
+        mlo_mae = problems.compare_graphs:mlo_mae
+
+Entry points are listed by :func:`available_graphs` without being imported, and
+loaded by :func:`get_graph` the first time their name is asked for (built-in and
+registered names take precedence). This package declares ``mlo_mae`` (a tiny
+float64 MLO-MAE from ``problems``: :mod:`problems.compare_graphs`).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
@@ -44,7 +55,7 @@ from ..problem import Problem
 from .runner import Reference, Setting
 
 __all__ = ["GraphSpec", "register_graph", "get_graph", "available_graphs", "default_settings",
-           "HOLD", "ridge", "logreg", "p4"]
+           "UnknownGraphError", "ENTRY_POINT_GROUP", "HOLD", "ridge", "logreg", "p4"]
 
 DT = torch.float64
 #: ``unroll_steps`` for the problems directly below the upper: the upper never
@@ -80,23 +91,61 @@ class GraphSpec:
 
 _GRAPHS: Dict[str, Callable[..., GraphSpec]] = {}
 
+#: Entry-point group of plug-in graphs: ``name = module:builder``.
+ENTRY_POINT_GROUP = "mlo.compare_graphs"
+
+
+class UnknownGraphError(KeyError):
+    """No built-in, registered or plug-in graph of that name (``str()``: the one-line
+    message, not ``KeyError``'s quoted repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 def register_graph(name: str, builder: Callable[..., GraphSpec]) -> None:
     """Registers ``builder(quick: bool = False) -> GraphSpec`` as ``name``."""
     _GRAPHS[name] = builder
 
 
-def get_graph(name: str, quick: bool = False) -> GraphSpec:
-    """Builds the registered graph ``name`` (``quick``: fewer, cheaper settings)."""
+def _plugins() -> Dict[str, importlib.metadata.EntryPoint]:
+    """The installed ``mlo.compare_graphs`` entry points by name (not loaded)."""
     try:
-        builder = _GRAPHS[name]
-    except KeyError:
-        raise KeyError(f"unknown graph {name!r}; available: {sorted(_GRAPHS)}") from None
+        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # pragma: no cover - Python 3.9: a dict of groups
+        eps = importlib.metadata.entry_points().get(ENTRY_POINT_GROUP, ())
+    return {ep.name: ep for ep in eps}
+
+
+def get_graph(name: str, quick: bool = False) -> GraphSpec:
+    """Builds the graph ``name`` (``quick``: fewer, cheaper settings).
+
+    Built-in and :func:`register_graph` names first, then the ``mlo.compare_graphs``
+    entry points (loaded now, then registered).
+
+    Raises:
+        UnknownGraphError: no such graph (the message lists the available ones).
+        ImportError: the plug-in's entry point could not be loaded.
+    """
+    builder = _GRAPHS.get(name)
+    if builder is None:
+        ep = _plugins().get(name)
+        if ep is None:
+            raise UnknownGraphError(f"unknown graph {name!r}; available: "
+                                    f"{', '.join(available_graphs())}")
+        try:
+            builder = ep.load()
+        except Exception as e:
+            raise ImportError(f"graph {name!r}: entry point {ep.value!r} (group "
+                              f"{ENTRY_POINT_GROUP!r}) could not be loaded: "
+                              f"{type(e).__name__}: {e}") from e
+        register_graph(name, builder)
     return builder(quick=quick)
 
 
 def available_graphs() -> Tuple[str, ...]:
-    return tuple(sorted(_GRAPHS))
+    """Built-in, registered and plug-in (entry point) graph names, sorted."""
+    return tuple(sorted(set(_GRAPHS) | set(_plugins())))
 
 
 def default_settings(n_lower: int, alphas=(0.5, 1.0), unroll=(1, 5, 20, 100),
@@ -304,6 +353,3 @@ def p4(quick: bool = False, m: int = 8, e: int = 12, c: int = 6, o: int = 10,
 register_graph("ridge", ridge)
 register_graph("logreg", logreg)
 register_graph("p4", p4)
-# TODO(mlo_mae): a tiny MLO-MAE graph needs `problems` (masking network, MAE
-# pretrain, finetune head); it is registered from examples/compare_hypergradients.py
-# via register_graph("mlo_mae", builder) once problems/ provides a graph builder.
