@@ -78,6 +78,7 @@ def save(engine, path: PathLike) -> None:
     blob: Dict[str, Any] = {"format": _FORMAT, "iteration": engine.iteration,
                             "since": {n: dict(c) for n, c in engine._since.items()},
                             "last_block": dict(engine._last_block),
+                            "records": {n: dict(r) for n, r in engine.records.items()},
                             "open_windows": open_windows,
                             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
                             "problems": {n: _problem_blob(engine, P) for n, P in engine.problems.items()}}
@@ -125,6 +126,8 @@ def load(engine, path: PathLike) -> None:
     for name, counts in blob["since"].items():
         engine._since[name].update(counts)
     engine._last_block = dict(blob.get("last_block") or {})
+    for name, rec in (blob.get("records") or {}).items():
+        engine.records[name] = dict(rec)
     rng = blob.get("rng")
     if rng is not None:
         torch.set_rng_state(rng["cpu"])

@@ -97,6 +97,7 @@ class MLOMAESettings:
     configs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-problem overrides
 
     def __post_init__(self):
+        self._check_types()
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         if self.image_size % self.patch_size:
@@ -118,6 +119,29 @@ class MLOMAESettings:
         if unknown:
             raise ValueError(f"MLOMAESettings.configs: unknown problem(s) {sorted(unknown)}; "
                              f"problems: pretrain, finetune, mask")
+
+    def _check_types(self) -> None:
+        """Numbers must be numbers, flags bools. YAML 1.1 reads ``1e-3`` (no dot) as a
+        string: numeric strings are converted, anything else is a named error."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), f.type
+            if kind == "bool" and not isinstance(v, bool):
+                raise TypeError(f"MLOMAESettings.{f.name} must be true or false, got {v!r}")
+            if kind in ("int", "float") and isinstance(v, str):
+                try:
+                    v = float(v) if kind == "float" else int(v)
+                except ValueError:
+                    raise TypeError(f"MLOMAESettings.{f.name} must be a number, got {v!r}") from None
+                setattr(self, f.name, v)
+            if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                    or not math.isfinite(v)):
+                raise TypeError(f"MLOMAESettings.{f.name} must be a finite number, got {v!r}")
+            if kind == "float":
+                setattr(self, f.name, float(v))
+            if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"MLOMAESettings.{f.name} must be an integer, got {v!r}")
+        if not isinstance(self.method, str):
+            raise TypeError(f"MLOMAESettings.method must be a method name, got {self.method!r}")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "MLOMAESettings":

@@ -113,7 +113,7 @@ def test_resume_continues(script, capsys, quick_run, tmp_path):
     assert [int(r[0]) for r in rows] == [10, 20, 30]           # appended after the saved rows
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 30
-    assert summary["problem_updates"] == {"pretrain": 10, "finetune": 5, "mask": 5}
+    assert summary["problem_updates"] == {"pretrain": 30, "finetune": 15, "mask": 15}   # records are checkpointed
 
 
 @pytest.mark.parametrize("variant,columns", [
