@@ -42,9 +42,10 @@ from problems.evaluation import linear_probe
 from problems.mae import num_masked
 from problems.mlo_mae import MLOMAESettings, build
 
-CPU = dict(image_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0,
-           decoder_dim=64, decoder_depth=1, decoder_heads=4, mask_hidden=128, batch_size=64,
-           pretrain_lr=1e-3, norm_pix=True)
+# The main job's cpu preset (examples/configs/mlo_mae_cpu.yaml) is the single source of the settings.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "configs",
+                       "mlo_mae_cpu.yaml"), encoding="utf-8") as _f:
+    CPU = {k: v for k, v in yaml.safe_load(_f)["settings"].items() if k != "steps"}
 
 
 def data():
