@@ -132,7 +132,11 @@ def fmt(v):
 
 
 TIMED = {"mae": ("mae", {}), "mlo-mae": ("mlo-mae", {}), "mlo-mae/5": ("mlo-mae", {"mask_every": 5}),
-         "blo-mae": ("blo-mae", {})}
+         "blo-mae": ("blo-mae", {}),
+         "mlo-mae cg5": ("mlo-mae", {"method": "cg", "method_options": {"max_iter": 5}}),
+         "mlo-mae neumann5": ("mlo-mae", {"method": "neumann",
+                                          "method_options": {"iterations": 5, "alpha": 0.01}}),
+         "mlo-mae unrolled": ("mlo-mae", {"method": "unrolled"})}
 
 
 def per_iteration(variant, overrides, x, y, warm, n):
