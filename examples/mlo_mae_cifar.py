@@ -214,10 +214,13 @@ def choose_preset(args: argparse.Namespace) -> Dict[str, Any]:
         return read_preset(args.preset_file)
     name = args.preset
     if name is None:
-        name = "paper" if torch.cuda.is_available() and has_cifar(cifar_root(args)) else "cpu"
-        if torch.cuda.is_available() and name == "cpu":
-            print(f"[mlo_mae] CUDA is available but CIFAR-10 is not in {cifar_root(args)}: running the "
-                  f"cpu preset (pass --preset paper to download CIFAR-10)", flush=True)
+        gpu, cifar = torch.cuda.is_available(), has_cifar(cifar_root(args))
+        name = "paper" if gpu and cifar else "cpu"
+        if name == "cpu":
+            why = ", ".join(w for w, missing in (("no GPU", not gpu),
+                                                 (f"no CIFAR-10 in {cifar_root(args)}", not cifar)) if missing)
+            print(f"[mlo_mae] {why}: running the cpu preset (scikit-learn digits, small ViT); "
+                  f"--preset paper runs the paper's ViT-B/2 on CIFAR-10", flush=True)
     return read_preset(PRESETS[name])
 
 
