@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+import math
+import numbers
 import os
 from typing import Any, Callable, Dict, Optional
 
@@ -55,8 +57,11 @@ class ProblemConfig:
         if not isinstance(self.method_options, dict):
             raise ValueError("ProblemConfig.method_options must be a dict, got "
                              f"{type(self.method_options).__name__}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"ProblemConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
+        c = self.grad_clip
+        if c is not None and (not isinstance(c, numbers.Real) or isinstance(c, bool)
+                              or not math.isfinite(c) or not c > 0):
+            raise ValueError(f"ProblemConfig.grad_clip must be a positive finite number or None, "
+                             f"got {c!r} ({type(c).__name__})")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ProblemConfig":
@@ -76,11 +81,33 @@ class EngineConfig:
         validation: ``fn(engine) -> dict`` of metrics; its results are kept in
             ``engine.history``.
         log_every: print losses every N iterations (``None``: silent).
+        nonfinite: what an update does when its loss, its own gradient or its
+            hypergradient holds a NaN or an infinity (checked before every optimizer
+            step, in place or inside an unrolled window): ``"raise"`` (default) raises
+            ``FloatingPointError`` naming the problem, the iteration and the quantity;
+            ``"skip"`` skips that update with a ``RuntimeWarning`` saying the same.
+            Either way the parameters and the optimizer state are left untouched.
+
+    Raises:
+        ValueError: a field of the wrong type or out of range (checked on construction).
     """
 
     validate_every: Optional[int] = None
     validation: Optional[Callable[[Any], Dict[str, float]]] = None
     log_every: Optional[int] = None
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        for name in ("validate_every", "log_every"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1 or None, got {v!r} "
+                                 f"({type(v).__name__})")
+        if self.validation is not None and not callable(self.validation):
+            raise ValueError(f"EngineConfig.validation must be a callable fn(engine) -> dict of "
+                             f"metrics or None, got {type(self.validation).__name__}")
+        if self.nonfinite not in ("raise", "skip"):
+            raise ValueError(f"EngineConfig.nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
 
 
 def load_problem_configs(path: "str | os.PathLike[str]") -> Dict[str, ProblemConfig]:

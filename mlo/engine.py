@@ -14,10 +14,22 @@ stay in the autograd graph — a *window* — until the problems above it that
 consume them become ready; then the iterates are written back into the module,
 the optimizer state is handed back to ``torch.optim`` and the graph is freed.
 Everything else steps in place with its ``torch.optim`` optimizer.
+
+Non-finite guard. Before every optimizer step (in place or inside a window) the
+update's loss, own gradient and hypergradient are checked — one fused check on
+their norms, one host synchronisation per update, shared with ``records``. A NaN
+or infinity raises ``FloatingPointError`` (``EngineConfig(nonfinite="raise")``,
+the default) or skips that update with a ``RuntimeWarning`` (``"skip"``), naming
+the problem, the iteration and the quantity. Either way the problem's parameters,
+optimizer state, scheduler and ``step_count`` are untouched; a skipped update
+still counts for the schedule (the problems above become ready as usual) and in
+``records[name]["skipped"]``.
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -165,7 +177,12 @@ class Engine:
             print(f"[mlo] iter {self.iteration}: " + ", ".join(
                 f"{n}={p.last_loss.item():.4g}" for n, p in self.problems.items() if p.last_loss is not None))
         if c.validate_every and c.validation and self.iteration % c.validate_every == 0:
-            metrics = dict(c.validation(self))
+            out = c.validation(self)
+            try:
+                metrics = dict(out)
+            except (TypeError, ValueError):
+                raise TypeError(f"EngineConfig.validation must return a dict of metrics, got "
+                                f"{type(out).__name__} ({out!r}) at iteration {self.iteration}") from None
             self.history.append({"iteration": self.iteration, **metrics})
 
     # --------------------------------------------------------------- update
@@ -266,30 +283,86 @@ class Engine:
 
     def _update(self, P: Problem) -> None:
         t0 = time.perf_counter()
-        self._update_inner(P)
+        applied = self._update_inner(P)
         rec = self.records[P.name]
-        rec["updates"] += 1
+        if applied:
+            rec["updates"] += 1
+        else:
+            rec["skipped"] = rec.get("skipped", 0) + 1
         rec["seconds"] += time.perf_counter() - t0
 
-    def _record(self, P: Problem, loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> None:
+    @staticmethod
+    def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> List[float]:
+        """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats,
+        norms in float64, with one host synchronisation."""
+        def norm(ts):
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach().double())
+                                                         for t in ts]))
+        parts = [loss.detach().double().reshape(()), norm(grads)]
+        if "hyper" in extra:
+            parts += [norm(list(extra["own"].values())), norm(list(extra["hyper"].values()))]
+        return torch.stack([x.to(parts[0].device) for x in parts]).tolist()
+
+    def _nonfinite(self, P: Problem, vals: List[float], grads: List[Tensor], extra: Dict[str, Any]) -> str:
+        """What went non-finite in an update (``""`` when nothing did)."""
+        if all(math.isfinite(v) for v in vals):
+            return ""
+
+        def where(ts):
+            bad = [k for k, t in zip(P.param_names, ts) if not bool(torch.isfinite(t.detach()).all())]
+            return f" (in {', '.join(map(repr, bad))})" if bad else " (its norm overflowed)"
+
+        what = []
+        if not math.isfinite(vals[0]):
+            what.append(f"loss ({vals[0]})")
+        if "hyper" in extra:
+            if not math.isfinite(vals[2]):
+                what.append("own gradient" + where(list(extra["own"].values())))
+            if not math.isfinite(vals[3]):
+                what.append("hypergradient" + where(list(extra["hyper"].values())))
+            if len(what) == (0 if math.isfinite(vals[0]) else 1) and not math.isfinite(vals[1]):
+                what.append("total gradient (own + hypergradient)" + where(grads))
+        elif not math.isfinite(vals[1]):
+            what.append("own gradient" + where(grads))
+        return (f"problem {P.name!r}: non-finite {' and '.join(what)} at iteration {self.iteration} "
+                f"(its update {P.step_count + 1})")
+
+    def _record(self, P: Problem, vals: List[float], extra: Dict[str, Any]) -> None:
         rec = self.records[P.name]
-        norm = lambda ts: float(torch.linalg.vector_norm(  # noqa: E731
-            torch.stack([torch.linalg.vector_norm(t.detach().double()) for t in ts])))
-        rec["loss"] = float(loss.detach())
-        rec["grad_norm"] = norm(grads)
+        rec["loss"], rec["grad_norm"] = vals[0], vals[1]
         if "hyper" in extra:
             self.last_hypergradient[P.name] = extra["hyper"]
-            rec["own_grad_norm"] = norm(list(extra["own"].values()))
-            rec["hypergrad_norm"] = norm(list(extra["hyper"].values()))
+            rec["own_grad_norm"], rec["hypergrad_norm"] = vals[2], vals[3]
 
-    def _update_inner(self, P: Problem) -> None:
+    def _update_inner(self, P: Problem) -> bool:
+        """One update of ``P``; ``False`` when it was skipped (non-finite values)."""
         name = P.name
         diff = name in self._windowed
-        if diff and name not in self._windows:
+        opened = diff and name not in self._windows
+        if opened:
             self._windows[name] = Window(FunctionalOptimizer.from_torch(P.optimizer, P._real))
             P._state = dict(zip(P.param_names, P._real))
-        loss, grads, reads, extra = self._gradient(P, P.next_batch(), diff)
-        self._record(P, loss, grads, extra)
+        try:
+            loss, grads, reads, extra = self._gradient(P, P.next_batch(), diff)
+            vals = self._norms(loss, grads, extra)
+            bad = self._nonfinite(P, vals, grads, extra)
+            if bad and self.config.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{bad}; its parameters and optimizer state are unchanged. "
+                    f"EngineConfig(nonfinite='skip') skips such updates with a warning instead")
+        except BaseException:
+            if opened:          # nothing stepped in it: as if it had never been opened
+                del self._windows[name]
+                P._state = None
+            raise
+        if bad:
+            if opened:
+                del self._windows[name]
+                P._state = None
+            warnings.warn(f"{bad}: update skipped; its parameters and optimizer state are "
+                          f"unchanged", RuntimeWarning, stacklevel=4)
+            return False
+        self._record(P, vals, extra)
         grads = self._clip(P, grads)
         self._set_hyperparameters(P, diff, reads)
         P.last_loss = loss.detach()
@@ -316,6 +389,7 @@ class Engine:
             P.optimizer._opt_called = True  # the twin stepped for it (silences torch's order warning)
             P.scheduler.step()
         P.step_count += 1
+        return True
 
     def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
         """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to every group."""
