@@ -16,25 +16,58 @@ iteration in which the problems above the unrolled ones updated) for a resume th
 reproduces the uninterrupted run bit for bit. Data iterators are not saved: a
 resumed problem starts its data from the beginning (skip ``P.step_count`` batches
 of a re-iterable to realign it).
+
+Integrity. The file holds a SHA-256 checksum over its payload (every tensor's
+dtype, shape and bytes and every other value, in a fixed order), verified at load.
+:func:`load` is transactional: it validates everything first — that the file is a
+readable checkpoint, its format version, the problem names, each problem's
+variable names, shapes and dtypes, its optimizer class and parameter groups, the
+counters, the checksum — and only then changes the engine; on any error
+(:class:`CheckpointError`, a ``ValueError``) the engine is exactly as before.
+Temporary files ``.mlo-ckpt-<pid>-*`` left by a killed save are removed by the
+next save in that folder.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import tempfile
 import warnings
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "CheckpointError", "UnreadableCheckpointError"]
 
-_FORMAT = 1
+_FORMAT = 2
+_READS = (1, 2)        # format 1: the same layout, without checksum and optimizer classes
+_PREFIX = ".mlo-ckpt-"
+_WRITING: set = set()  # temporary files this process is writing right now
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this engine; the engine was not changed."""
+
+
+class UnreadableCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """The file is not a readable mlo checkpoint (empty, truncated, text, refused by
+    ``weights_only``...). Also a ``pickle.UnpicklingError``, like torch's own error."""
 
 
 def _detached(st: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items() if v is not None}
+
+
+def _cls_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same_class(saved: str, cls: type) -> bool:
+    """The saved class name denotes ``cls`` (the same class name, wherever its module now is)."""
+    return saved == _cls_name(cls) or saved.rsplit(".", 1)[-1] == cls.__qualname__.rsplit(".", 1)[-1]
 
 
 def _problem_blob(engine, P) -> Dict[str, Any]:
@@ -52,9 +85,37 @@ def _problem_blob(engine, P) -> Dict[str, Any]:
         for p, st in zip(P._real, win.fopt.state):
             state[index[id(p)]] = _detached(st)
         optim = {**optim, "state": state}
-    return {"module": module, "optimizer": optim,
+    return {"module": module, "optimizer": optim, "optimizer_class": _cls_name(type(P.optimizer)),
             "scheduler": P.scheduler.state_dict() if P.scheduler is not None else None,
+            "scheduler_class": _cls_name(type(P.scheduler)) if P.scheduler is not None else None,
             "step_count": P.step_count, "ready_count": P.ready_count}
+
+
+def _digest(blob: Any) -> str:
+    """SHA-256 over a checkpoint's payload: every tensor's dtype, shape and bytes and
+    every other value's type and repr, walking dicts (in their order) and sequences."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(x, dict):
+            h.update(b"{%d|" % len(x))
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[%d|" % len(x))
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r}|".encode())
+
+    walk(blob)
+    return h.hexdigest()
 
 
 def _warn_open(open_windows: Dict[str, int], where: str) -> None:
@@ -67,10 +128,42 @@ def _warn_open(open_windows: Dict[str, int], where: str) -> None:
             f"is open for an exact resume", RuntimeWarning, stacklevel=3)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except Exception:      # no permission to signal it, or no such call: assume it lives
+        return True
+    return True
+
+
+def _remove_stale(directory: str) -> None:
+    """Removes temporary files of saves that were killed (their process is gone)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for f in names:
+        if not f.startswith(_PREFIX):
+            continue
+        full = os.path.join(directory, f)
+        if full in _WRITING:
+            continue
+        pid = f[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue      # another live process is saving in this folder
+        try:
+            os.unlink(full)
+        except OSError:
+            pass
+
+
 def save(engine, path: PathLike) -> None:
     """Saves ``engine`` to ``path`` atomically, without changing the running engine.
 
     Warns (``RuntimeWarning``) when an unrolled window is open (module docstring).
+    Removes temporary files of earlier saves in that folder whose process is gone.
     """
     open_windows = {n: w.steps for n, w in engine._windows.items()}
     _warn_open(open_windows, "checkpoint saved")
@@ -82,10 +175,13 @@ def save(engine, path: PathLike) -> None:
                             "open_windows": open_windows,
                             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
                             "problems": {n: _problem_blob(engine, P) for n, P in engine.problems.items()}}
+    blob["checksum"] = {"sha256": _digest(blob)}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mlo-ckpt-", dir=directory)
+    _remove_stale(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=directory)
+    _WRITING.add(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
@@ -96,30 +192,176 @@ def save(engine, path: PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        _WRITING.discard(tmp)
+
+
+def _reason(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > 160:
+        msg = msg[:157] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _read(path: str) -> Dict[str, Any]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:   # empty, truncated, text, corrupt zip, refused by weights_only
+        raise UnreadableCheckpointError(f"not a readable mlo checkpoint: {path} ({_reason(e)})") from None
+    if not isinstance(blob, dict) or "format" not in blob or "problems" not in blob:
+        raise CheckpointError(f"{path}: not an mlo checkpoint (format {_FORMAT}): a "
+                              f"{type(blob).__name__} without 'format' and 'problems'")
+    if blob["format"] not in _READS:
+        raise CheckpointError(f"{path}: not an mlo checkpoint (format {_FORMAT}): checkpoint "
+                              f"format {blob['format']!r}, this mlo reads formats {list(_READS)}")
+    return blob
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_problem(engine, name: str, st: Any, errors: List[str]) -> None:
+    P = engine.problems[name]
+    pre = f"problem {name!r}"
+    if not isinstance(st, dict):
+        errors.append(f"{pre}: entry is a {type(st).__name__}, not a dict")
+        return
+    missing = [k for k in ("module", "optimizer", "step_count", "ready_count") if k not in st]
+    if missing:
+        errors.append(f"{pre}: entry has no {missing}")
+        return
+    have, saved = P.module.state_dict(), st["module"]
+    if not isinstance(saved, dict):
+        errors.append(f"{pre}: 'module' is a {type(saved).__name__}, not a state dict")
+        return
+    gone, extra = sorted(set(have) - set(saved)), sorted(set(saved) - set(have))
+    if gone or extra:
+        errors.append(f"{pre}: variables differ (missing from the checkpoint: {gone}, not in the "
+                      f"engine: {extra})")
+    for k in have:
+        a, b = have[k], saved.get(k)
+        if isinstance(a, Tensor) and k in saved:
+            if not isinstance(b, Tensor):
+                errors.append(f"{pre}: {k!r} is a {type(b).__name__} in the checkpoint, a tensor here")
+            elif a.shape != b.shape:
+                errors.append(f"{pre}: {k!r} has shape {list(b.shape)} in the checkpoint, "
+                              f"{list(a.shape)} in the engine")
+            elif a.dtype != b.dtype:
+                errors.append(f"{pre}: {k!r} has dtype {b.dtype} in the checkpoint, {a.dtype} in the engine")
+    opt = st["optimizer"]
+    mine = type(P.optimizer)
+    cls = st.get("optimizer_class")
+    if cls is not None and not _same_class(cls, mine):
+        errors.append(f"{pre}: the checkpoint's optimizer is {cls}, the engine's is {_cls_name(mine)}")
+    elif not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) \
+            or not isinstance(opt.get("param_groups"), list):
+        errors.append(f"{pre}: 'optimizer' is not an optimizer state dict")
+    else:
+        groups = P.optimizer.param_groups
+        if len(opt["param_groups"]) != len(groups):
+            errors.append(f"{pre}: the checkpoint's optimizer has {len(opt['param_groups'])} "
+                          f"parameter group(s), the engine's {len(groups)}")
+        else:
+            for i, (sg, g) in enumerate(zip(opt["param_groups"], groups)):
+                if not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"]):
+                    errors.append(f"{pre}: optimizer parameter group {i} has "
+                                  f"{len(sg.get('params', ())) if isinstance(sg, dict) else '?'} "
+                                  f"parameter(s) in the checkpoint, {len(g['params'])} in the engine")
+                elif set(sg) != set(g):
+                    errors.append(f"{pre}: optimizer parameter group {i} has settings "
+                                  f"{sorted(sg)} in the checkpoint, {sorted(g)} in the engine "
+                                  f"({mine.__name__}): was the optimizer class changed?")
+    sched, scls = st.get("scheduler"), st.get("scheduler_class")
+    if P.scheduler is not None and sched is not None:
+        if not isinstance(sched, dict):
+            errors.append(f"{pre}: 'scheduler' is not a scheduler state dict")
+        elif scls is not None and not _same_class(scls, type(P.scheduler)):
+            errors.append(f"{pre}: the checkpoint's scheduler is {scls}, the engine's is "
+                          f"{_cls_name(type(P.scheduler))}")
+    for k in ("step_count", "ready_count"):
+        if not _is_int(st[k]):
+            errors.append(f"{pre}: {k} is {st[k]!r}, not an integer >= 0")
+
+
+def _validate(engine, blob: Dict[str, Any], path: str) -> None:
+    """Raises :class:`CheckpointError` listing every mismatch; changes nothing."""
+    if not isinstance(blob["problems"], dict):
+        raise CheckpointError(f"{path}: 'problems' is a {type(blob['problems']).__name__}, not a dict")
+    saved, have = set(blob["problems"]), set(engine.problems)
+    if saved != have:
+        raise CheckpointError(f"{path}: checkpoint has problems {sorted(saved)}, engine has "
+                              f"{sorted(have)} (missing: {sorted(have - saved)}, extra: {sorted(saved - have)})")
+    errors: List[str] = []
+    for k in ("iteration", "since"):
+        if k not in blob:
+            errors.append(f"no {k!r} entry")
+    if "iteration" in blob and not _is_int(blob["iteration"]):
+        errors.append(f"'iteration' is {blob['iteration']!r}, not an integer >= 0")
+    since = blob.get("since", {})
+    if not isinstance(since, dict) or not all(
+            n in engine._since and isinstance(c, dict) and set(c) <= set(engine._since[n])
+            and all(_is_int(v) for v in c.values()) for n, c in since.items()):
+        errors.append(f"'since' does not match the engine's graph (got {since!r})")
+    lb = blob.get("last_block")
+    if lb is not None and not (isinstance(lb, dict) and all(n in have and isinstance(v, int)
+                                                             for n, v in lb.items())):
+        errors.append(f"'last_block' is not {{problem: int}} (got {lb!r})")
+    rec = blob.get("records")
+    if rec is not None and not (isinstance(rec, dict) and all(n in have and isinstance(r, dict)
+                                                               for n, r in rec.items())):
+        errors.append("'records' is not {problem: dict}")
+    rng = blob.get("rng")
+    if rng is not None and not (isinstance(rng, dict) and isinstance(rng.get("cpu"), Tensor)
+                                and rng["cpu"].dtype == torch.uint8
+                                and rng["cpu"].shape == torch.get_rng_state().shape):
+        errors.append("'rng' does not hold a CPU generator state")
+    for name in engine.problems:
+        _check_problem(engine, name, blob["problems"][name], errors)
+    if errors:
+        raise CheckpointError(f"{path}: does not fit this engine (nothing was loaded): " + "; ".join(errors))
+    stored = blob.get("checksum")
+    if stored is None and blob["format"] >= 2:
+        raise CheckpointError(f"{path}: checkpoint has no checksum (format {blob['format']} always "
+                              f"stores one): it was altered")
+    if stored is not None:
+        body = {k: v for k, v in blob.items() if k != "checksum"}
+        got = _digest(body)
+        want = stored.get("sha256") if isinstance(stored, dict) else None
+        if got != want:
+            raise CheckpointError(f"{path}: checksum mismatch (stored sha256 {str(want)[:16]}..., "
+                                  f"payload {got[:16]}...): the file is corrupt or was altered; "
+                                  f"nothing was loaded")
 
 
 def load(engine, path: PathLike) -> None:
     """Restores ``engine`` (built with the same problems) from ``path``.
 
-    Also restores the global RNG state (CPU, and CUDA when saved and available).
-    Warns (``RuntimeWarning``) when the checkpoint was saved inside an open window.
+    Validates everything before changing anything (module docstring): on any error
+    the engine is exactly as before. Also restores the global RNG state (CPU, and
+    CUDA when saved and available). Warns (``RuntimeWarning``) when the checkpoint
+    was saved inside an open window.
 
     Raises:
-        ValueError: the checkpoint's problems differ from the engine's (names listed).
+        UnreadableCheckpointError: ``not a readable mlo checkpoint: PATH (reason)`` —
+            empty, truncated or text file, or refused by ``weights_only``.
+        CheckpointError: not an mlo checkpoint, another format version, other problem
+            names, variable names, shapes or dtypes, another optimizer class, missing
+            counters, or a checksum mismatch (a corrupt file). Both are ``ValueError``.
+        FileNotFoundError: no such file.
     """
-    blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not an mlo checkpoint (format {_FORMAT})")
-    saved, have = set(blob["problems"]), set(engine.problems)
-    if saved != have:
-        raise ValueError(f"{path}: checkpoint has problems {sorted(saved)}, engine has "
-                         f"{sorted(have)} (missing: {sorted(have - saved)}, extra: {sorted(saved - have)})")
+    path = os.fspath(path)
+    blob = _read(path)
+    _validate(engine, blob, path)
+    # ---- apply (validated: nothing below is expected to fail)
     engine.close_windows()
     for name, P in engine.problems.items():
         st = blob["problems"][name]
         P.module.load_state_dict(st["module"])
         P.optimizer.load_state_dict(st["optimizer"])
-        if P.scheduler is not None and st["scheduler"] is not None:
+        if P.scheduler is not None and st.get("scheduler") is not None:
             P.scheduler.load_state_dict(st["scheduler"])
         P.step_count, P.ready_count = st["step_count"], st["ready_count"]
     engine.iteration = blob["iteration"]
@@ -133,4 +375,4 @@ def load(engine, path: PathLike) -> None:
         torch.set_rng_state(rng["cpu"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    _warn_open(blob.get("open_windows") or {}, f"{os.fspath(path)}: checkpoint was saved")
+    _warn_open(blob.get("open_windows") or {}, f"{path}: checkpoint was saved")
