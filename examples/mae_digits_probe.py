@@ -51,7 +51,16 @@ def run_seed(seed: int, args, data) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         loss0 = mae(x_train[:512], mask_ratio=args.mask_ratio)[0].item()
-    mlo.Engine([pre]).run(args.steps)
+    engine, done = mlo.Engine([pre]), 0
+    every = args.log_every or args.steps
+    while done < args.steps:                 # chunks of the same run: one progress line each
+        n = min(every, args.steps - done)
+        engine.run(n)
+        done += n
+        if args.log_every:
+            secs = time.perf_counter() - t0
+            print(f"  seed {seed}: step {done}/{args.steps}  loss {pre.last_loss.item():.4f}  "
+                  f"{secs:.0f}s (~{secs * (args.steps - done) / done:.0f}s left)", flush=True)
     with torch.no_grad():
         loss1 = mae(x_train[:512], mask_ratio=args.mask_ratio)[0].item()
     secs = time.perf_counter() - t0
@@ -83,10 +92,13 @@ def main(argv=None):
     ap.add_argument("--norm-pix", action="store_true")
     ap.add_argument("--pools", nargs="+", default=["mean", "cls"], choices=["mean", "cls"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=250,
+                    help="print the pretraining loss every N steps of each seed (0: only per seed)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 50 steps (smoke test)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 50
+        args.log_every = min(args.log_every, 25)
     torch.set_num_threads(args.threads)
 
     data = load_digits(seed=0, fractions=(0.8, 0.0, 0.2))
@@ -96,7 +108,8 @@ def main(argv=None):
     print(f"raw-pixel linear probe: {100 * raw:.2f}")
 
     results = []
-    for seed in args.seeds:
+    for i, seed in enumerate(args.seeds):
+        print(f"seed {seed} ({i + 1}/{len(args.seeds)}): pretraining {args.steps} steps", flush=True)
         r = run_seed(seed, args, data)
         results.append(r)
         probes = "  ".join(f"{p}: pretrained {100 * r['pre_' + p]:.2f} / random {100 * r['rand_' + p]:.2f}"

@@ -4,11 +4,12 @@ A method is a graph of :class:`Problem` nodes run by an :class:`Engine`, which
 computes hypergradients by unrolled, implicit (Neumann, CG) or finite-difference
 best-response Jacobians — any of them at any level.
 """
+from . import checkpoint
 from .config import EngineConfig, ProblemConfig, load_problem_configs
 from .engine import Engine
 from .graph import Graph, GraphError
 from .problem import Problem
 
 __all__ = ["Problem", "ProblemConfig", "Engine", "EngineConfig", "Graph", "GraphError",
-           "load_problem_configs"]
+           "load_problem_configs", "checkpoint"]
 __version__ = "0.1.0"

@@ -23,3 +23,23 @@ def test_readme_quickstart_runs():
     g = ns["engine"].gradient("hyper", by_path=True)
     assert set(g["paths"]) == {("hyper", "classifier", "hyper")}
     assert torch.isfinite(g["grad"]["log_wd"]).all() and g["grad"]["log_wd"].abs().sum() > 0
+
+
+def test_readme_quickstart_pasted_into_a_fresh_interpreter():
+    """Pasted line by line into the interactive interpreter (blank lines end blocks there),
+    with nothing predefined: no NameError, no IndentationError."""
+    import code
+    import contextlib
+    import io
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Quickstart: a bilevel graph", 1)[1]
+    src = section.split("```python", 1)[1].split("```", 1)[0]
+    src = src.replace("engine.run(1000)", "engine.run(40)").replace("print(", "_ = (")
+    console = code.InteractiveConsole(locals={})
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        for line in src.splitlines() + [""]:
+            console.push(line)
+    assert err.getvalue() == "", err.getvalue()
+    assert console.locals["engine"].counts() == {"classifier": 40, "hyper": 2}

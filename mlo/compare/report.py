@@ -89,8 +89,68 @@ def write_csv(rep: Report, path: str) -> List[str]:
     return written
 
 
+def _place_labels(fig, ax, points, fontsize: float = 7.0) -> None:
+    """Annotates ``points`` (``[(x, y, text, color)]``, data coordinates) without overlap.
+
+    Greedy: each label takes the first candidate offset (8 directions, growing radius)
+    whose box overlaps no other label, no marker and not the legend, and stays inside
+    the axes; a label pushed away from its point gets a thin leader line. Points are
+    taken left to right so that neighbours compete in a fixed order.
+    """
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    axes_box = ax.get_window_extent(renderer)
+    pt_px = fig.dpi / 72.0
+    marker = 5 * pt_px
+    obstacles = [(float(px) - marker, float(py) - marker, float(px) + marker, float(py) + marker)
+                 for px, py in (to_px((x, y)) for x, y, _, _ in points)]
+    legend = ax.get_legend()
+    if legend is not None:
+        b = legend.get_window_extent(renderer)
+        obstacles.append((b.x0, b.y0, b.x1, b.y1))
+
+    def free(box):
+        x0, y0, x1, y1 = box
+        if x0 < axes_box.x0 or x1 > axes_box.x1 or y0 < axes_box.y0 or y1 > axes_box.y1:
+            return False
+        return all(x1 <= a0 or x0 >= a1 or y1 <= b0 or y0 >= b1 for a0, b0, a1, b1 in obstacles)
+
+    directions = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    for x, y, text, color in sorted(points, key=lambda p: (p[0], p[1])):
+        px, py = (float(v) for v in to_px((x, y)))
+        t = ax.text(0, 0, text, fontsize=fontsize)
+        bb = t.get_window_extent(renderer)
+        t.remove()
+        w, h = bb.width, bb.height
+        choice = None
+        for radius in (4, 9, 16, 26, 40, 60):
+            for dx, dy in directions:
+                ox = px + dx * radius * pt_px - (w if dx < 0 else w / 2 if dx == 0 else 0)
+                oy = py + dy * radius * pt_px - (h if dy < 0 else h / 2 if dy == 0 else 0)
+                box = (ox, oy, ox + w, oy + h)
+                if free(box):
+                    choice = (box, radius)
+                    break
+            if choice:
+                break
+        if choice is None:              # crowded: keep it readable nearby rather than drop it
+            choice = ((px + 4 * pt_px, py + 4 * pt_px, px + 4 * pt_px + w, py + 4 * pt_px + h), 4)
+        (x0, y0, x1, y1), radius = choice
+        obstacles.append((x0, y0, x1, y1))
+        offset = ((x0 - px) / pt_px, (y0 - py) / pt_px)
+        ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", fontsize=fontsize,
+                    color=color, ha="left", va="bottom",
+                    arrowprops=(dict(arrowstyle="-", color=color, lw=0.5, alpha=0.6,
+                                     shrinkA=0, shrinkB=3) if radius > 9 else None))
+
+
 def plot(rep: Report, path: str, floor: float = 1e-17) -> str:
-    """Relative error vs time per hypergradient, log-log, one curve per method curve."""
+    """Relative error vs time per hypergradient, log-log, one curve per method curve.
+
+    Each point is labelled with its setting (``K=5``, ``iters=12``, ``ε=0.01``...) in
+    its curve's colour, placed so that no two labels overlap (:func:`_place_labels`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,23 +159,25 @@ def plot(rep: Report, path: str, floor: float = 1e-17) -> str:
     curves: "OrderedDict[str, list]" = OrderedDict()
     for r in rep.rows:
         curves.setdefault(r.setting.curve_name, []).append(r)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    points = []
     for name, rows in curves.items():
         rows = sorted(rows, key=lambda r: r.time_s)
         xs = [r.time_s * 1e3 for r in rows]
         ys = [max(r.rel_error, floor) for r in rows]
-        ax.plot(xs, ys, marker="o", label=name)
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
         for r, x, y in zip(rows, xs, ys):
-            ax.annotate(r.setting.settings.split(" ")[0], (x, y), fontsize=6, alpha=0.7,
-                        textcoords="offset points", xytext=(3, 3))
+            points.append((x, y, r.setting.settings.split(" ")[0] or name, line.get_color()))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.margins(x=0.12, y=0.12)
     ax.set_xlabel("time per hypergradient [ms] (median)")
     ax.set_ylabel("relative error vs reference")
     ax.set_title(f"{rep.name}: hypergradient error vs cost", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    _place_labels(fig, ax, points)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
