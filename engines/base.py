@@ -17,6 +17,8 @@ registered by name. They know nothing about ``mlo`` or ``problems``: a
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Lower", "Method", "register", "get", "available", "check_options", "zeros_like_all",
-           "second_order"]
+           "second_order", "check_bool", "check_number", "check_int"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -46,6 +48,7 @@ class Lower:
             differentiable optimizer steps taken since the window opened.
         lr: the inner learning rate ``η`` (finite differences may scale by it):
             a float, or one float per tensor of ``params`` (per-group rates).
+        label: who this lower is, for warnings (e.g. ``"problem 'inner'"``).
     """
 
     params: Tensors
@@ -53,6 +56,35 @@ class Lower:
     loss_fn: Callable[[Tensors, Tensors], Tensor]
     outputs: Optional[Tensors] = None
     lr: Union[float, Sequence[float]] = 1.0
+    label: str = ""
+
+
+def check_bool(method: str, name: str, value: Any) -> None:
+    """``value`` must be ``True`` or ``False`` (a string such as ``"false"`` is not)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{method}: {name} must be a bool (True or False), got {value!r} "
+                         f"({type(value).__name__})")
+
+
+def check_number(method: str, name: str, value: Any, *, low: float = 0.0, open_low: bool = True) -> None:
+    """``value`` must be a finite real number (not a bool) ``> low`` (``>= low`` unless ``open_low``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if open_low else value >= low)
+    if not ok:
+        bound = f"> {low:g}" if open_low else f">= {low:g}"
+        kind = "" if isinstance(value, numbers.Real) and not isinstance(value, bool) else \
+            f" ({type(value).__name__})"
+        raise ValueError(f"{method}: {name} must be a number {bound}, got {value!r}{kind}"
+                         + (" (not finite)" if isinstance(value, float) and not math.isfinite(value) else ""))
+
+
+def check_int(method: str, name: str, value: Any, *, low: int = 0, none: bool = False) -> None:
+    """``value`` must be an integer (not a bool) ``>= low`` (or ``None`` when ``none``)."""
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{method}: {name} must be an integer >= {low}{' or None' if none else ''}, "
+                         f"got {value!r}")
 
 
 Method = Callable[..., Tensors]

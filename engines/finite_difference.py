@@ -16,12 +16,13 @@ never modified (no in-place edit of ``.data``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .base import Lower, register, zeros_like_all
+from .base import Lower, check_bool, check_number, register, zeros_like_all
 
 __all__ = ["finite_difference"]
 
@@ -43,8 +44,9 @@ def _grad_inputs(lower: Lower, params: Tensors, inputs: Tensors, create_graph: b
 
 
 def _check(*, epsilon: float = 0.01, scale_by_lr: bool = False, create_graph: bool = False) -> None:
-    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not epsilon > 0:
-        raise ValueError(f"finite_difference: epsilon must be a number > 0, got {epsilon!r}")
+    check_number("finite_difference", "epsilon", epsilon)
+    check_bool("finite_difference", "scale_by_lr", scale_by_lr)
+    check_bool("finite_difference", "create_graph", create_graph)
 
 
 @register("darts", check=_check, second_order=False)
@@ -66,7 +68,7 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
     Returns:
         One tensor per ``lower.inputs``; detached unless ``create_graph``.
     """
-    _check(epsilon=epsilon)
+    _check(epsilon=epsilon, scale_by_lr=scale_by_lr, create_graph=create_graph)
     v = tuple(v)
     if len(v) != len(lower.params):
         raise ValueError(f"v has {len(v)} tensors, lower.params has {len(lower.params)}")
@@ -92,6 +94,13 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
 
     plus = tuple(p + eps * t for p, t in zip(params, vs))    # new tensors: θ + εv
     minus = tuple(p - eps * t for p, t in zip(params, vs))   # new tensors: θ − εv
+    with torch.no_grad():   # one fused check: did the perturbation survive rounding?
+        moved = torch.stack([((a != p) | (b != p)).any() for a, b, p in zip(plus, minus, params)]).any()
+    if not bool(moved):
+        warnings.warn(f"{lower.label + ': ' if lower.label else ''}finite_difference: epsilon={epsilon!r} "
+                      f"is too small: θ ± εv rounds to θ (ε = epsilon/‖v‖ = {eps:.3g}), so this "
+                      f"hypergradient is exactly 0; use a larger epsilon (DARTS: 0.01)",
+                      RuntimeWarning, stacklevel=2)
     # ∇x f(θ+εv) − ∇x f(θ−εv) = ∇x [f(θ+εv) − f(θ−εv)]: two forwards, one backward.
     diff = _grad_inputs(lower, plus, inputs, create_graph, minus=minus)
 

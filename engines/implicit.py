@@ -18,8 +18,11 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+import math
+import numbers
+
 from . import solvers
-from .base import Lower, register, zeros_like_all
+from .base import Lower, check_bool, check_int, check_number, register, zeros_like_all
 
 __all__ = ["implicit", "neumann", "cg"]
 
@@ -81,21 +84,20 @@ def implicit(lower: Lower, v: Sequence[Tensor],
 
 
 def _check_neumann(*, iterations: int = 10, alpha: float = 1.0, create_graph: bool = False) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"neumann: iterations must be an integer >= 0, got {iterations!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise ValueError(f"neumann: alpha must be a number > 0 (the series converges for "
-                         f"0 < alpha < 2/λ_max(H)), got {alpha!r}")
+    check_int("neumann", "iterations", iterations, low=0)
+    if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha)
+            and alpha > 0):
+        raise ValueError(f"neumann: alpha must be a number > 0 (finite; the series converges "
+                         f"for 0 < alpha < 2/λ_max(H)), got {alpha!r}")
+    check_bool("neumann", "create_graph", create_graph)
 
 
 def _check_cg(*, max_iter: Optional[int] = None, tol: float = 1e-10, damping: float = 0.0,
               create_graph: bool = False) -> None:
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
-        raise ValueError(f"cg: max_iter must be an integer >= 1 or None, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"cg: tol must be a number >= 0, got {tol!r}")
-    if not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"cg: damping must be a number >= 0, got {damping!r}")
+    check_int("cg", "max_iter", max_iter, low=1, none=True)
+    check_number("cg", "tol", tol, open_low=False)
+    check_number("cg", "damping", damping, open_low=False)
+    check_bool("cg", "create_graph", create_graph)
 
 
 @register("neumann", check=_check_neumann)
@@ -105,7 +107,7 @@ def neumann(lower: Lower, v: Sequence[Tensor], *, iterations: int = 10,
 
     See :func:`engines.solvers.neumann`; converges when ``0 < α < 2/λ_max(H)``.
     """
-    _check_neumann(iterations=iterations, alpha=alpha)
+    _check_neumann(iterations=iterations, alpha=alpha, create_graph=create_graph)
     solve = solvers.get("neumann", iterations=iterations, alpha=alpha)
     return implicit(lower, v, solve, create_graph=create_graph)
 
@@ -118,6 +120,6 @@ def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = None,
     See :func:`engines.solvers.cg`; ``max_iter`` defaults to the number of
     lower parameters, ``tol`` is a relative residual tolerance.
     """
-    _check_cg(max_iter=max_iter, tol=tol, damping=damping)
+    _check_cg(max_iter=max_iter, tol=tol, damping=damping, create_graph=create_graph)
     solve = solvers.get("cg", max_iter=max_iter, tol=tol, damping=damping)
     return implicit(lower, v, solve, create_graph=create_graph)

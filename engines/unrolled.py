@@ -19,14 +19,19 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Lower, register, zeros_like_all
+from .base import Lower, check_bool, register, zeros_like_all
 
 __all__ = ["unrolled"]
 
 Tensors = Tuple[Tensor, ...]
 
 
-@register("unrolled")
+def _check(*, first_order: bool = False, create_graph: bool = False) -> None:
+    check_bool("unrolled", "first_order", first_order)
+    check_bool("unrolled", "create_graph", create_graph)
+
+
+@register("unrolled", check=_check)
 def unrolled(lower: Lower, v: Sequence[Tensor], *, first_order: bool = False,
              create_graph: bool = False) -> Tensors:
     """``(dθ_K/dx)ᵀ v`` by backpropagation through the unrolled inner steps.

@@ -110,8 +110,45 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _loader():
+    """A ``yaml.SafeLoader`` subclass that rejects duplicate mapping keys and reads
+    ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 resolver makes it a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: Dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        first = seen.get(key)
+                    except TypeError:      # unhashable: the base class names it
+                        continue
+                    if first is not None:
+                        raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first at line "
+                                            f"{first}); the later one would silently win")
+                    seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
 def load_problem_configs(path: "str | os.PathLike[str]") -> Dict[str, ProblemConfig]:
-    """Reads ``{problem name: {ProblemConfig fields}}`` from a YAML file (``safe_load``).
+    """Reads ``{problem name: {ProblemConfig fields}}`` from a YAML file (safe loader:
+    no Python objects; ``1e-3`` is a float).
 
     Example file::
 
@@ -119,13 +156,17 @@ def load_problem_configs(path: "str | os.PathLike[str]") -> Dict[str, ProblemCon
         finetune: {method: cg, method_options: {max_iter: 10}}
 
     Raises:
-        ValueError: the file is not such a mapping, or a field is unknown/invalid
-            (the message names the problem).
+        ValueError: the file is not such a mapping, a key appears twice in one mapping
+            (the message names the file, the key and both lines), or a field is
+            unknown/invalid (the message names the problem).
     """
     import yaml
 
     with open(path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        try:
+            data = yaml.load(f, Loader=_loader())
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

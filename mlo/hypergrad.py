@@ -161,7 +161,8 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
         with second_order_kernels(second), reading(ReadContext(P, resolve, own=dict(zip(names, ps)))):
             return engine._loss_of(P, P.last_batch)
 
-    lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine._lr(P))
+    lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine._lr(P),
+                     label=f"problem {name!r}")
     with _no_side_effects(engine, rng):
         grads = _run_method(method, name, P, lower, vv, opts)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
