@@ -115,7 +115,14 @@ def random_masking(
         raise ValueError("one mask ratio per segment expected")
     if scores is None:
         scores = torch.rand(n, length, device=x.device)
+    elif not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (n, length):
+        got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"masking scores must have shape [N, L] = [{n}, {length}] (one per token), "
+                         f"got {got}")
     scores = scores.detach()
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise ValueError(f"masking scores contain NaN ({int(torch.isnan(scores).sum())} of "
+                         f"{scores.numel()}): top-k masking needs comparable scores")
 
     keep, drop, start = [], [], 0
     for seg_len, ratio in zip(lengths, ratios):
@@ -274,6 +281,11 @@ class MaskedAutoencoder(nn.Module):
         """Per-segment ratios: explicit float → all segments; dict → by name;
         None → each segment's own ratio, else ``self.mask_ratio``."""
         out = []
+        if isinstance(mask_ratio, Mapping):
+            unknown = sorted(set(mask_ratio) - {seg.name for seg in self.segments}, key=str)
+            if unknown:
+                raise ValueError(f"mask_ratio names unknown segment(s) {unknown}; this MAE's "
+                                 f"segments: {[seg.name for seg in self.segments]}")
         for seg in self.segments:
             if isinstance(mask_ratio, Mapping):
                 r = mask_ratio.get(seg.name, seg.mask_ratio)

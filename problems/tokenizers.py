@@ -142,6 +142,36 @@ def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _positive(owner: str, **values) -> None:
+    """Each value must be an integer >= 1 (a named ``ValueError`` otherwise)."""
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner}: {k} must be an integer >= 1, got {v!r}")
+
+
+def _check_input(owner: str, x, layout: str, expected: Sequence[Optional[int]],
+                 channel_dim: Optional[int] = None) -> None:
+    """``x`` must be a tensor of shape ``expected`` (``None`` = any size) in ``layout``
+    (e.g. ``"[N, C, H, W]"``); the error names expected and got, with a channels-last
+    hint when the channel count sits in the last dimension instead."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: expected a tensor {layout}, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    ok = len(shape) == len(expected) and all(e is None or e == g for e, g in zip(expected, shape))
+    if ok:
+        return
+    want = "[" + ", ".join("N" if e is None else str(e) for e in expected) + "]"
+    msg = f"{owner}: expected input {layout} = {want}, got {list(shape)}"
+    if channel_dim is not None and len(shape) == len(expected):
+        c = expected[channel_dim]
+        if shape[-1] == c and shape[channel_dim] != c:
+            perm = (0, len(shape) - 1) + tuple(range(1, len(shape) - 1))
+            msg += f" — it looks channels-last; pass x.permute{perm}"
+        elif shape[channel_dim] != c:
+            msg += f" ({shape[channel_dim]} channels, the tokenizer has {c})"
+    raise ValueError(msg)
+
+
 class ImageTokenizer(Tokenizer):
     """Non-overlapping ``p×p`` patches of a ``C``-channel image (RGB, multispectral).
 
@@ -162,6 +192,8 @@ class ImageTokenizer(Tokenizer):
     def __init__(self, image_size, patch_size: int, in_chans: int, embed_dim: int,
                  learnable_pos: bool = False):
         h, w = _pair(image_size)
+        _positive("ImageTokenizer", height=h, width=w, patch_size=patch_size, in_chans=in_chans,
+                  embed_dim=embed_dim)
         if h % patch_size or w % patch_size:
             raise ValueError(f"image {h}x{w} not divisible by patch {patch_size}")
         self.image_size, self.patch_size, self.in_chans = (h, w), patch_size, in_chans
@@ -173,6 +205,7 @@ class ImageTokenizer(Tokenizer):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [N, C, H, W] -> [N, L, p·p·C]``, patch entries ordered ``(row, col, c)``."""
+        _check_input("ImageTokenizer", x, "[N, C, H, W]", (None, self.in_chans) + self.image_size, 1)
         n, c, _, _ = x.shape
         (gh, gw), p = self.grid, self.patch_size
         x = x.reshape(n, c, gh, p, gw, p)
@@ -209,6 +242,8 @@ class SequenceTokenizer(Tokenizer):
 
     def __init__(self, length: int, patch_length: int, in_chans: int, embed_dim: int,
                  learnable_pos: bool = False):
+        _positive("SequenceTokenizer", length=length, patch_length=patch_length, in_chans=in_chans,
+                  embed_dim=embed_dim)
         if length % patch_length:
             raise ValueError(f"length {length} not divisible by patch {patch_length}")
         self.length, self.patch_length, self.in_chans = length, patch_length, in_chans
@@ -220,6 +255,7 @@ class SequenceTokenizer(Tokenizer):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [N, C, T] -> [N, L, p·C]``, entries ordered ``(step, channel)``."""
+        _check_input("SequenceTokenizer", x, "[N, C, T]", (None, self.in_chans, self.length), 1)
         n, c, _ = x.shape
         x = x.reshape(n, c, self.num_tokens, self.patch_length).permute(0, 2, 3, 1)
         return x.reshape(n, self.num_tokens, self.patch_dim)  # [N, L, p·C]
@@ -251,12 +287,14 @@ class TabularTokenizer(Tokenizer):
     target_kind = REGRESSION
 
     def __init__(self, num_features: int, embed_dim: int, learnable_pos: bool = False):
+        _positive("TabularTokenizer", num_features=num_features, embed_dim=embed_dim)
         super().__init__(embed_dim, (num_features,), 1, learnable_pos)
         self.weight = nn.Parameter(torch.randn(num_features, embed_dim) * 0.02)  # [F, D]
         self.bias = nn.Parameter(torch.zeros(num_features, embed_dim))  # [F, D]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [N, F] -> [N, F, 1]``."""
+        _check_input("TabularTokenizer", x, "[N, F]", (None, self.grid[0]))
         return x.unsqueeze(-1)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
@@ -291,6 +329,7 @@ class DiscreteTokenizer(Tokenizer):
     def __init__(self, vocab_size: int, length: int, embed_dim: int,
                  learnable_pos: bool = False, name: str = "tokens",
                  pad_id: Optional[int] = None):
+        _positive("DiscreteTokenizer", vocab_size=vocab_size, length=length, embed_dim=embed_dim)
         if pad_id is not None and not 0 <= pad_id < vocab_size:
             raise ValueError(f"pad_id {pad_id} outside the vocabulary [0, {vocab_size})")
         super().__init__(embed_dim, (length,), vocab_size, learnable_pos)
@@ -302,6 +341,9 @@ class DiscreteTokenizer(Tokenizer):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """Ids are their own target: ``[N, T] -> [N, T]`` (long)."""
+        _check_input(f"DiscreteTokenizer {self.name!r}", x, "[N, T]", (None, self.grid[0]))
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"DiscreteTokenizer {self.name!r}: expected integer token ids, got {x.dtype}")
         return x
 
     def unpatchify(self, ids: torch.Tensor) -> torch.Tensor:
@@ -319,4 +361,8 @@ class DiscreteTokenizer(Tokenizer):
         return self.table.weight
 
     def _embed_patches(self, ids: torch.Tensor) -> torch.Tensor:
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bool(bad.any()):
+            raise ValueError(f"DiscreteTokenizer {self.name!r}: token id(s) outside the vocabulary "
+                             f"[0, {self.vocab_size}): e.g. {ids[bad][:5].tolist()}")
         return self.table(ids)  # [N, T, D]
