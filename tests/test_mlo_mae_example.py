@@ -87,7 +87,12 @@ def test_quick_run_outputs(quick_run):
     assert len(summary["mean_mask_probability"]) == 16
     assert all(0.0 < p < 1.0 for p in summary["mean_mask_probability"])
     assert sum(summary["mask_frequency"]) == pytest.approx(12)   # 12 of 16 patches masked
-    assert list((out / "tb").iterdir())                         # TensorBoard events
+    try:                                                        # TensorBoard is optional
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert not (out / "tb").exists()
+    else:
+        assert list((out / "tb").iterdir())                     # TensorBoard events
 
 
 def test_checkpoint_loads_into_the_same_graph(quick_run):
