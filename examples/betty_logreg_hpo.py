@@ -12,10 +12,11 @@ Data: ``y = [x·w_gt + 0.1·noise > 0]``, ``x ∈ R^20``, 500 training and 500 v
 points (Betty's 1000 split in half) plus 1000 test points, from a seeded generator.
 
 Betty does two things with hooks: ``on_inner_loop_start`` zeroes the lower before each
-inner loop and ``param_callback`` clamps λ after each upper step. mlo has no hooks yet
-(they are coming); here they are an explicit loop around ``engine.run`` — one outer step
-is ``zero w; engine.run(100); clamp λ`` (:func:`outer_step`), which is exactly Betty's
-schedule: 100 lower steps, then one upper update at the 100th lower iterate.
+inner loop and ``param_callback`` clamps λ after each upper step. mlo's hooks are
+``Classifier.on_window_start`` and ``WeightDecay.after_step`` (both edit the variables
+with ``set_params``), so training is one ``engine.run(outer_steps * 100)`` — Betty's
+schedule: 100 lower steps from ``w = 0``, then one upper update at the 100th lower
+iterate. (:func:`outer_step` runs one outer step, to interleave with Betty.)
 
     python examples/betty_logreg_hpo.py                       # every method, mlo only
     python examples/betty_logreg_hpo.py --methods cg --outer-steps 100
@@ -94,6 +95,9 @@ class Classifier(mlo.Problem):
         w, lam = self.params["w"], self.weight_decay.params["lam"]   # [D], [D]
         return F.binary_cross_entropy_with_logits(x @ w, y) + 0.5 * (lam * w * w).sum()
 
+    def on_window_start(self):                               # Betty: on_inner_loop_start
+        self.set_params({"w": torch.zeros_like(self.params["w"])})
+
 
 class WeightDecay(mlo.Problem):
     """Upper: validation loss of the classifier; variables: λ, one per feature."""
@@ -107,6 +111,9 @@ class WeightDecay(mlo.Problem):
     def training_step(self, batch):
         x, y = batch
         return F.binary_cross_entropy_with_logits(x @ self.classifier.params["w"], y)
+
+    def after_step(self):                                    # Betty: param_callback
+        self.set_params({"lam": self.params["lam"].clamp(min=CLAMP_MIN)})
 
 
 class Port(NamedTuple):
@@ -128,17 +135,9 @@ def build_mlo(method: str, data: Data, inner_steps: int = 100, options: Optional
 
 
 def outer_step(port: Port) -> None:
-    """One outer step: Betty's two hooks as explicit code around ``engine.run``.
-
-    ``engine.run(inner_steps)`` takes ``inner_steps`` lower steps and, at the last one,
-    the upper update (the unrolled window, if any, is closed when it returns), so the
-    lower can be reset in place before the next inner loop.
-    """
-    with torch.no_grad():
-        port.inner.params["w"].zero_()                   # Betty: on_inner_loop_start
+    """One outer step: ``inner_steps`` lower steps (the first one after the hook reset
+    ``w`` to 0) and, at the last one, the upper update (then the hook clamps λ)."""
     port.engine.run(port.inner_steps)
-    with torch.no_grad():
-        port.outer.params["lam"].clamp_(min=CLAMP_MIN)   # Betty: param_callback
 
 
 # ================================================================= evaluation

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields
 import math
 import numbers
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["ProblemConfig", "EngineConfig", "load_problem_configs"]
 
@@ -78,9 +78,31 @@ class EngineConfig:
 
     Attributes:
         validate_every: call ``validation`` every N iterations (``None``: never).
-        validation: ``fn(engine) -> dict`` of metrics; its results are kept in
-            ``engine.history``.
-        log_every: print losses every N iterations (``None``: silent).
+        validation: ``fn(engine) -> dict`` of metrics. It runs with every problem's
+            module in ``eval()`` mode (each submodule's previous mode is restored
+            afterwards); its results are printed, kept in ``engine.history`` and sent
+            to the loggers as ``"val/<metric>"``.
+        log_every: print losses (and dict extras of ``training_step``) every N
+            iterations and send them to the loggers (``None``: no printing; loggers
+            then get them every iteration).
+        progress: a tqdm bar in ``engine.run`` showing each problem's last loss and
+            extras. ``None`` (default): only when stderr is a terminal; ``True``:
+            always; ``False``: never.
+        loggers: objects with ``log(iteration, metrics: dict)`` (:mod:`mlo.loggers`:
+            ``CSVLogger``, ``TensorBoardLogger``).
+        early_stopping: ``{"metric": name, "mode": "min" | "max", "patience": k,
+            "min_delta": 0.0}`` — stop ``engine.run`` once the validation metric has
+            not improved (by more than ``min_delta``) for ``k`` validations in a row;
+            the best state (all modules, optimizers, schedulers) is kept in memory and
+            restored by ``engine.restore_best()``. Needs ``validation``.
+        monitor: ``{"every": N, "reference": (method, options)}`` (optionally
+            ``"problems": [names]``): every N updates of each problem with
+            hypergradient paths, its hypergradient is recomputed at the same state
+            with the reference method on every problem of its paths and compared with
+            the one applied; cosine and relative error go to
+            ``engine.records[name]["monitor_cosine" / "monitor_rel_error"]`` and the
+            loggers. The run is unchanged. Default reference:
+            ``("cg", {"max_iter": 50, "tol": 1e-10})``.
         nonfinite: what an update does when its loss, its own gradient or its
             hypergradient holds a NaN or an infinity (checked before every optimizer
             step, in place or inside an unrolled window): ``"raise"`` (default) raises
@@ -96,6 +118,10 @@ class EngineConfig:
     validation: Optional[Callable[[Any], Dict[str, float]]] = None
     log_every: Optional[int] = None
     nonfinite: str = "raise"
+    progress: Optional[bool] = None
+    loggers: List[Any] = field(default_factory=list)
+    early_stopping: Optional[Dict[str, Any]] = None
+    monitor: Optional[Dict[str, Any]] = None
 
     def __post_init__(self):
         for name in ("validate_every", "log_every"):
@@ -108,6 +134,47 @@ class EngineConfig:
                              f"metrics or None, got {type(self.validation).__name__}")
         if self.nonfinite not in ("raise", "skip"):
             raise ValueError(f"EngineConfig.nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ValueError(f"EngineConfig.progress must be True, False or None, got {self.progress!r}")
+        if not isinstance(self.loggers, (list, tuple)) or not all(
+                callable(getattr(x, "log", None)) for x in self.loggers):
+            raise ValueError("EngineConfig.loggers must be a list of objects with a "
+                             "log(iteration, metrics) method (see mlo.loggers)")
+        es = self.early_stopping
+        if es is not None:
+            if isinstance(es, dict):
+                self.early_stopping = es = dict(es)
+            if not isinstance(es, dict) or "metric" not in es or set(es) - {"metric", "mode", "patience", "min_delta"}:
+                raise ValueError(f"EngineConfig.early_stopping must be a dict with 'metric' and optional "
+                                 f"'mode' ('min'/'max'), 'patience' (int >= 1), 'min_delta' (>= 0), got {es!r}")
+            es.setdefault("mode", "min")
+            es.setdefault("patience", 5)
+            es.setdefault("min_delta", 0.0)
+            p, d = es["patience"], es["min_delta"]
+            if es["mode"] not in ("min", "max") or not isinstance(p, int) or isinstance(p, bool) or p < 1 \
+                    or not isinstance(d, numbers.Real) or isinstance(d, bool) or not d >= 0:
+                raise ValueError(f"EngineConfig.early_stopping: mode must be 'min' or 'max', patience an "
+                                 f"integer >= 1, min_delta a number >= 0; got {es!r}")
+            if self.validation is None or self.validate_every is None:
+                raise ValueError("EngineConfig.early_stopping needs validation=fn and validate_every=N")
+        m = self.monitor
+        if m is not None:
+            if isinstance(m, dict):
+                self.monitor = m = dict(m)
+            if not isinstance(m, dict) or set(m) - {"every", "reference", "problems"}:
+                raise ValueError(f"EngineConfig.monitor must be a dict with 'every' and optional "
+                                 f"'reference' (method, options) and 'problems', got {m!r}")
+            m.setdefault("every", 1)
+            m.setdefault("reference", ("cg", {"max_iter": 50, "tol": 1e-10}))
+            e, ref = m["every"], m["reference"]
+            if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+                raise ValueError(f"EngineConfig.monitor['every'] must be an integer >= 1, got {e!r}")
+            if isinstance(ref, str):
+                m["reference"] = ref = (ref, {})
+            if not (isinstance(ref, (tuple, list)) and len(ref) == 2 and isinstance(ref[0], str)
+                    and isinstance(ref[1], dict)):
+                raise ValueError(f"EngineConfig.monitor['reference'] must be a method name or "
+                                 f"(method, options dict), got {ref!r}")
 
 
 class _DuplicateKey(Exception):

@@ -37,6 +37,8 @@ from torch import Tensor
 
 import engines.base as eb
 
+from . import callbacks as cb
+from . import monitor as mon
 from .config import EngineConfig
 from .graph import Graph, GraphError
 from .optim import FunctionalOptimizer
@@ -121,6 +123,7 @@ class Engine:
         self._unique_top = tops[0] if len(tops) == 1 else None
         self.iteration = 0
         self.history: List[Dict[str, Any]] = []
+        self._init_events()
 
     @staticmethod
     def _names(table, ids, kind) -> Dict[str, List[str]]:
@@ -137,12 +140,29 @@ class Engine:
                 for k, vs in table.items()}
 
     # ------------------------------------------------------------- schedule
-    def run(self, iterations: int) -> List[Dict[str, Any]]:
-        """Runs ``iterations`` iterations; returns the validation history."""
+    def run(self, iterations: int, callbacks: Sequence[Any] = ()) -> List[Dict[str, Any]]:
+        """Runs ``iterations`` iterations; returns the validation history.
+
+        Args:
+            iterations: how many.
+            callbacks: objects with any of ``after_update(engine, problem)``,
+                ``after_iteration(engine)``, ``after_validation(engine, metrics)``
+                (:mod:`mlo.callbacks`). Early stopping or ``request_stop()`` ends the
+                run after the current iteration.
+        """
         if not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
-        for _ in range(iterations):
-            self.step()
+        self._callbacks, self._progress = list(callbacks or ()), cb.Progress(self, iterations)
+        self.stop_requested = False
+        try:
+            for _ in range(iterations):
+                self.step()
+                self._progress.update()
+                if self.stop_requested:
+                    break
+        finally:
+            self._progress.close()
+            self._callbacks, self._progress = [], None
         return self.history
 
     def step(self) -> None:
@@ -155,6 +175,7 @@ class Engine:
                 continue
             for lo in lows:
                 self._since[name][lo] = 0
+                self._loop_start[lo] = True
             P.ready_count += 1
             if lows:
                 consumed |= self.graph.path_nodes(name)
@@ -166,28 +187,155 @@ class Engine:
                 if self._last_block.get(name) == block:
                     continue
                 self._last_block[name] = block
+            if self._loop_start[name]:
+                self._loop_start[name] = False
+                P.on_window_start()
             self._update(P)
             for up in self.graph.above[name]:
                 self._since[up][name] += 1
         for n in consumed:
             self._close_window(n)
         self.iteration += 1
+        self._end_of_iteration()
+
+    # --------------------------------------------------------------- events
+    def _init_events(self) -> None:
+        """Hooks, loggers, validation, early stopping and monitor state (mlo.callbacks)."""
         c = self.config
-        if c.log_every and self.iteration % c.log_every == 0:
-            print(f"[mlo] iter {self.iteration}: " + ", ".join(
-                f"{n}={p.last_loss.item():.4g}" for n, p in self.problems.items() if p.last_loss is not None))
-        if c.validate_every and c.validation and self.iteration % c.validate_every == 0:
-            out = c.validation(self)
+        self._loop_start = {n: True for n in self.problems}   # next update runs on_window_start
+        self._callbacks: List[Any] = []
+        self._progress: Optional[cb.Progress] = None
+        self._updating: Optional[Problem] = None
+        self._extras: Optional[dict] = None
+        self._logged: Dict[str, int] = {}
+        #: Per problem: the scalar extras of its last update's ``training_step`` dict
+        #: (every key but ``"loss"``, e.g. ``{"acc": 0.93}``), as floats.
+        self.last_extras: Dict[str, Dict[str, float]] = {}
+        self.stop_requested = False
+        es = c.early_stopping
+        #: The early-stopping tracker (``best``, ``best_iteration``), or ``None``.
+        self.early_stopping = cb.EarlyStopping(**es) if es else None
+        self._monitored: set = set()
+        if c.monitor:
+            method, opts = c.monitor["reference"]
+            if method in ("unrolled",):
+                raise ValueError("EngineConfig.monitor: the reference must be an implicit or "
+                                 "finite-difference method (e.g. ('cg', {'max_iter': 50, 'tol': 1e-10}))")
             try:
-                metrics = dict(out)
-            except (TypeError, ValueError):
-                raise TypeError(f"EngineConfig.validation must return a dict of metrics, got "
-                                f"{type(out).__name__} ({out!r}) at iteration {self.iteration}") from None
-            self.history.append({"iteration": self.iteration, **metrics})
+                eb.check_options(method, opts)
+            except KeyError as e:
+                raise ValueError(f"EngineConfig.monitor['reference']: {e.args[0]}") from None
+            with_paths = [n for n in self.problems if self.graph.paths(n)]
+            names = c.monitor.get("problems") or with_paths
+            bad = [n for n in names if n not in with_paths]
+            if bad:
+                raise ValueError(f"EngineConfig.monitor['problems']: {bad} have no hypergradient "
+                                 f"paths; problems with paths: {with_paths}")
+            self._monitored = set(names)
+
+    def request_stop(self) -> None:
+        """Ends the current ``run`` after this iteration (for callbacks)."""
+        self.stop_requested = True
+
+    def restore_best(self) -> None:
+        """Loads the state (modules, optimizers, schedulers of every problem) saved at the
+        best validation of ``EngineConfig(early_stopping=...)``; open windows are closed
+        first. Counters (iteration, step counts) are not rewound."""
+        if self.early_stopping is None or self.early_stopping.state is None:
+            raise RuntimeError("restore_best: no best state kept — set EngineConfig(early_stopping="
+                               "{'metric': ..., 'mode': ..., 'patience': ...}) and run a validation first")
+        cb.restore(self, self.early_stopping.state)
+
+    def _write(self, msg: str) -> None:
+        if self._progress is not None:
+            self._progress.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        for lg in self.config.loggers:
+            lg.log(self.iteration, metrics)
+
+    def _after_update(self, P: Problem, ref) -> None:
+        rec = self.records[P.name]
+        if self._extras is not None:
+            self.last_extras[P.name] = cb.scalars({k: v for k, v in self._extras.items() if k != "loss"})
+            self._extras = None
+        P.after_step()
+        if ref and P.name in self.last_hypergradient:
+            cos, rel = mon.compare(self.last_hypergradient[P.name], ref, P.param_names)
+            rec["monitor_cosine"], rec["monitor_rel_error"] = cos, rel
+            method, opts = self.config.monitor["reference"]
+            self._write(f"[mlo] iter {self.iteration} monitor {P.name}: cosine {cos:.6f}, relative "
+                        f"error {rel:.3g} ({P.name}'s paths by {self._path_methods(P.name)} vs "
+                        f"{method} {opts})")
+            self._log({f"{P.name}/monitor_cosine": cos, f"{P.name}/monitor_rel_error": rel})
+        cb.emit(self._callbacks, "after_update", self, P)
+
+    def _path_methods(self, name: str) -> str:
+        return ", ".join(f"{n}={self.problems[n].config.method}" for n in sorted(self.graph.path_nodes(name)))
+
+    def _monitor_reference(self, P: Problem):
+        """The reference hypergradient at the state this update will use (or ``None``)."""
+        if P.name not in self._monitored or (P.step_count + 1) % self.config.monitor["every"]:
+            return None
+        method, opts = self.config.monitor["reference"]
+        return mon.reference_hypergradient(self, P.name, method, opts, batch=P.peek_batch())
+
+    def _end_of_iteration(self) -> None:
+        c = self.config
+        printing = c.log_every is not None and self.iteration % c.log_every == 0
+        if printing or (c.loggers and c.log_every is None):
+            self._log_training(printing)
+        if c.validate_every and c.validation and self.iteration % c.validate_every == 0:
+            self._validate()
+        cb.emit(self._callbacks, "after_iteration", self)
+
+    def _log_training(self, printing: bool) -> None:
+        if printing:
+            self._write(f"[mlo] iter {self.iteration}: " + ", ".join(
+                f"{n}={p.last_loss.item():.4g}" + "".join(
+                    f", {n}.{k}={v:.4g}" for k, v in self.last_extras.get(n, {}).items())
+                for n, p in self.problems.items() if p.last_loss is not None))
+        if self.config.loggers:
+            metrics: Dict[str, float] = {}
+            for n, rec in self.records.items():
+                if "loss" in rec and rec["updates"] != self._logged.get(n):
+                    self._logged[n] = rec["updates"]
+                    metrics[f"{n}/loss"] = rec["loss"]
+                    metrics.update({f"{n}/{k}": v for k, v in self.last_extras.get(n, {}).items()})
+            if metrics:
+                self._log(metrics)
+
+    def _validate(self) -> None:
+        """Runs ``config.validation`` with every module in eval mode (modes restored)."""
+        c = self.config
+        with cb.eval_mode(P.module for P in self.problems.values()):
+            out = c.validation(self)
+        try:
+            metrics = dict(out)
+        except (TypeError, ValueError):
+            raise TypeError(f"EngineConfig.validation must return a dict of metrics, got "
+                            f"{type(out).__name__} ({out!r}) at iteration {self.iteration}") from None
+        self.history.append({"iteration": self.iteration, **metrics})
+        nums = cb.scalars(metrics)
+        self._write(f"[mlo] iter {self.iteration} validation: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in nums.items()))
+        if nums:
+            self._log({f"val/{k}": v for k, v in nums.items()})
+        es = self.early_stopping
+        if es is not None and es.update(self, metrics):
+            self.stop_requested = True
+            self._write(f"[mlo] early stopping at iteration {self.iteration}: {es.metric} has not "
+                        f"improved for {es.patience} validations (best {es.best:.4g} at iteration "
+                        f"{es.best_iteration}; engine.restore_best() loads that state)")
+        cb.emit(self._callbacks, "after_validation", self, metrics)
 
     # --------------------------------------------------------------- update
     def _loss_of(self, P: Problem, batch) -> Tensor:
         out = P.training_step(batch)
+        if isinstance(out, dict) and self._updating is P:
+            self._extras = out          # dict extras of an update (engine.last_extras)
         loss = out.get("loss") if isinstance(out, dict) else out
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"problem {P.name!r}: training_step must return a scalar tensor or a "
@@ -282,14 +430,21 @@ class Engine:
         return out
 
     def _update(self, P: Problem) -> None:
+        ref = self._monitor_reference(P)
         t0 = time.perf_counter()
-        applied = self._update_inner(P)
+        self._updating, self._extras = P, None
+        try:
+            applied = self._update_inner(P)
+        finally:
+            self._updating = None
         rec = self.records[P.name]
         if applied:
             rec["updates"] += 1
         else:
             rec["skipped"] = rec.get("skipped", 0) + 1
         rec["seconds"] += time.perf_counter() - t0
+        if applied:
+            self._after_update(P, ref)
 
     @staticmethod
     def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> List[float]:

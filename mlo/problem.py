@@ -189,6 +189,71 @@ class Problem:
         """
         return None
 
+    # ---------------------------------------------------------------- hooks
+    def on_window_start(self) -> None:
+        """Hook (no-op by default): runs before the first update of each inner loop.
+
+        That is this problem's very first update, and its first update after a problem
+        directly above it became ready — i.e. after the problems above consumed its
+        steps (Betty's ``on_inner_loop_start``). With ``method="unrolled"`` the previous
+        window has been closed and the new one opens at this update, from the state the
+        hook leaves. Typical use: reset the lower before each inner loop::
+
+            def on_window_start(self):
+                self.set_params({"w": torch.zeros_like(self.params["w"])})
+        """
+
+    def after_step(self) -> None:
+        """Hook (no-op by default): runs after each of this problem's applied updates
+        (not after an update skipped by ``EngineConfig(nonfinite="skip")``).
+
+        Inside an open unrolled window ``self.params`` is the new differentiable
+        iterate; replace it with :meth:`set_params` (e.g. a projection, Betty's
+        ``param_callback``)::
+
+            def after_step(self):
+                self.set_params({"lam": self.params["lam"].clamp(min=1e-8)})
+
+        The problems above see the result: unrolled windows differentiate through it
+        (``clamp`` has a derivative; a constant cuts the path), implicit methods
+        evaluate at it.
+        """
+
+    def set_params(self, values: Mapping[str, Tensor]) -> None:
+        """Replaces some of this problem's variables — the way for hooks to edit them.
+
+        With no unrolled window open on this problem, the values are copied into its
+        parameters under ``no_grad`` (like an optimizer step). Inside an open window
+        they *replace the current iterate* as given — keep the autograd graph (build
+        them from ``self.params[...]``) to differentiate through the edit, or give
+        constants to cut it (a reset). Editing ``self.params[k]`` in place instead
+        would corrupt a window's graph or be lost when it closes.
+
+        Args:
+            values: ``{variable name: tensor}`` of the variables' shapes.
+
+        Raises:
+            KeyError: an unknown variable name. ValueError: a wrong shape.
+            RuntimeError: called while a loss is being evaluated.
+        """
+        if current_context() is not None:
+            raise RuntimeError(f"problem {self.name!r}: set_params inside a loss; call it from a "
+                               f"hook (on_window_start, after_step) or between engine.run calls")
+        own = self.own_state()
+        for k, v in values.items():
+            if k not in own:
+                raise KeyError(f"problem {self.name!r} has no variable {k!r} (its variables: "
+                               f"{self.param_names})")
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"problem {self.name!r}: set_params({k!r}) got shape "
+                                 f"{tuple(v.shape)}, the variable has {tuple(own[k].shape)}")
+        if self._state is not None:      # inside a window: a new iterate
+            self._state = {k: (values[k].to(t.dtype) if k in values else t) for k, t in self._state.items()}
+            return
+        with torch.no_grad():
+            for k, v in values.items():
+                own[k].copy_(v)
+
     # ------------------------------------------------------------ the state
     def own_state(self) -> Dict[str, Tensor]:
         """This problem's current state, without any reader's aliasing."""

@@ -1,7 +1,7 @@
 """The Betty port (examples/betty_logreg_hpo.py), its mlo part only — Betty is not needed.
 
-Every method runs the example's explicit outer loop (reset the lower, ``engine.run``,
-clamp λ) on a tiny config; CG's hypergradient at a fixed state and the unrolled
+Every method runs the example's outer steps (``engine.run``; its hooks reset the lower
+and clamp λ) on a tiny config; CG's hypergradient at a fixed state and the unrolled
 window's first hypergradient match independent naive-autograd references in float64.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _grad_w(w, lam, data):
 
 
 @pytest.mark.parametrize("method", list(E.METHODS))
-def test_every_method_runs_the_explicit_outer_loop(method):
+def test_every_method_runs_the_outer_steps_with_hooks(method):
     torch.manual_seed(0)
     data = tiny_data()
     port = E.build_mlo(method, data, inner_steps=4, dtype=torch.float64)
