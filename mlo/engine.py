@@ -40,6 +40,7 @@ import engines.base as eb
 from . import callbacks as cb
 from . import monitor as mon
 from .config import EngineConfig
+from . import lint as _lint
 from .graph import Graph, GraphError
 from .optim import FunctionalOptimizer
 from .hypergrad import _no_side_effects, _rng_state, hypergradient, path_contribution, second_order_kernels
@@ -359,6 +360,7 @@ class Engine:
         with second_order_kernels(diff), \
                 reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
             loss = self._loss_of(P, batch)
+        _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
         own = [P.own_state()[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes for k, a in r.alias.items()]
         if not loss.requires_grad:
@@ -587,7 +589,7 @@ class Engine:
             if r.source == S.name:
                 return r.alias
         st = S.own_state()
-        track = diff or S.name in nodes
+        track = diff or S.name in nodes or _lint.pending(self, R)   # (lint sees every first read)
         # A differentiable reader keeps its graph past this step; if S then steps in
         # place (torch.optim), the saved values would change under it. Clone then —
         # unless S is the only top problem and R lies on one of its paths: the top is
