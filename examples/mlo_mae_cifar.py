@@ -12,6 +12,14 @@ evaluates the encoder with a linear probe. From the repository root, after
     python examples/mlo_mae_cifar.py --method cg         # best-response method of the lower levels
     python examples/mlo_mae_cifar.py --set embed_dim=128 --set depth=4   # any MLOMAESettings field
     python examples/mlo_mae_cifar.py --resume runs/mlo_mae/checkpoint.pt --steps 4000
+    torchrun --nproc_per_node 2 examples/mlo_mae_cifar.py --quick    # data parallel, 2 processes
+
+Under ``torchrun`` every rank builds the same graph and keeps rows ``r, r+W, ...`` of
+each global batch of the three data streams (``mlo.distributed.shard_batches``: the
+batch size stays the global one and must be divisible by the number of ranks); the
+engine averages gradients and hypergradient products over ranks. Rank 0 alone
+prints, writes ``metrics.csv``, ``masks.png``, ``summary.json`` and the checkpoint,
+and runs the linear probe.
 
 Presets are YAML files in ``examples/configs/`` (``mlo_mae_paper.yaml``,
 ``mlo_mae_cpu.yaml``; your own with ``--preset-file``). The default preset is
@@ -40,6 +48,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import pickle
 import socket
 import sys
@@ -55,6 +64,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 import mlo.checkpoint
+from mlo import distributed as mdist
 from problems.datasets import CIFAR_RESOURCES, load_cifar, load_digits, take
 from problems.evaluation import Features, linear_probe
 from problems.mae import num_masked
@@ -327,6 +337,16 @@ class MetricsLog:
             self.tb.close()
 
 
+class NoLog:
+    """``MetricsLog`` of ranks other than 0: writes nothing."""
+
+    def write(self, engine, seconds):
+        return {}
+
+    def close(self):
+        pass
+
+
 def tensorboard(logdir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -339,8 +359,10 @@ def train(graph: MLOMAEGraph, steps: int, out: Path, args: argparse.Namespace) -
     """Steps the engine to ``steps`` iterations; returns the seconds taken."""
     engine = graph.engine
     log = MetricsLog(out, graph, append=args.resume is not None)
+    if not mdist.is_main():
+        log = NoLog()   # rank 0 alone writes metrics.csv and shows the bar
     bar = tqdm(total=steps, initial=min(engine.iteration, steps), desc=graph.variant, unit="it",
-               disable=True if args.no_progress else None, dynamic_ncols=True)
+               disable=True if args.no_progress or not mdist.is_main() else None, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         while engine.iteration < steps:
@@ -476,9 +498,13 @@ def write_summary(path: Path, graph: MLOMAEGraph, preset, args, seconds: float, 
 def run(args: argparse.Namespace) -> float:
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if mdist.init_from_env() and not mdist.is_main():   # under torchrun: rank 0 alone prints
+        sys.stdout = open(os.devnull, "w")
     if args.resume is not None and not args.resume.is_file():
         raise UsageError(f"resume file {args.resume} does not exist")
     device = pick_device(args)
+    if device.type == "cuda" and mdist.is_distributed():   # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     preset, train_data, test_data = load_data(choose_preset(args), args)
@@ -489,12 +515,21 @@ def run(args: argparse.Namespace) -> float:
           f"({preset['data']}: train {len(train_data[0])}, test {len(test_data[0])}), "
           f"{settings.steps} steps, device {device}", flush=True)
     graph = build_graph(args, settings, train_data, device)
+    if mdist.is_distributed():
+        for P in graph.problems.values():    # this rank's rows of every global batch
+            P.data = mdist.shard_batches(P.data)
+        torch.manual_seed(args.seed + mdist.rank())   # independent dropout / noise per rank
     if args.resume is not None:
         resume(graph, args.resume)
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = train(graph, settings.steps, args.out, args)
     graph.engine.close_windows()   # iterates back into the modules; the checkpoint has no open window
-    mlo.checkpoint.save(graph.engine, args.out / "checkpoint.pt")
+    mlo.checkpoint.save(graph.engine, args.out / "checkpoint.pt")   # every rank calls; rank 0 writes
+    if mdist.is_distributed():
+        main_rank = mdist.is_main()
+        torch.distributed.destroy_process_group()
+        if not main_rank:
+            return float("nan")
     stats = mask_statistics(graph, test_data[0])
     plot_masks(graph, test_data[0], stats, args.out / "masks.png")
     accuracy = probe_accuracy(graph, train_data, test_data, preset, args.quick)

@@ -10,6 +10,12 @@ training split so that regularisation matters. The hypergradient method is chose
 with ``--method`` (unrolled, neumann, cg, finite_difference).
 
     python examples/quickstart_weight_decay.py --method cg
+    torchrun --nproc_per_node 2 examples/quickstart_weight_decay.py --method cg   # data parallel
+
+Under ``torchrun`` each rank keeps every other row of the training and validation
+sets (``mlo.distributed.shard``); the engine averages every gradient and every
+Hessian-vector product over ranks, so the run is the one-process run on the whole
+data (up to summation order). Only rank 0 prints.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlo
+from mlo import distributed as mdist
 
 
 def load(seed: int, n_train: int):
@@ -107,23 +114,33 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    mdist.init_from_env("gloo")          # under torchrun: one process per rank
+    main_rank = mdist.is_main()          # only rank 0 prints and evaluates
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     train, val, test = load(args.seed, args.n_train)
     D = train[0].shape[1]
 
-    before = fit_lower(torch.full((D,), args.init_log_wd, dtype=torch.float64), train)
-    print(f"method: {args.method} {METHOD_OPTIONS[args.method]}")
-    print("before: val loss %.4f acc %.4f | test loss %.4f acc %.4f" % (*evaluate(before, val), *evaluate(before, test)))
+    if main_rank:
+        before = fit_lower(torch.full((D,), args.init_log_wd, dtype=torch.float64), train)
+        print(f"method: {args.method} {METHOD_OPTIONS[args.method]}"
+              + (f"; {mdist.world_size()} ranks" if mdist.is_distributed() else ""))
+        print("before: val loss %.4f acc %.4f | test loss %.4f acc %.4f" % (*evaluate(before, val), *evaluate(before, test)))
 
-    hyper = WeightDecay(val, D, args.init_log_wd)
-    clf = Classifier(hyper, train, args.method, METHOD_OPTIONS[args.method], args.inner_steps)
+    # This rank's rows (all of them without torchrun): rank r takes rows r, r+W, ...
+    hyper = WeightDecay(tuple(mdist.shard(t) for t in val), D, args.init_log_wd)
+    clf = Classifier(hyper, tuple(mdist.shard(t) for t in train), args.method,
+                     METHOD_OPTIONS[args.method], args.inner_steps)
     hyper.classifier = clf
     engine = mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}})
     engine.run(args.outer_steps * args.inner_steps)
     engine.close_windows()
 
     log_wd = hyper.params["log_wd"].detach()
+    if mdist.is_distributed():
+        torch.distributed.destroy_process_group()
+    if not main_rank:
+        return
     after = fit_lower(log_wd, train)
     print("after:  val loss %.4f acc %.4f | test loss %.4f acc %.4f" % (*evaluate(after, val), *evaluate(after, test)))
     print(f"learned weight decay: min {log_wd.exp().min():.3g} median {log_wd.exp().median():.3g} "

@@ -164,7 +164,31 @@ def save(engine, path: PathLike) -> None:
 
     Warns (``RuntimeWarning``) when an unrolled window is open (module docstring).
     Removes temporary files of earlier saves in that folder whose process is gone.
+
+    Data parallel (``torch.distributed`` initialised with more than one rank): call it
+    on every rank. Only rank 0 writes (every rank holds the same state); all ranks
+    then wait for the file, and an error on rank 0 is raised on every rank. Load with
+    :func:`load` on every rank (the file must be visible to all of them).
     """
+    from . import distributed as _dist
+
+    if not (_dist.is_distributed() and _dist.world_size() > 1):
+        return _save(engine, path)
+    error = None
+    if _dist.rank() == 0:
+        try:
+            _save(engine, path)
+        except BaseException as e:   # re-raised below, after telling the other ranks
+            error = e
+    failed = torch.tensor([0.0 if error is None else 1.0])
+    torch.distributed.all_reduce(failed)      # also the barrier: the file exists after this
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"checkpoint save to {os.fspath(path)} failed on rank 0")
+
+
+def _save(engine, path: PathLike) -> None:
     open_windows = {n: w.steps for n, w in engine._windows.items()}
     _warn_open(open_windows, "checkpoint saved")
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None

@@ -39,6 +39,7 @@ import engines.base as eb
 
 from . import callbacks as cb
 from . import monitor as mon
+from . import distributed as _dist
 from .config import EngineConfig
 from . import lint as _lint
 from .graph import Graph, GraphError
@@ -124,6 +125,10 @@ class Engine:
         self._unique_top = tops[0] if len(tops) == 1 else None
         self.iteration = 0
         self.history: List[Dict[str, Any]] = []
+        # Data parallel over torch.distributed (mlo.distributed): same start on every rank.
+        self._dist = _dist.enabled(getattr(self.config, "distributed", "auto"))
+        if self._dist:
+            _dist.broadcast_parameters(problems)
         self._init_events()
 
     @staticmethod
@@ -356,9 +361,14 @@ class Engine:
         nodes = self.graph.path_nodes(name)
         reads: List[Read] = []
         P.last_batch = batch
+        resolve, own_view = (lambda S: self._alias(P, S, diff, nodes, reads)), None
+        if self._dist and diff:
+            # Data parallel inside a window: the loss reads every variable through
+            # grad_average, so its gradient and every derivative of that gradient
+            # (backward through the window) are those of the global batch.
+            resolve, own_view = _dist.reading_views(resolve, P.own_state(), P.param_names)
         # Inside a window the loss's gradient is differentiated again later.
-        with second_order_kernels(diff), \
-                reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
+        with second_order_kernels(diff), reading(ReadContext(P, resolve, own=own_view)):
             loss = self._loss_of(P, batch)
         _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
         own = [P.own_state()[k] for k in P.param_names]
@@ -374,7 +384,11 @@ class Engine:
                                       retain_graph=True) if tracked else ())
         else:
             allg = torch.autograd.grad(loss, own + [a for *_, a in tracked], allow_unused=True)
+            if self._dist:   # data parallel: the mean over ranks is the global batch's gradient
+                allg = _dist.average_optional(allg, own + [a for *_, a in tracked])
             g, ga = allg[:len(own)], allg[len(own):]
+        if self._dist:
+            loss = _dist.average([loss.detach()])[0]
         if all(x is None for x in g) and not tracked:
             raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
                                f"{P.param_names}; call the module through the problem (self(x)) "

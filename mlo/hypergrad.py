@@ -37,6 +37,7 @@ from torch import Tensor
 
 import engines.base as eb
 
+from .distributed import grad_average
 from .state import ReadContext, reading
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -144,8 +145,14 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
         P.last_batch = P.peek_batch()
     rng = _rng_state()
     second = eb.second_order(P.config.method) or bool(opts.get("create_graph"))
+    data_parallel = getattr(engine, "_dist", False)
 
     def loss_fn(ps, xs):
+        if data_parallel:
+            # Every derivative of the local loss w.r.t. ps and xs (gradients,
+            # Hessian-vector products, mixed terms) is averaged over ranks: that of
+            # the global-batch loss (mlo.distributed).
+            ps, xs = tuple(grad_average(ps)), tuple(grad_average(xs))
         given: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
         for (s, k), x in zip(layout, xs):
             given[s][k] = x

@@ -1,0 +1,227 @@
+"""Data parallelism (mlo.distributed): 2 gloo processes on CPU vs one process.
+
+Each rank keeps rows ``r, r+2, ...`` of every global batch (``shard_batches``); with
+mean-reduced losses the run must end with the parameters of one process fed the
+global batches — for every hypergradient method, whose Hessian-vector products,
+finite differences and unrolled backward passes are averaged over ranks inside the
+method (float64, relative error ≤ 1e-6; measured ~1e-15). Processes are started with
+``torch.multiprocessing`` (spawn) and a file-based rendezvous (no network); every
+spawn is bounded by a timeout, and a rank that raises must stop both with its error.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import mlo
+from mlo import distributed as mdist
+
+WORLD = 2
+TIMEOUT = 60          # seconds per spawned test
+METHODS = {"unrolled": {}, "cg": {"max_iter": 10}, "neumann": {"iterations": 10, "alpha": 0.5},
+           "finite_difference": {"epsilon": 0.01}}
+MAE_METHODS = {"unrolled": {}, "cg": {"max_iter": 3}, "neumann": {"iterations": 3, "alpha": 0.1},
+               "finite_difference": {}}
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+# ----------------------------------------------------------------- the graphs
+class Classifier(mlo.Problem):
+    def __init__(self, hyper, data, method, options):
+        super().__init__("classifier", module=nn.Linear(6, 1).double(), data=data,
+                         optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.5, "momentum": 0.5},
+                         config=mlo.ProblemConfig(unroll_steps=4, method=method, method_options=options))
+        self.hyper = hyper
+
+    def training_step(self, batch):
+        x, y = batch
+        w = self.params["weight"].squeeze(0)
+        wd = self.hyper.params["log_wd"].exp()
+        return F.binary_cross_entropy_with_logits(self(x).squeeze(-1), y) + 0.5 * (wd * w * w).sum()
+
+
+class WeightDecay(mlo.Problem):
+    def __init__(self, data):
+        super().__init__("hyper", params={"log_wd": torch.full((6,), -1.0, dtype=torch.float64)},
+                         data=data, optimizer=torch.optim.Adam, optimizer_kwargs={"lr": 0.1})
+        self.classifier = None
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self.classifier(x).squeeze(-1), y)
+
+
+def quickstart_batches():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(96, 6, generator=g, dtype=torch.float64)
+    Y = (X[:, 0] + 0.5 * torch.randn(96, generator=g, dtype=torch.float64) > 0).double()
+    train = [(X[i:i + 16], Y[i:i + 16]) for i in range(0, 48, 16)]      # 3 global batches of 16
+    val = [(X[i:i + 24], Y[i:i + 24]) for i in range(48, 96, 24)]       # 2 global batches of 24
+    return train, val
+
+
+def quickstart_engine(method, shard):
+    torch.manual_seed(1)
+    train, val = quickstart_batches()
+    wrap = mdist.shard_batches if shard else (lambda d: d)
+    hyper = WeightDecay(wrap(val))
+    clf = Classifier(hyper, wrap(train), method, METHODS[method])
+    hyper.classifier = clf
+    return mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}})
+
+
+def mae_engine(method, shard):
+    from problems.mlo_mae import MLOMAESettings, build
+
+    s = MLOMAESettings(image_size=4, patch_size=2, in_chans=1, embed_dim=8, depth=1, num_heads=2,
+                       decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_hidden=8,
+                       batch_size=8, steps=8, num_classes=3, head_dropout=0.0, method=method,
+                       method_options=MAE_METHODS[method])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 1, 4, 4, generator=g)
+    y = torch.randint(0, 3, (60,), generator=g)
+    graph = build("mlo-mae", s, (x, y), seed=0)
+    if shard:
+        for P in graph.problems.values():
+            P.data = mdist.shard_batches(P.data)
+    return graph.engine
+
+
+GRAPHS = {"quickstart": (quickstart_engine, 12), "mlo_mae": (mae_engine, 6)}
+
+
+def params_of(engine):
+    return {f"{n}.{k}": t.detach().clone() for n, P in engine.problems.items()
+            for k, t in zip(P.param_names, P._real)}
+
+
+def run_graph(graph, method, shard):
+    build, iters = GRAPHS[graph]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        engine = build(method, shard)
+        start = params_of(engine)
+        t0 = time.perf_counter()
+        engine.run(iters)
+        engine.close_windows()
+        return start, params_of(engine), (time.perf_counter() - t0) / iters
+    finally:
+        torch.set_default_dtype(old)
+
+
+# --------------------------------------------------------------- spawn plumbing
+def _init(rank, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
+
+
+def _parity_worker(rank, init_file, graph, out):
+    _init(rank, init_file)
+    try:
+        result = {m: run_graph(graph, m, shard=True)[1:] for m in METHODS}
+        if rank == 0:
+            torch.save(result, out)
+        if graph == "quickstart":   # checkpoints: every rank calls save, rank 0 writes; all load
+            engine = quickstart_engine("cg", shard=True)
+            engine.run(4)
+            mlo.checkpoint.save(engine, out + ".ckpt")
+            assert os.path.isfile(out + ".ckpt")
+            assert [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".mlo-ckpt")] == []
+            fresh = quickstart_engine("cg", shard=True)
+            mlo.checkpoint.load(fresh, out + ".ckpt")
+            assert fresh.iteration == 4 and rel(params_of(fresh), params_of(engine)) == 0.0
+    finally:
+        dist.destroy_process_group()
+
+
+def _failing_worker(rank, init_file):
+    _init(rank, init_file)
+
+    class Boom(WeightDecay):
+        def training_step(self, batch):
+            if mdist.rank() == 1 and self.step_count == 1:
+                raise ValueError("rank 1 failed on purpose")
+            return super().training_step(batch)
+
+    torch.manual_seed(1)
+    train, val = quickstart_batches()
+    hyper = Boom(mdist.shard_batches(val))
+    clf = Classifier(hyper, mdist.shard_batches(train), "cg", METHODS["cg"])
+    hyper.classifier = clf
+    mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}}).run(40)
+    dist.destroy_process_group()
+
+
+def spawn(fn, args, timeout=TIMEOUT):
+    """Runs ``fn(rank, *args)`` on WORLD processes; fails (and kills them) after ``timeout``."""
+    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"spawned ranks did not finish within {timeout}s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def rel(a, b):
+    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in b) ** 0.5
+    den = sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
+    return num / den
+
+
+# ------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+def test_two_ranks_match_one_process_on_the_global_batch(graph, tmp_path, measured):
+    out = tmp_path / "result.pt"
+    spawn(_parity_worker, (str(tmp_path / "init"), graph, str(out)))
+    result = torch.load(out, weights_only=True)
+    if graph == "quickstart":
+        assert (tmp_path / "result.pt.ckpt").is_file()
+    for method in METHODS:
+        start, want, _ = run_graph(graph, method, shard=False)
+        got, _ = result[method]
+        assert rel(want, start) > 1e-3, "the run must move the parameters"
+        for name in ("hyper.log_wd", "mask.net.0.weight"):
+            if name in want:   # the upper level really learned (a hypergradient was applied)
+                assert float((want[name] - start[name]).abs().max()) > 1e-6
+        measured(f"distributed: {graph}, {method}, 2 ranks vs 1 process (rel. params)",
+                 rel(got, want), 1e-6)
+
+
+def test_a_failing_rank_stops_all_ranks_with_its_error(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
+        spawn(_failing_worker, (str(tmp_path / "init"),))
+    assert time.monotonic() - t0 < TIMEOUT
+
+
+def test_single_process_helpers_and_shard_semantics():
+    assert not mdist.is_distributed() and mdist.rank() == 0 and mdist.world_size() == 1
+    assert not mdist.enabled("auto") and not mdist.enabled(False)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mdist.enabled(True)
+    t = torch.arange(5.0)
+    assert mdist.average([t])[0] is t and mdist.grad_average([t])[0] is t
+    # DistributedSampler semantics: rank r takes r, r+W, ...; padded by wrapping around.
+    assert mdist.shard(list(range(5)), 0, 2) == [0, 2, 4]
+    assert mdist.shard(list(range(5)), 1, 2) == [1, 3, 0]
+    assert mdist.shard(list(range(5)), 1, 2, drop_last=True) == [1, 3]
+    assert torch.equal(mdist.shard(torch.arange(6), 1, 3), torch.tensor([1, 4]))
+    batches = list(mdist.shard_batches([(torch.arange(4), torch.arange(4) * 10)], 1, 2))
+    assert [b.tolist() for b in batches[0]] == [[1, 3], [10, 30]]
+    with pytest.raises(ValueError, match="divisible"):
+        list(mdist.shard_batches([torch.arange(3)], 0, 2))
