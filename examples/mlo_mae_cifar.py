@@ -114,6 +114,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--monitor", type=int, default=0, metavar="N",
+                   help="every N mask updates, recompute the mask's hypergradient with CG to tol 1e-10 "
+                        "on both lower levels and print its cosine and relative error (run unchanged)")
     return p.parse_args(argv)
 
 
@@ -271,7 +274,8 @@ def pick_device(args: argparse.Namespace) -> torch.device:
 def build_graph(args, settings: MLOMAESettings, train: Data, device: torch.device) -> MLOMAEGraph:
     """The variant's graph on ``device`` (data and models)."""
     try:
-        graph = build(args.variant, settings, train, seed=args.seed)
+        config = mlo.EngineConfig(monitor={"every": args.monitor}) if getattr(args, "monitor", 0) else None
+        graph = build(args.variant, settings, train, seed=args.seed, engine_config=config)
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"cannot build the {args.variant} graph: {one_line(e)}") from None
     params = [p for P in graph.engine.problems.values() for p in P.module.parameters()]

@@ -10,6 +10,7 @@ training split so that regularisation matters. The hypergradient method is chose
 with ``--method`` (unrolled, neumann, cg, finite_difference).
 
     python examples/quickstart_weight_decay.py --method cg
+    python examples/quickstart_weight_decay.py --method unrolled --monitor 10   # vs CG to tol
     torchrun --nproc_per_node 2 examples/quickstart_weight_decay.py --method cg   # data parallel
 
 Under ``torchrun`` each rank keeps every other row of the training and validation
@@ -113,6 +114,9 @@ def main(argv=None):
     ap.add_argument("--init-log-wd", type=float, default=-8.0)
     ap.add_argument("--n-train", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--monitor", type=int, default=0, metavar="N",
+                    help="every N upper updates, recompute the hypergradient with CG to tol 1e-10 "
+                         "and print its cosine and relative error (the run is unchanged)")
     args = ap.parse_args(argv)
     mdist.init_from_env("gloo")          # under torchrun: one process per rank
     main_rank = mdist.is_main()          # only rank 0 prints and evaluates
@@ -132,7 +136,8 @@ def main(argv=None):
     clf = Classifier(hyper, tuple(mdist.shard(t) for t in train), args.method,
                      METHOD_OPTIONS[args.method], args.inner_steps)
     hyper.classifier = clf
-    engine = mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}})
+    config = mlo.EngineConfig(monitor={"every": args.monitor} if args.monitor else None)
+    engine = mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}}, config)
     engine.run(args.outer_steps * args.inner_steps)
     engine.close_windows()
 

@@ -231,6 +231,8 @@ class Engine:
                 eb.check_options(method, opts)
             except KeyError as e:
                 raise ValueError(f"EngineConfig.monitor['reference']: {e.args[0]}") from None
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"EngineConfig.monitor['reference']: {e}") from None
             with_paths = [n for n in self.problems if self.graph.paths(n)]
             names = c.monitor.get("problems") or with_paths
             bad = [n for n in names if n not in with_paths]
@@ -258,9 +260,9 @@ class Engine:
         else:
             print(msg, flush=True)
 
-    def _log(self, metrics: Dict[str, float]) -> None:
+    def _log(self, metrics: Dict[str, float], iteration: Optional[int] = None) -> None:
         for lg in self.config.loggers:
-            lg.log(self.iteration, metrics)
+            lg.log(self.iteration if iteration is None else iteration, metrics)
 
     def _after_update(self, P: Problem, ref) -> None:
         rec = self.records[P.name]
@@ -272,10 +274,11 @@ class Engine:
             cos, rel = mon.compare(self.last_hypergradient[P.name], ref, P.param_names)
             rec["monitor_cosine"], rec["monitor_rel_error"] = cos, rel
             method, opts = self.config.monitor["reference"]
-            self._write(f"[mlo] iter {self.iteration} monitor {P.name}: cosine {cos:.6f}, relative "
+            it = self.iteration + 1     # the iteration in progress (1-based, as the other logs)
+            self._write(f"[mlo] iter {it} monitor {P.name}: cosine {cos:.6f}, relative "
                         f"error {rel:.3g} ({P.name}'s paths by {self._path_methods(P.name)} vs "
                         f"{method} {opts})")
-            self._log({f"{P.name}/monitor_cosine": cos, f"{P.name}/monitor_rel_error": rel})
+            self._log({f"{P.name}/monitor_cosine": cos, f"{P.name}/monitor_rel_error": rel}, it)
         cb.emit(self._callbacks, "after_update", self, P)
 
     def _path_methods(self, name: str) -> str:
