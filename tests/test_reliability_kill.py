@@ -191,8 +191,8 @@ def test_sigkill_during_save_loop_resumes_bit_identical(tmp_path):
             checkpoint.load(eng, path)                # the last file always loads
             assert it <= eng.iteration <= it + 1       # ... and is the last save, or the one after
         server.stdin.close()
-        assert server.wait(timeout=60) == 0, server.stderr.read()
-        assert ref.wait(timeout=120) == 0, ref.stderr.read()
+        assert server.wait(timeout=300) == 0, server.stderr.read()
+        assert ref.wait(timeout=300) == 0, ref.stderr.read()
     finally:
         for p in (server, ref):
             if p.poll() is None:
