@@ -109,6 +109,12 @@ class EngineConfig:
             ``FloatingPointError`` naming the problem, the iteration and the quantity;
             ``"skip"`` skips that update with a ``RuntimeWarning`` saying the same.
             Either way the parameters and the optimizer state are left untouched.
+        distributed: data parallelism over ``torch.distributed`` (:mod:`mlo.distributed`):
+            ``"auto"`` (default) when a process group with more than one rank is
+            initialised, ``True`` (it must be), ``False`` (never: each rank runs alone).
+            Then parameters are broadcast from rank 0 at construction, gradients and
+            hypergradient products are averaged over ranks, and ranks other than 0
+            print, log and show progress nothing.
 
     Raises:
         ValueError: a field of the wrong type or out of range (checked on construction).
@@ -122,8 +128,13 @@ class EngineConfig:
     loggers: List[Any] = field(default_factory=list)
     early_stopping: Optional[Dict[str, Any]] = None
     monitor: Optional[Dict[str, Any]] = None
+    distributed: Any = "auto"
 
     def __post_init__(self):
+        if self.distributed not in ("auto", True, False) or isinstance(self.distributed, int) \
+                and not isinstance(self.distributed, bool):
+            raise ValueError(f"EngineConfig.distributed must be 'auto', True or False, got "
+                             f"{self.distributed!r}")
         for name in ("validate_every", "log_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

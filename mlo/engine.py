@@ -27,6 +27,7 @@ still counts for the schedule (the problems above become ready as usual) and in
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -129,6 +130,8 @@ class Engine:
         self._dist = _dist.enabled(getattr(self.config, "distributed", "auto"))
         if self._dist:
             _dist.broadcast_parameters(problems)
+            if not _dist.is_main():   # rank 0 alone prints, logs and shows progress
+                self.config = dataclasses.replace(self.config, progress=False, loggers=[], log_every=None)
         self._init_events()
 
     @staticmethod
@@ -255,6 +258,8 @@ class Engine:
         cb.restore(self, self.early_stopping.state)
 
     def _write(self, msg: str) -> None:
+        if self._dist and not _dist.is_main():
+            return
         if self._progress is not None:
             self._progress.write(msg)
         else:

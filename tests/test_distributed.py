@@ -10,7 +10,9 @@ spawn is bounded by a timeout, and a rank that raises must stop both with its er
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import time
 
@@ -69,14 +71,14 @@ def quickstart_batches():
     return train, val
 
 
-def quickstart_engine(method, shard):
+def quickstart_engine(method, shard, config=None):
     torch.manual_seed(1)
     train, val = quickstart_batches()
     wrap = mdist.shard_batches if shard else (lambda d: d)
     hyper = WeightDecay(wrap(val))
     clf = Classifier(hyper, wrap(train), method, METHODS[method])
     hyper.classifier = clf
-    return mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}})
+    return mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}}, config=config)
 
 
 def mae_engine(method, shard):
@@ -141,6 +143,19 @@ def _parity_worker(rank, init_file, graph, out):
             fresh = quickstart_engine("cg", shard=True)
             mlo.checkpoint.load(fresh, out + ".ckpt")
             assert fresh.iteration == 4 and rel(params_of(fresh), params_of(engine)) == 0.0
+            # Printing and loggers: rank 0 only.
+            logged, text = [], io.StringIO()
+
+            class Logger:
+                def log(self, iteration, metrics):
+                    logged.append(iteration)
+
+            engine = quickstart_engine("cg", shard=True, config=mlo.EngineConfig(
+                log_every=1, loggers=[Logger()], progress=False))
+            with contextlib.redirect_stdout(text):
+                engine.run(2)
+            assert ("[mlo] iter 2" in text.getvalue()) == (rank == 0), text.getvalue()
+            assert (logged == [1, 2]) == (rank == 0) and (logged == []) == (rank != 0)
     finally:
         dist.destroy_process_group()
 
