@@ -115,6 +115,12 @@ class EngineConfig:
             Then parameters are broadcast from rank 0 at construction, gradients and
             hypergradient products are averaged over ranks, and ranks other than 0
             print, log and show progress nothing.
+        device: a torch device (``"cuda:0"``, ``"cpu"``) every problem's module and
+            every batch are moved to; ``None`` (default): leave them where they are.
+        precision: ``"fp32"`` (default) or ``"bf16"``: every loss runs under
+            ``torch.autocast`` in bfloat16 while variables, gradients and hypergradient
+            vectors stay float32 (:mod:`mlo.precision`). ``"fp16"`` is rejected (it
+            needs a gradient scaler).
 
     Raises:
         ValueError: a field of the wrong type or out of range (checked on construction).
@@ -129,8 +135,13 @@ class EngineConfig:
     early_stopping: Optional[Dict[str, Any]] = None
     monitor: Optional[Dict[str, Any]] = None
     distributed: Any = "auto"
+    device: Optional[str] = None
+    precision: str = "fp32"
 
     def __post_init__(self):
+        from .precision import check as _check_precision
+
+        _check_precision(self.precision, self.device)
         if self.distributed not in ("auto", True, False) or isinstance(self.distributed, int) \
                 and not isinstance(self.distributed, bool):
             raise ValueError(f"EngineConfig.distributed must be 'auto', True or False, got "

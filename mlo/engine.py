@@ -41,6 +41,7 @@ import engines.base as eb
 from . import callbacks as cb
 from . import monitor as mon
 from . import distributed as _dist
+from . import precision as _precision
 from .config import EngineConfig
 from . import lint as _lint
 from .graph import Graph, GraphError
@@ -126,6 +127,11 @@ class Engine:
         self._unique_top = tops[0] if len(tops) == 1 else None
         self.iteration = 0
         self.history: List[Dict[str, Any]] = []
+        # Device and precision (mlo.precision): modules moved now, batches before each loss.
+        self._device = None if self.config.device is None else torch.device(self.config.device)
+        if self._device is not None:
+            for P in problems:
+                P.module.to(self._device)
         # Data parallel over torch.distributed (mlo.distributed): same start on every rank.
         self._dist = _dist.enabled(getattr(self.config, "distributed", "auto"))
         if self._dist:
@@ -347,13 +353,16 @@ class Engine:
 
     # --------------------------------------------------------------- update
     def _loss_of(self, P: Problem, batch) -> Tensor:
-        out = P.training_step(batch)
+        with _precision.autocast(self.config.precision, self._device):
+            out = P.training_step(_precision.to_device(batch, self._device))
         if isinstance(out, dict) and self._updating is P:
             self._extras = out          # dict extras of an update (engine.last_extras)
         loss = out.get("loss") if isinstance(out, dict) else out
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"problem {P.name!r}: training_step must return a scalar tensor or a "
                             f"dict with a scalar 'loss', got {type(out).__name__}")
+        if loss.dtype in (torch.bfloat16, torch.float16):
+            loss = loss.float()
         return loss.reshape(())
 
     def _lr(self, P: Problem) -> Union[float, tuple]:

@@ -1,0 +1,140 @@
+"""EngineConfig(device=..., precision=...): bf16 autocast with float32 variables and
+hypergradient vectors, vs the same runs in fp32 (mlo.precision)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlo
+
+torch.set_num_threads(1)
+METHODS = {"unrolled": {}, "cg": {"max_iter": 10}, "neumann": {"iterations": 10, "alpha": 0.5},
+           "finite_difference": {"epsilon": 0.01}}
+
+
+class Classifier(mlo.Problem):
+    def __init__(self, hyper, data, method):
+        super().__init__("classifier", module=nn.Linear(8, 1), data=data,
+                         optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.5, "momentum": 0.5},
+                         config=mlo.ProblemConfig(unroll_steps=5, method=method,
+                                                  method_options=METHODS[method]))
+        self.hyper = hyper
+
+    def training_step(self, batch):
+        x, y = batch
+        w = self.params["weight"].squeeze(0)
+        return F.binary_cross_entropy_with_logits(self(x).squeeze(-1), y) \
+            + 0.5 * (self.hyper.params["log_wd"].exp() * w * w).sum()
+
+
+class WeightDecay(mlo.Problem):
+    def __init__(self, data):
+        super().__init__("hyper", params={"log_wd": torch.full((8,), -2.0)}, data=data,
+                         optimizer=torch.optim.Adam, optimizer_kwargs={"lr": 0.05})
+        self.classifier = None
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self.classifier(x).squeeze(-1), y)
+
+
+def quickstart(method, precision, device=None):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(128, 8, generator=g)
+    Y = (X[:, 0] - X[:, 1] + 0.5 * torch.randn(128, generator=g) > 0).float()
+    torch.manual_seed(0)
+    hyper = WeightDecay([(X[64:], Y[64:])])
+    clf = Classifier(hyper, [(X[:64], Y[:64])], method)
+    hyper.classifier = clf
+    return mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}},
+                      config=mlo.EngineConfig(precision=precision, device=device))
+
+
+def flat(engine):
+    return torch.cat([t.detach().reshape(-1) for P in engine.problems.values() for t in P._real])
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_bf16_quickstart_stays_close_to_fp32(method, measured):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        e = quickstart(method, precision)
+        start = flat(e)
+        e.run(50)                       # 10 upper updates
+        e.close_windows()
+        runs[precision] = flat(e)
+        assert all(t.dtype == torch.float32 for P in e.problems.values() for t in P._real)
+        assert e.last_hypergradient["hyper"]["log_wd"].dtype == torch.float32
+    assert rel(runs["fp32"], start) > 1e-2
+    measured(f"precision: quickstart {method}, 50 it., bf16 vs fp32 (rel. params)",
+             rel(runs["bf16"], runs["fp32"]), 1e-2)
+    assert rel(runs["bf16"], runs["fp32"]) > 1e-6   # bf16 really was used
+
+
+class Ridge(mlo.Problem):
+    """P1: w*(λ) = argmin ½‖Xw − y‖² + ½Σλ_j w_j² (per-feature weight decay)."""
+
+    def __init__(self, hyper, X, y):
+        super().__init__("lower", params={"w": torch.zeros(X.shape[1])}, data=[(X, y)],
+                         config=mlo.ProblemConfig(method="cg", method_options={"max_iter": 50,
+                                                                               "tol": 1e-12}))
+        self.hyper = hyper
+
+    def training_step(self, batch):
+        X, y = batch
+        w = self.params["w"]
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (self.hyper.params["lam"] * w * w).sum()
+
+
+class Val(mlo.Problem):
+    def __init__(self, Xv, yv):
+        super().__init__("upper", params={"lam": torch.linspace(0.5, 2.0, 6)}, data=[(Xv, yv)])
+        self.lower = None
+
+    def training_step(self, batch):
+        X, y = batch
+        return 0.5 * ((X @ self.lower.params["w"] - y) ** 2).sum()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_p1_hypergradient_in_bf16_mode(precision, measured):
+    g = torch.Generator().manual_seed(0)
+    X, Xv = torch.randn(30, 6, generator=g), torch.randn(20, 6, generator=g)
+    y, yv = torch.randn(30, generator=g), torch.randn(20, generator=g)
+    up = Val(Xv, yv)
+    lo = Ridge(up, X, y)
+    up.lower = lo
+    lam = up.params["lam"].detach().double()
+    H = X.double().T @ X.double() + torch.diag(lam)
+    w = torch.linalg.solve(H, X.double().T @ y.double())
+    with torch.no_grad():
+        lo.params["w"].copy_(w.float())                    # at the lower optimum
+    engine = mlo.Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}},
+                        config=mlo.EngineConfig(precision=precision))
+    got = engine.gradient("upper")["grad"]["lam"]
+    gv = Xv.double().T @ (Xv.double() @ w - yv.double())
+    exact = -w * torch.linalg.solve(H, gv)                  # ∂F/∂λ_j = −w*_j (H⁻¹g)_j
+    assert got.dtype == torch.float32
+    tol = {"fp32": 1e-4, "bf16": 2e-2}[precision]
+    if precision == "bf16":   # autocast really ran the losses in bfloat16
+        assert rel(got.double(), exact) > 1e-5
+    measured(f"precision: P1 implicit CG hypergradient, {precision} mode vs closed form",
+             rel(got.double(), exact), tol)
+
+
+def test_device_and_precision_options():
+    with pytest.raises(ValueError, match="gradient scaler"):
+        mlo.EngineConfig(precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        mlo.EngineConfig(precision="int8")
+    with pytest.raises(ValueError, match="EngineConfig.device"):
+        mlo.EngineConfig(device="nodevice")
+    e = quickstart("cg", "fp32", device="cpu")      # batches and modules moved (a no-op here)
+    e.run(10)
+    assert e.records["hyper"]["updates"] == 2
