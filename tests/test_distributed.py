@@ -156,8 +156,16 @@ def _parity_worker(rank, init_file, graph, out):
                 engine.run(2)
             assert ("[mlo] iter 2" in text.getvalue()) == (rank == 0), text.getvalue()
             assert (logged == [1, 2]) == (rank == 0) and (logged == []) == (rank != 0)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        raise           # no barrier: the launcher stops the other rank
+    _shutdown()
+
+
+def _shutdown():
+    # Both ranks leave together: a gloo process group torn down while the other rank
+    # still sends can abort the process ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _failing_worker(rank, init_file):
@@ -174,8 +182,13 @@ def _failing_worker(rank, init_file):
     hyper = Boom(mdist.shard_batches(val))
     clf = Classifier(hyper, mdist.shard_batches(train), "cg", METHODS["cg"])
     hyper.classifier = clf
-    mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}}).run(40)
-    dist.destroy_process_group()
+    try:
+        mlo.Engine([clf, hyper], {"u2l": {hyper: [clf]}, "l2u": {clf: [hyper]}}).run(40)
+    except BaseException as e:      # which rank's error spawn reports first is a race: record
+        with open(f"{init_file}.rank{rank}.err", "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        raise
+    _shutdown()
 
 
 def spawn(fn, args, timeout=TIMEOUT):
@@ -219,9 +232,12 @@ def test_two_ranks_match_one_process_on_the_global_batch(graph, tmp_path, measur
 
 def test_a_failing_rank_stops_all_ranks_with_its_error(tmp_path):
     t0 = time.monotonic()
-    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
+    # Rank 1 raises; spawn then stops rank 0 (blocked in a collective) and re-raises —
+    # rank 1's error, or rank 0's broken connection when that is noticed first.
+    with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)):
         spawn(_failing_worker, (str(tmp_path / "init"),))
     assert time.monotonic() - t0 < TIMEOUT
+    assert (tmp_path / "init.rank1.err").read_text() == "ValueError: rank 1 failed on purpose"
 
 
 def test_single_process_helpers_and_shard_semantics():
