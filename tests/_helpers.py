@@ -1,11 +1,24 @@
 """Small helpers shared by the engine tests (imported as ``from _helpers import ...``)."""
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import torch
 
 import mlo
 
-__all__ = ["rel", "recording", "RecSGD", "Vars", "chain_levels"]
+__all__ = ["rel", "recording", "RecSGD", "Vars", "chain_levels", "load_example"]
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """The module ``examples/<name>.py`` (examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def rel(a, b) -> float:

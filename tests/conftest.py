@@ -19,6 +19,7 @@ import math
 import os
 
 import pytest
+import torch
 
 _RECORDS = []
 
@@ -62,3 +63,11 @@ def pytest_terminal_summary(terminalreporter):
             w = csv.writer(f)
             w.writerow(["test", "check", "error", "tolerance"])
             w.writerows(_RECORDS)
+
+
+@pytest.fixture
+def restore_threads():
+    """Restores torch's intra-op thread count after a test (example scripts set it)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

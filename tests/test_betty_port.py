@@ -6,17 +6,14 @@ window's first hypergradient match independent naive-autograd references in floa
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "betty_logreg_hpo.py"
-_spec = importlib.util.spec_from_file_location("betty_logreg_hpo", _PATH)
-E = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(E)
+from _helpers import load_example
+
+E = load_example("betty_logreg_hpo")
 
 D = E.DIM
 

@@ -4,35 +4,26 @@ options; bad input exits with one ``error:`` line; MetaMAEPretrain runs in an en
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import mlo
+from _helpers import load_example
 from problems.mae import MaskedAutoencoder
 from problems.meta_mae import MetaMAEOptions, MetaMAEPretrain
 from problems.tokenizers import SequenceTokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "meta_mae.py"
 LAST_LINE = re.compile(r"^linear-probe test accuracy: \d+\.\d\d%$")
+
+
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("meta_mae_example", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+    return load_example("meta_mae")
 
 
 @pytest.mark.parametrize("modality", ["image", "tabular", "timeseries", "tokens"])

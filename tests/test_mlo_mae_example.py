@@ -6,37 +6,28 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import mlo.checkpoint
+from _helpers import load_example
 from problems.datasets import load_digits, write_cifar_like
 from problems.mlo_mae import MLOMAESettings, build
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mlo_mae_cifar.py"
 LAST_LINE = re.compile(r"^linear-probe test accuracy: \d+\.\d\d%$")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("mlo_mae_cifar", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+    return load_example("mlo_mae_cifar")
 
 
 def run(script, capsys, out, *extra):

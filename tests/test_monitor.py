@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlo
+from _helpers import load_example
 
 torch.set_num_threads(1)
 
@@ -100,12 +101,7 @@ def test_monitor_config_errors():
 
 def test_quickstart_monitor_flag(capsys):
     pytest.importorskip("sklearn")
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart_weight_decay.py"
-    spec = importlib.util.spec_from_file_location("quickstart_weight_decay", path)
-    qs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qs)
+    qs = load_example("quickstart_weight_decay")
     qs.main(["--method", "cg", "--outer-steps", "2", "--inner-steps", "5", "--monitor", "1"])
     out = capsys.readouterr().out
     assert out.count("monitor weight_decay: cosine 0.99") == 2 and "classifier=cg vs cg" in out

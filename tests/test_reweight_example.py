@@ -4,26 +4,17 @@ alone; finite differences approximate the mixed derivative of the loss with the 
 network's input *attached* (they cannot see ``.detach()``)."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "reweight_digits.py"
-_spec = importlib.util.spec_from_file_location("reweight_digits", _PATH)
-E = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(E)
+from _helpers import load_example
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+E = load_example("reweight_digits")
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.mark.parametrize("method", list(E.METHODS))
