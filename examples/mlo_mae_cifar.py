@@ -168,17 +168,6 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
     return out
 
 
-def coerce_floats(s: Dict[str, Any]) -> None:
-    """YAML 1.1 reads ``1e-3`` as a string: convert values of float fields."""
-    for f in fields(MLOMAESettings):
-        v = s.get(f.name)
-        if f.type == "float" and isinstance(v, (str, int)) and not isinstance(v, bool):
-            try:
-                s[f.name] = float(v)
-            except ValueError:
-                raise UsageError(f"setting {f.name} must be a number, got {v!r}") from None
-
-
 def make_settings(preset: Dict[str, Any], args: argparse.Namespace) -> MLOMAESettings:
     """Preset settings, then ``--quick``, ``--steps``, ``--mask-every``, ``--method``,
     ``--set``; the method's options come from the preset's ``method_options`` table."""
@@ -193,7 +182,6 @@ def make_settings(preset: Dict[str, Any], args: argparse.Namespace) -> MLOMAESet
     s["method_options"] = {**preset["method_options"].get(method, {}), **(s.get("method_options") or {})}
     if method == "cg":
         s["method_options"].setdefault("max_iter", CG_MAX_ITER)
-    coerce_floats(s)
     try:
         return MLOMAESettings.from_dict(s)
     except (TypeError, ValueError) as e:
