@@ -271,11 +271,16 @@ class Problem:
             return ctx.own if ctx.own is not None else self.own_state()
         return ctx.resolve(self)
 
+    def _runs_on_own_parameters(self) -> bool:
+        """Whether the current state is the module's own parameters (no window open, no
+        reader's aliasing): then the module runs directly, without ``functional_call``."""
+        ctx = current_context()
+        return self._state is None and (ctx is None or (ctx.reader is self and ctx.own is None))
+
     def __call__(self, *args, **kwargs):
         """Runs ``module`` with the problem's current state (``functional_call``)."""
-        ctx = current_context()
-        if self._state is None and (ctx is None or (ctx.reader is self and ctx.own is None)):
-            return self.module(*args, **kwargs)   # its own parameters: no functional_call needed
+        if self._runs_on_own_parameters():
+            return self.module(*args, **kwargs)
         return functional_call(self.module, self.params, args, kwargs)
 
     def call(self, method: str, *args, **kwargs):
@@ -298,13 +303,9 @@ class Problem:
             raise AttributeError(
                 f"problem {self.name!r}: its module ({type(self.module).__name__}) has no method "
                 f"{method!r} to call")
-        ctx = current_context()
-        if self._state is None and (ctx is None or (ctx.reader is self and ctx.own is None)):
+        if self._runs_on_own_parameters():
             return fn(*args, **kwargs)
-        wrapper = self.__dict__.get("_methods", {}).get(method)
-        if wrapper is None:
-            wrapper = _Method(self.module, method)
-            self.__dict__.setdefault("_methods", {})[method] = wrapper
+        wrapper = _Method(self.module, method)   # holds no state of its own: cheap to build
         state = {"m." + k: v for k, v in self.params.items()}
         return functional_call(wrapper, state, args, kwargs, strict=False)
 
