@@ -37,6 +37,7 @@ import time
 import torch
 import yaml
 
+from mlo.monitor import compare
 from problems.datasets import load_digits
 from problems.evaluation import linear_probe
 from problems.mae import num_masked
@@ -189,9 +190,7 @@ def run_memory(args):
 
 
 def cos(a, b):
-    a = torch.cat([t.flatten() for t in a.values()])
-    b = torch.cat([t.flatten() for t in b.values()])
-    return float(a @ b / (a.norm() * b.norm() + 1e-30))
+    return compare(a, b, list(a))[0]
 
 
 def hypergrads(g, batch):
