@@ -48,6 +48,7 @@ import yaml
 from torch import Tensor
 
 import mlo
+from mlo.config import load_yaml
 from mlo.loggers import CSVLogger
 from problems.datasets import (infinite_loader, load_basic_motions, load_breast_cancer,
                                load_cmudict_syllables, load_digits)
@@ -100,10 +101,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def read_config(path: Path) -> Dict[str, Any]:
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            d = yaml.safe_load(f)
+        d = load_yaml(path)      # strict: duplicate keys named, 1e-3 a float
     except OSError as e:
         raise UsageError(f"cannot read config {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"config {' '.join(str(e).split())}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(d, dict):

@@ -64,6 +64,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 import mlo.checkpoint
+from mlo.config import load_yaml
 from mlo import distributed as mdist
 from problems.datasets import CIFAR_RESOURCES, load_cifar, load_digits, take
 from problems.evaluation import Features, linear_probe
@@ -124,10 +125,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def read_preset(path: Path) -> Dict[str, Any]:
     """A preset YAML: ``data``, ``settings``, ``method_options``, ``probe``, ``quick``."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            d = yaml.safe_load(f)
+        d = load_yaml(path)      # strict: duplicate keys named, 1e-3 a float
     except OSError as e:
         raise UsageError(f"cannot read preset {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"preset {one_line(e)}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"preset {path} is not valid YAML: {one_line(e)}") from None
     if not isinstance(d, dict):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+import functools
 import math
 import numbers
 import os
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["ProblemConfig", "EngineConfig", "load_problem_configs"]
+__all__ = ["ProblemConfig", "EngineConfig", "load_problem_configs", "load_yaml"]
 
 
 @dataclass
@@ -203,6 +204,7 @@ class _DuplicateKey(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def _loader():
     """A ``yaml.SafeLoader`` subclass that rejects duplicate mapping keys and reads
     ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 resolver makes it a string)."""
@@ -235,6 +237,19 @@ def _loader():
     return Loader
 
 
+def load_yaml(path: "str | os.PathLike[str]") -> Any:
+    """Reads a YAML file strictly: the safe loader (no Python objects), ``1e-3`` read as
+    a float, and a key repeated in one mapping is a ``ValueError`` naming the file, the
+    key and both lines (PyYAML would silently keep the last one)."""
+    import yaml
+
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=_loader())
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
 def load_problem_configs(path: "str | os.PathLike[str]") -> Dict[str, ProblemConfig]:
     """Reads ``{problem name: {ProblemConfig fields}}`` from a YAML file (safe loader:
     no Python objects; ``1e-3`` is a float).
@@ -249,13 +264,7 @@ def load_problem_configs(path: "str | os.PathLike[str]") -> Dict[str, ProblemCon
             (the message names the file, the key and both lines), or a field is
             unknown/invalid (the message names the problem).
     """
-    import yaml
-
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = yaml.load(f, Loader=_loader())
-        except _DuplicateKey as e:
-            raise ValueError(f"{path}: {e}") from None
+    data = load_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
