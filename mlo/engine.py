@@ -482,9 +482,11 @@ class Engine:
     @staticmethod
     def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> List[float]:
         """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats,
-        norms in float64, with one host synchronisation."""
+        with one host synchronisation. Each tensor's norm is taken in its own dtype (a
+        float64 norm of a float32 tensor costs ~25× more: a hot path), their combination
+        in float64."""
         def norm(ts):
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach().double())
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach()).double()
                                                          for t in ts]))
         parts = [loss.detach().double().reshape(()), norm(grads)]
         if "hyper" in extra:
