@@ -13,6 +13,8 @@ Modes (all single-threaded unless ``--threads``):
     (mask every 5 iterations) / BLO-MAE; time per iteration after a warm-up, ratio to
     MAE inside each round, median over rounds.
 ``memory``    one fresh subprocess per variant: peak RSS increase over the run.
+``diagnose``  the masking network's input (patch vs position part) and the sign of
+    the mask hypergradient summed over its output biases, at iterations 0, 100, 300.
 ``epsilon``   finite-difference ε sensitivity of the mask hypergradient: at
     iteration 0 (early) and after training (late), the hypergradient with ε ∈
     {1e-1, 1e-2, 1e-3, 1e-4} and with CG (10 iterations), pairwise cosines.
@@ -21,6 +23,7 @@ Modes (all single-threaded unless ``--threads``):
     python benchmarks/mlo_mae_digits.py timing --rounds 5
     python benchmarks/mlo_mae_digits.py memory
     python benchmarks/mlo_mae_digits.py epsilon --steps 600
+    python benchmarks/mlo_mae_digits.py diagnose --seeds 0 1
 """
 from __future__ import annotations
 
@@ -229,9 +232,34 @@ def run_epsilon(args):
         print(f"  cos between the two paths (cg): {cos(a, b):+.3f}", flush=True)
 
 
+def run_diagnose(args):
+    """Why the masking network collapses: what its input is made of, and the sign of the
+    mask hypergradient summed over the output biases (> 0: a descent step lowers every p)."""
+    torch.set_num_threads(args.threads)
+    d = data()
+    x, y = d.train.tensors
+    batch = (d.val.tensors[0][:128], d.val.tensors[1][:128])
+    for seed in args.seeds:
+        g = build("mlo-mae", settings(args.steps, {}), (x, y), seed=seed)
+        if seed == args.seeds[0]:
+            with torch.no_grad():
+                e = g.mae.patch_embeddings(x[:512])
+                pos = g.mae.tokenizer.add_position(torch.zeros_like(e))
+                p = g.masker(e)
+            print(f"masker input per token: |patch part| {float((e - pos).norm(dim=-1).mean()):.2f}, "
+                  f"|position part| {float(pos.norm(dim=-1).mean()):.2f}; p at init: std across images "
+                  f"{float(p.std(0).mean()):.4f}, across positions {float(p.mean(0).std()):.4f}")
+        for it in (0, 100, 300):
+            g.engine.run(it - g.engine.iteration)
+            r = g.engine.gradient("mask", batch=batch, by_path=True)
+            paths = "  ".join(f"{'→'.join(k)} {float(v['fc2.bias'].sum()):+.3e}" for k, v in r["paths"].items())
+            print(f"seed {seed} iteration {it}: Σ ∂F/∂b_out = {float(r['grad']['fc2.bias'].sum()):+.3e}  "
+                  f"({paths})", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["accuracy", "timing", "memory", "memory-child", "epsilon"])
+    ap.add_argument("mode", choices=["accuracy", "timing", "memory", "memory-child", "epsilon", "diagnose"])
     ap.add_argument("--variants", nargs="+", default=["mae", "mlo-mae", "blo-mae", "frozen-mask"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1500)
@@ -243,7 +271,7 @@ def main(argv=None):
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     {"accuracy": run_accuracy, "timing": run_timing, "memory": run_memory,
-     "memory-child": run_memory_child, "epsilon": run_epsilon}[args.mode](args)
+     "memory-child": run_memory_child, "epsilon": run_epsilon, "diagnose": run_diagnose}[args.mode](args)
 
 
 if __name__ == "__main__":
