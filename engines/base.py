@@ -13,6 +13,24 @@ hypergradient is ``∂F/∂x + vjp(∂F/∂θ)``.
 Methods are plain functions ``method(lower, v, **options) -> tuple[Tensor, ...]``
 registered by name. They know nothing about ``mlo`` or ``problems``: a
 :class:`Lower` is tensors and one callable.
+
+The method contract. Registration (:func:`register`) declares everything a caller
+needs to know about a method — callers never test a method's name:
+
+* ``window=False`` — *implicit at the current state*: the method evaluates
+  ``lower.loss_fn`` at ``lower.params`` (implicit function theorem, finite
+  differences, SAMA). The lower problem steps with its ``torch.optim`` optimizer.
+* ``window=True`` — *steps through a differentiable window*: the caller takes the
+  lower problem's optimizer steps out of place, keeps them in the autograd graph and
+  hands the last iterate as ``lower.outputs`` (unrolled differentiation).
+* ``second_order`` — whether the method differentiates gradients of the lower loss
+  (callers then pick double-differentiable kernels).
+* ``needs`` — optional extra information the caller must fill in :class:`Lower`;
+  today ``"optimizer"``: the lower optimizer's per-variable hyperparameters, state
+  and last applied gradient (:attr:`Lower.optimizer`).
+
+A new method is one module in this package (it is discovered and imported by
+:func:`get`) whose function is decorated with :func:`register`.
 """
 from __future__ import annotations
 
@@ -25,8 +43,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import Tensor
 
-__all__ = ["Lower", "Method", "register", "get", "available", "check_options", "zeros_like_all",
-           "second_order", "check_bool", "check_number", "check_int"]
+__all__ = ["Lower", "Method", "MethodInfo", "register", "get", "info", "available", "check_options",
+           "zeros_like_all", "second_order", "check_bool", "check_number", "check_int"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -49,6 +67,13 @@ class Lower:
         lr: the inner learning rate ``η`` (finite differences may scale by it):
             a float, or one float per tensor of ``params`` (per-group rates).
         label: who this lower is, for warnings (e.g. ``"problem 'inner'"``).
+        optimizer: for methods registered with ``needs=("optimizer",)``: the lower
+            optimizer as the last update left it, one read-only mapping per tensor of
+            ``params`` with its group's hyperparameters (``"lr"``, ``"betas"``,
+            ``"eps"``, ...), its state under ``"state"`` (torch's keys, e.g.
+            ``"exp_avg"``, ``"exp_avg_sq"``, ``"step"``), the last gradient applied
+            under ``"grad"`` (``None`` before the first update) and the optimizer's
+            class name under ``"type"`` (e.g. ``"Adam"``).
     """
 
     params: Tensors
@@ -57,6 +82,7 @@ class Lower:
     outputs: Optional[Tensors] = None
     lr: Union[float, Sequence[float]] = 1.0
     label: str = ""
+    optimizer: Optional[Sequence[Mapping[str, Any]]] = None
 
 
 def check_bool(method: str, name: str, value: Any) -> None:
@@ -88,12 +114,26 @@ def check_int(method: str, name: str, value: Any, *, low: int = 0, none: bool = 
 
 
 Method = Callable[..., Tensors]
-_REGISTRY: Dict[str, Method] = {}
-_CHECKS: Dict[str, Callable[..., None]] = {}
-_FIRST_ORDER: set = set()
+NEEDS = ("optimizer",)
 
 
-def register(name: str, check: Optional[Callable[..., None]] = None, *, second_order: bool = True):
+@dataclass(frozen=True)
+class MethodInfo:
+    """One registry entry: the function and what it declares (see the module docstring)."""
+
+    name: str
+    fn: Method
+    check: Optional[Callable[..., None]] = None
+    second_order: bool = True
+    window: bool = False
+    needs: Tuple[str, ...] = ()
+
+
+_REGISTRY: Dict[str, MethodInfo] = {}
+
+
+def register(name: str, check: Optional[Callable[..., None]] = None, *, second_order: bool = True,
+             window: bool = False, needs: Sequence[str] = ()):
     """Decorator registering ``fn`` as hypergradient method ``name``.
 
     Args:
@@ -104,23 +144,27 @@ def register(name: str, check: Optional[Callable[..., None]] = None, *, second_o
             lower loss (Hessian-vector products, backward through unrolled steps).
             Callers then evaluate the loss with double-differentiable kernels
             (e.g. the math path of scaled-dot-product attention).
+        window: the method differentiates through the lower problem's steps
+            (``lower.outputs``), which the caller must take out of place; otherwise
+            it works at the current iterate (``lower.params`` and ``lower.loss_fn``).
+        needs: extra fields of :class:`Lower` the caller must fill (``"optimizer"``).
     """
+    needs = tuple(needs)
+    bad = [n for n in needs if n not in NEEDS]
+    if bad:
+        raise ValueError(f"register({name!r}): unknown need(s) {bad}; known: {list(NEEDS)}")
 
     def deco(fn: Method) -> Method:
         if name in _REGISTRY:
             raise ValueError(f"hypergradient method {name!r} is already registered")
-        _REGISTRY[name] = fn
-        if check is not None:
-            _CHECKS[name] = check
-        if not second_order:
-            _FIRST_ORDER.add(name)
+        _REGISTRY[name] = MethodInfo(name, fn, check, bool(second_order), bool(window), needs)
         return fn
 
     return deco
 
 
-def get(name: str) -> Method:
-    """Returns the method registered as ``name`` (clear error listing the choices)."""
+def info(name: str) -> MethodInfo:
+    """The registry entry of method ``name`` (clear error listing the choices)."""
     _load_builtin()
     try:
         return _REGISTRY[name]
@@ -128,6 +172,11 @@ def get(name: str) -> Method:
         raise KeyError(
             f"unknown hypergradient method {name!r}; available: {sorted(_REGISTRY)}"
         ) from None
+
+
+def get(name: str) -> Method:
+    """Returns the method registered as ``name`` (clear error listing the choices)."""
+    return info(name).fn
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:
@@ -144,15 +193,14 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     unknown = sorted(set(options) - set(takes))
     if unknown:
         raise TypeError(f"method {name!r} has no option(s) {unknown}; its options: {takes}")
-    check = _CHECKS.get(name)
+    check = info(name).check
     if check is not None:
         check(**options)
 
 
 def second_order(name: str) -> bool:
     """Whether method ``name`` needs second derivatives of the lower loss."""
-    get(name)
-    return name not in _FIRST_ORDER
+    return info(name).second_order
 
 
 def available() -> Tuple[str, ...]:
@@ -175,10 +223,10 @@ def _load_builtin() -> None:
         return
     _LOADED = True
     import importlib
+    import pkgutil
+    from pathlib import Path
 
-    for mod in ("unrolled", "implicit", "finite_difference"):
-        try:
-            importlib.import_module(f"engines.{mod}")
-        except ModuleNotFoundError as e:  # a module not written yet
-            if e.name != f"engines.{mod}":
-                raise
+    # Every module of this package (a new method is a new file: no list to edit).
+    for m in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+        if m.name not in ("base", "solvers") and not m.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{m.name}")

@@ -31,6 +31,7 @@ import dataclasses
 import math
 import time
 import warnings
+from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -103,16 +104,21 @@ class Engine:
                 raise GraphError(f"problem {n!r}: {e.args[0]}") from None
             except (TypeError, ValueError) as e:
                 raise type(e)(f"problem {n!r}: ProblemConfig.method_options: {e}") from None
-        self._windowed = {n for n in on_path if self.problems[n].config.method == "unrolled"}
+        # The method contract (engines.base): methods that differentiate through the
+        # lower's steps get a window; the others work at the current iterate.
+        self._windowed = {n for n in on_path if eb.info(self.problems[n].config.method).window}
         for n in sorted(self._windowed):
             opt = self.problems[n].optimizer
             if not FunctionalOptimizer.supports(opt):
                 raise GraphError(
-                    f"problem {n!r}: method 'unrolled' steps with a differentiable twin of its "
-                    f"optimizer, which exists for torch.optim.SGD, Adam and AdamW; got "
-                    f"{type(opt).__name__}. Use one of those, or an implicit / finite-difference "
-                    f"method (config.method='cg', 'neumann' or 'finite_difference')")
+                    f"problem {n!r}: method {self.problems[n].config.method!r} steps with a "
+                    f"differentiable twin of its optimizer, which exists for torch.optim.SGD, Adam "
+                    f"and AdamW; got {type(opt).__name__}. Use one of those, or an implicit / "
+                    f"finite-difference method (config.method='cg', 'neumann' or 'finite_difference')")
         self._windows: Dict[str, Window] = {}
+        # The last gradient applied, for problems whose method needs the optimizer (SAMA).
+        self._keep_grad = {n for n in on_path if "optimizer" in eb.info(self.problems[n].config.method).needs}
+        self._last_grad: Dict[str, List[Tensor]] = {}
         self._learned_hp: Dict[str, set] = {}
         self._since = {n: {lo: 0 for lo in self.graph.lowers(n)} for n in self.problems}
         self._last_block: Dict[str, int] = {}   # update_every_iterations bookkeeping
@@ -233,7 +239,7 @@ class Engine:
         self._monitored: set = set()
         if c.monitor:
             method, opts = c.monitor["reference"]
-            if method in ("unrolled",):
+            if method in eb.available() and eb.info(method).window:
                 raise ValueError("EngineConfig.monitor: the reference must be an implicit or "
                                  "finite-difference method (e.g. ('cg', {'max_iter': 50, 'tol': 1e-10}))")
             try:
@@ -570,6 +576,8 @@ class Engine:
             win.reads.extend(reads)
             win.steps += 1
         else:
+            if name in self._keep_grad:
+                self._last_grad[name] = [gi.detach() for gi in grads]
             for p, gi in zip(P._real, grads):
                 p.grad = gi.detach()
             P.optimizer.step()
@@ -659,6 +667,22 @@ class Engine:
         win.referrers.clear()
 
     # ------------------------------------------------------------- helpers
+    def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
+        """Problem ``name``'s optimizer as its last update left it, one read-only mapping
+        per variable: the group's hyperparameters, ``"state"`` (torch's per-parameter
+        state), ``"grad"`` (the last gradient applied; ``None`` unless the problem's
+        method declares ``needs=("optimizer",)`` and it has updated) and ``"type"``."""
+        P = self.problems[name]
+        group = {id(p): g for g in P.optimizer.param_groups for p in g["params"]}
+        last = self._last_grad.get(name)
+        out = []
+        for i, p in enumerate(P._real):
+            d = {k: v for k, v in group[id(p)].items() if k != "params"}
+            d.update(state=MappingProxyType(dict(P.optimizer.state.get(p, {}))),
+                     grad=None if last is None else last[i], type=type(P.optimizer).__name__)
+            out.append(MappingProxyType(d))
+        return out
+
     def close_windows(self) -> None:
         """Writes all unrolled iterates back into the modules (e.g. before saving)."""
         for n in list(self._windows):

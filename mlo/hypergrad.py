@@ -99,7 +99,8 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
     readable = sources & engine.graph.reads[name]
     if not readable or not cots:
         return []
-    method = eb.get(P.config.method)
+    entry = eb.info(P.config.method)
+    method = entry.fn
     opts = dict(P.config.method_options)
     win = engine._windows.get(name)
     if name in engine._windowed:
@@ -144,7 +145,7 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
         # left in place for its first training step (the run is unchanged).
         P.last_batch = P.peek_batch()
     rng = _rng_state()
-    second = eb.second_order(P.config.method) or bool(opts.get("create_graph"))
+    second = entry.second_order or bool(opts.get("create_graph"))
     data_parallel = getattr(engine, "_dist", False)
 
     def loss_fn(ps, xs):
@@ -169,7 +170,8 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
             return engine._loss_of(P, P.last_batch)
 
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine._lr(P),
-                     label=f"problem {name!r}")
+                     label=f"problem {name!r}",
+                     optimizer=engine.optimizer_view(name) if "optimizer" in entry.needs else None)
     with _no_side_effects(engine, rng):
         grads = _run_method(method, name, P, lower, vv, opts)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)

@@ -45,6 +45,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+import engines.base as eb
+
 from ..engine import Engine
 
 __all__ = ["Setting", "Row", "PathRow", "Report", "compare", "peak_memory"]
@@ -242,8 +244,8 @@ def compare(factory: Factory, methods: Sequence[Setting], reference: Reference, 
     """
     t_start = time.perf_counter()
     for s in methods:
-        if s.method == "unrolled" and s.steps < 1:
-            raise ValueError(f"{s.label}: unrolled settings need steps=K >= 1")
+        if s.method in eb.available() and eb.info(s.method).window and s.steps < 1:
+            raise ValueError(f"{s.label}: {s.method} settings need steps=K >= 1 (the window's length)")
         if s.steps > warmup:
             raise ValueError(f"{s.label}: K={s.steps} > warmup={warmup}; the window must start "
                              f"at or after the factory's initial state")
