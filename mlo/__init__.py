@@ -10,7 +10,8 @@ from .config import EngineConfig, ProblemConfig, load_problem_configs
 from .engine import Engine
 from .graph import Graph, GraphError
 from .problem import Problem
+from .window import WindowProblem
 
-__all__ = ["Problem", "ProblemConfig", "Engine", "EngineConfig", "Graph", "GraphError",
+__all__ = ["Problem", "WindowProblem", "ProblemConfig", "Engine", "EngineConfig", "Graph", "GraphError",
            "load_problem_configs", "checkpoint", "callbacks", "loggers", "Callback"]
 __version__ = "0.1.0"

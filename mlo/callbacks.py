@@ -108,10 +108,10 @@ def snapshot(engine: "Engine") -> Dict[str, Dict[str, Any]]:
     out = {}
     for name, P in engine.problems.items():
         win = engine._windows.get(name)
-        if win is not None:     # the twin holds the optimizer state inside a window
+        if win is not None and not P.per_window:   # the twin holds the optimizer state
             win.fopt.state_to_torch(P.optimizer, P._real)
         module = {k: v.detach().clone() for k, v in P.module.state_dict().items()}
-        for k, t in P.own_state().items():
+        for k, t in ({} if P.per_window else P.own_state()).items():
             module[k] = t.detach().clone()
         out[name] = {"module": module, "optimizer": copy.deepcopy(P.optimizer.state_dict()),
                      "scheduler": copy.deepcopy(P.scheduler.state_dict()) if P.scheduler else None}

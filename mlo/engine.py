@@ -107,6 +107,10 @@ class Engine:
         # The method contract (engines.base): methods that differentiate through the
         # lower's steps get a window; the others work at the current iterate.
         self._windowed = {n for n in on_path if eb.info(self.problems[n].config.method).window}
+        for n, P in self.problems.items():
+            if P.per_window:
+                self._check_per_window(P)
+                self._windowed.add(n)
         for n in sorted(self._windowed):
             opt = self.problems[n].optimizer
             if not FunctionalOptimizer.supports(opt):
@@ -145,6 +149,23 @@ class Engine:
             if not _dist.is_main():   # rank 0 alone prints, logs and shows progress
                 self.config = dataclasses.replace(self.config, progress=False, loggers=[], log_every=None)
         self._init_events()
+
+    def _check_per_window(self, P: Problem) -> None:
+        n, cfg = P.name, P.config
+        if not eb.info(cfg.method).window:
+            raise GraphError(f"problem {n!r} has per-window variables (WindowProblem): its method must "
+                             f"step through a window (e.g. config.method='unrolled'), got "
+                             f"{cfg.method!r} — an implicit method has no iterate that outlives the window")
+        if not self.graph.above[n]:
+            raise GraphError(f"problem {n!r} has per-window variables but no problem above it to "
+                             f"consume its windows; declare its upper in u2l/l2u")
+        if P.scheduler is not None:
+            raise GraphError(f"problem {n!r} has per-window variables: a scheduler has nothing to "
+                             f"schedule (every window starts a fresh optimizer); remove it")
+        if P.config.update_every != 1 or P.config.update_every_iterations is not None:
+            raise GraphError(f"problem {n!r} has per-window variables: update_every / "
+                             f"update_every_iterations would leave a window without steps; use the "
+                             f"upper's schedule instead")
 
     @staticmethod
     def _names(table, ids, kind) -> Dict[str, List[str]]:
@@ -401,8 +422,10 @@ class Engine:
                                f"{P.param_names} (it has no autograd graph); call the module "
                                f"through the problem (self(x)) or read self.params")
         if diff:
-            # The update's graph uses the forward graph's saved tensors: keep it.
-            g = torch.autograd.grad(loss, own, create_graph=True, allow_unused=True)
+            # The update's graph uses the forward graph's saved tensors: keep it
+            # (first-order per-window steps take the gradient as a constant).
+            g = torch.autograd.grad(loss, own, create_graph=not getattr(P, "first_order", False),
+                                    allow_unused=True, retain_graph=bool(tracked) or None)
             ga = (torch.autograd.grad(loss, [a for *_, a in tracked], allow_unused=True,
                                       retain_graph=True) if tracked else ())
         else:
@@ -460,7 +483,11 @@ class Engine:
         if name not in self.problems:
             raise KeyError(f"no problem named {name!r} (known: {list(self.problems)})")
         P = self.problems[name]
-        batch = P.next_batch() if batch is None else batch
+        if P.per_window and name not in self._windows:
+            raise RuntimeError(f"problem {name!r} has per-window variables and no window is open "
+                               f"(they exist from its first update until the problems above consume them)")
+        if batch is None:
+            batch = P.batch if P.per_window else P.next_batch()
         with _no_side_effects(self, _rng_state()):
             loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path)
         out = {"loss": float(loss.detach()),
@@ -535,11 +562,11 @@ class Engine:
         name = P.name
         diff = name in self._windowed
         opened = diff and name not in self._windows
-        if opened:
-            self._windows[name] = Window(FunctionalOptimizer.from_torch(P.optimizer, P._real))
-            P._state = dict(zip(P.param_names, P._real))
         try:
-            loss, grads, reads, extra = self._gradient(P, P.next_batch(), diff)
+            if opened:
+                self._open_window(P)
+            batch = P.batch if P.per_window else P.next_batch()
+            loss, grads, reads, extra = self._gradient(P, batch, diff)
             vals = self._norms(loss, grads, extra)
             bad = self._nonfinite(P, vals, grads, extra)
             if bad and self.config.nonfinite == "raise":
@@ -548,13 +575,11 @@ class Engine:
                     f"EngineConfig(nonfinite='skip') skips such updates with a warning instead")
         except BaseException:
             if opened:          # nothing stepped in it: as if it had never been opened
-                del self._windows[name]
-                P._state = None
+                self._discard_window(P)
             raise
         if bad:
             if opened:
-                del self._windows[name]
-                P._state = None
+                self._discard_window(P)
             warnings.warn(f"{bad}: update skipped; its parameters and optimizer state are "
                           f"unchanged", RuntimeWarning, stacklevel=4)
             return False
@@ -588,6 +613,32 @@ class Engine:
             P.scheduler.step()
         P.step_count += 1
         return True
+
+    def _open_window(self, P: Problem) -> None:
+        """Opens ``P``'s window: its iterates start from its parameters and its twin
+        optimizer from its torch state — or, for per-window variables, both start
+        fresh from ``init_window`` on the window's one batch (its reads recorded)."""
+        if not P.per_window:
+            self._windows[P.name] = Window(FunctionalOptimizer.from_torch(P.optimizer, P._real))
+            P._state = dict(zip(P.param_names, P._real))
+            return
+        batch, reads = P.next_batch(), []
+        nodes = self.graph.path_nodes(P.name)
+        with second_order_kernels(True), reading(ReadContext(
+                P, lambda S: self._alias(P, S, True, nodes, reads), own={})):
+            result = P.init_window(_precision.to_device(batch, self._device))
+        init = P.open_window(batch, result)
+        win = Window(FunctionalOptimizer.fresh(P.optimizer, len(init)))
+        win.reads.extend(reads)
+        self._windows[P.name] = win
+
+    def _discard_window(self, P: Problem) -> None:
+        """Drops a window in which nothing stepped."""
+        del self._windows[P.name]
+        if P.per_window:
+            P.close_window()
+        else:
+            P._state = None
 
     def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
         """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to every group."""
@@ -629,7 +680,7 @@ class Engine:
         for r in reads:
             if r.source == S.name:
                 return r.alias
-        st = S.own_state()
+        st = S.readable_state()
         track = diff or S.name in nodes or _lint.pending(self, R)   # (lint sees every first read)
         # A differentiable reader keeps its graph past this step; if S then steps in
         # place (torch.optim), the saved values would change under it. Clone then —
@@ -656,11 +707,14 @@ class Engine:
         if win is None:
             return
         P = self.problems[name]
-        with torch.no_grad():
-            for p, t in zip(P._real, (P._state[k] for k in P.param_names)):
-                p.copy_(t)
-        win.fopt.state_to_torch(P.optimizer, P._real)
-        P._state = None
+        if P.per_window:        # nothing to write back, nothing kept
+            P.close_window()
+        else:
+            with torch.no_grad():
+                for p, t in zip(P._real, (P._state[k] for k in P.param_names)):
+                    p.copy_(t)
+            win.fopt.state_to_torch(P.optimizer, P._real)
+            P._state = None
         for r in win.referrers:   # truncate paths through the closed window
             r.src_state = None
         win.reads.clear()

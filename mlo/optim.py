@@ -124,6 +124,22 @@ class FunctionalOptimizer:
                   for k, v in optimizer.state.get(p, {}).items()} for p in params]
         return sub(groups, group_index, state)
 
+    @classmethod
+    def fresh(cls, optimizer: torch.optim.Optimizer, n: int) -> "FunctionalOptimizer":
+        """A twin with ``optimizer``'s first group's hyperparameters and *empty* state for
+        ``n`` tensors of any shape (per-window variables: a new optimizer every window).
+
+        Raises:
+            TypeError: the optimizer class is not supported.
+        """
+        sub = cls._twin(optimizer)
+        if sub is None:
+            raise TypeError(
+                f"FunctionalOptimizer does not support {type(optimizer).__name__}; "
+                "supported: torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW")
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        return sub([group], [0] * n, [{} for _ in range(n)])
+
     def step(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         """One optimizer step, out of place.
 

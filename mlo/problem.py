@@ -255,6 +255,13 @@ class Problem:
                 own[k].copy_(v)
 
     # ------------------------------------------------------------ the state
+    #: Whether the variables exist per window only (:class:`mlo.WindowProblem`).
+    per_window = False
+
+    def readable_state(self) -> Dict[str, Tensor]:
+        """Everything another problem's loss may read of this one (its variables)."""
+        return self.own_state()
+
     def own_state(self) -> Dict[str, Tensor]:
         """This problem's current state, without any reader's aliasing."""
         if self._state is not None:
