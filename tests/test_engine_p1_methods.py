@@ -9,6 +9,8 @@ Implicit and finite-difference methods are evaluated at the current lower iterat
 * Neumann(K, α): ``−w ⊙ N_K g(w)``, ``N_K = α Σ_{k≤K} (I − αH)^k``, whose error
   against CG is exactly ``w ⊙ H⁻¹ (I − αH)^{K+1} g(w)`` (the truncation term);
 * finite difference: ``−s · w ⊙ g(w)`` (``H⁻¹ ≈ s I``, ``s = η`` with ``scale_by_lr``);
+* SAMA with this SGD lower: ``−w ⊙ g(w)`` (identity update Jacobian, as Betty; the
+  Adam case is tests/test_sama.py);
 * unrolled SGD(η), K steps from the window's start ``w₀``: ``s_Kᵀ g(w_K)`` with
   ``s_{k+1} = (I − ηH) s_k − η diag(w_k)``.
 
@@ -92,6 +94,8 @@ def expected(P, method, options, lam, w, w_start):
         return -w * (neumann_matrix(H, options["iterations"], options["alpha"]) @ g)
     if method in ("finite_difference", "darts"):
         return -(ETA if options.get("scale_by_lr") else 1.0) * w * g
+    if method == "sama":          # SGD lower: u = v (f is quadratic in w: the difference is exact)
+        return -w * g
     assert method == "unrolled"
     A = torch.eye(D, dtype=DT) - ETA * H
     s, wk = torch.zeros(D, D, dtype=DT), w_start
@@ -109,6 +113,7 @@ METHODS = {
     "unrolled": ({}, 1e-10),
     "finite_difference": ({"epsilon": 0.02}, 1e-6),
     "darts": ({"epsilon": 0.005, "scale_by_lr": True}, 1e-6),
+    "sama": ({"alpha": 0.5}, 1e-9),
 }
 
 

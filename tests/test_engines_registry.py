@@ -1,15 +1,19 @@
 """One test that runs every registered hypergradient method on the same problem.
 
 A new method must be added to ``METHODS`` (options and tolerance against the
-exact implicit value), otherwise its test fails.
+exact implicit value — or, for a method whose approximation is not comparable with
+it here, against its own closed form in ``OWN_CLOSED_FORM``), otherwise its test fails.
 
 Problem: P1 ridge ``f(w, λ) = ½‖Xw − y‖² + ½ Σ λ_j w_j²`` with ``H ≈ 2I`` (so
 the finite-difference approximation ``H⁻¹ ≈ η I``, η = 0.5, is within a few
 percent), the lower parameters split over two tensors of different shapes
 (``[2, 2]`` and ``[2]``) and an extra upper input the lower loss never reads
-(its result must be zeros).
+(its result must be zeros). ``lower.optimizer`` is the view of a real
+``torch.optim.Adam`` after two steps from ``w = 0`` (for methods that need it).
 """
 from __future__ import annotations
+
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -27,7 +31,9 @@ METHODS = {
     "unrolled": ({}, 1e-10),  # outputs from a 40-step unroll, contraction ≈ 0.1
     "finite_difference": ({"scale_by_lr": True}, 0.1),  # H⁻¹ ≈ η I
     "darts": ({"scale_by_lr": True}, 0.1),
+    "sama": ({"alpha": 0.3}, 1e-10),  # vs its own closed form (f is quadratic in w: exact)
 }
+BETAS, ADAM_EPS = (0.8, 0.95), 1e-6
 
 
 def split(w):
@@ -64,8 +70,40 @@ def problem():
         grads = torch.autograd.grad(f(w, (lam_t, unused)), w, create_graph=True)
         w = tuple(p - ETA * gp for p, gp in zip(w, grads))
     params = tuple(t.clone().requires_grad_() for t in split(w_star))
-    lower = Lower(params=params, inputs=(lam_t, unused), loss_fn=f, outputs=w, lr=ETA)
+    lower = Lower(params=params, inputs=(lam_t, unused), loss_fn=f, outputs=w, lr=ETA,
+                  optimizer=adam_view(f, (lam.clone(), unused.detach())))
     return lower, split(g), exact
+
+
+def adam_view(f, inputs):
+    """``Lower.optimizer`` as the engine builds it, from a real ``torch.optim.Adam``
+    (non-default betas and eps) after two steps on ``f`` from ``w = 0``."""
+    ps = [torch.nn.Parameter(t.clone()) for t in split(torch.zeros(D, dtype=DT))]
+    opt = torch.optim.Adam(ps, lr=ETA, betas=BETAS, eps=ADAM_EPS)
+    for _ in range(2):
+        grads = torch.autograd.grad(f(tuple(ps), inputs), ps)
+        for p, gp in zip(ps, grads):
+            p.grad = gp
+        opt.step()
+    (group,) = opt.param_groups
+    hyper = {k: v for k, v in group.items() if k != "params"}
+    return [MappingProxyType(dict(hyper, state=MappingProxyType(dict(opt.state[p])), grad=p.grad.clone(),
+                                  type="Adam")) for p in ps]
+
+
+def sama_closed_form(lower, v):
+    """``−∂²_{λw} f · (η D ⊙ v) = −w ⊙ η D ⊙ v`` (Betty's ``precondition_adam`` form of D)."""
+    (b1, b2), out = BETAS, []
+    for p, vi, o in zip(lower.params, v, lower.optimizer):
+        m, s, g = o["state"]["exp_avg"], o["state"]["exp_avg_sq"], o["grad"]
+        m_old, s_old = (m - (1 - b1) * g) / b1, (s - (1 - b2) * g * g) / b2
+        Dm = ((1 - b1) * b2 * s_old - b1 * (1 - b2) * g * m_old) / (s.sqrt() + ADAM_EPS) ** 3
+        out.append(-p.detach() * ETA * Dm * vi)
+    return join(out)
+
+
+# Methods whose approximation is not comparable with the implicit value here.
+OWN_CLOSED_FORM = {"sama": sama_closed_form}
 
 
 @pytest.mark.parametrize("name", available())
@@ -82,8 +120,10 @@ def test_every_method_against_exact_implicit(name, measured):
         assert r.shape == x.shape and r.dtype == x.dtype and r.device == x.device
         assert not r.requires_grad and r.grad_fn is None
     assert torch.equal(out[1], torch.zeros(3, dtype=DT))  # input the loss never reads
-    err = float(torch.linalg.vector_norm(out[0] - exact) / torch.linalg.vector_norm(exact))
-    measured(f"registry: {name} vs exact implicit (shared P1 problem)", err, tol)
+    ref = OWN_CLOSED_FORM[name](lower, v) if name in OWN_CLOSED_FORM else exact
+    err = float(torch.linalg.vector_norm(out[0] - ref) / torch.linalg.vector_norm(ref))
+    what = "its closed form" if name in OWN_CLOSED_FORM else "exact implicit"
+    measured(f"registry: {name} vs {what} (shared P1 problem)", err, tol)
     # no side effects on the lower iterate or on .grad
     for p, b in zip(lower.params, before):
         assert torch.equal(p.detach(), b) and p.grad is None
