@@ -107,9 +107,9 @@ def snapshot(engine: "Engine") -> Dict[str, Dict[str, Any]]:
     parameters are its current iterates when an unrolled window is open)."""
     out = {}
     for name, P in engine.problems.items():
-        win = engine._windows.get(name)
+        win = engine.window(name)
         if win is not None and not P.per_window:   # the twin holds the optimizer state
-            win.fopt.state_to_torch(P.optimizer, P._real)
+            win.fopt.state_to_torch(P.optimizer, P.variables)
         module = {k: v.detach().clone() for k, v in P.module.state_dict().items()}
         for k, t in ({} if P.per_window else P.own_state()).items():
             module[k] = t.detach().clone()

@@ -47,7 +47,8 @@ from .config import EngineConfig
 from . import lint as _lint
 from .graph import Graph, GraphError
 from .optim import FunctionalOptimizer
-from .hypergrad import _no_side_effects, _rng_state, hypergradient, path_contribution, second_order_kernels
+from .hypergrad import hypergradient, path_contribution, second_order_kernels
+from .isolation import no_side_effects, rng_state
 from .problem import Problem
 from .state import Read, ReadContext, Window, reading
 
@@ -379,7 +380,9 @@ class Engine:
         cb.emit(self._callbacks, "after_validation", self, metrics)
 
     # --------------------------------------------------------------- update
-    def _loss_of(self, P: Problem, batch) -> Tensor:
+    def loss(self, P: Problem, batch) -> Tensor:
+        """``P.training_step(batch)`` as the engine evaluates it (device, precision, the
+        scalar loss of a dict); call it inside a read context (as the engine does)."""
         with _precision.autocast(self.config.precision, self._device):
             out = P.training_step(_precision.to_device(batch, self._device))
         if isinstance(out, dict) and self._updating is P:
@@ -392,14 +395,15 @@ class Engine:
             loss = loss.float()
         return loss.reshape(())
 
-    def _lr(self, P: Problem) -> Union[float, tuple]:
-        """``P``'s inner learning rate: one float, or one per variable when its
+    def inner_lr(self, name: str) -> Union[float, tuple]:
+        """Problem ``name``'s learning rate: one float, or one per variable when its
         optimizer's param groups have different learning rates."""
+        P = self.problems[name]
         lr = {id(p): float(g.get("lr", 1.0)) for g in P.optimizer.param_groups for p in g["params"]}
         per = tuple(lr[id(p)] for p in P._real)
         return per[0] if len(set(per)) == 1 else per
 
-    def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False):
+    def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False, override=None):
         """Loss, total gradient (own + hypergradient) and the reads of ``P``'s loss."""
         name = P.name
         nodes = self.graph.path_nodes(name)
@@ -413,7 +417,7 @@ class Engine:
             resolve, own_view = _dist.reading_views(resolve, P.own_state(), P.param_names)
         # Inside a window the loss's gradient is differentiated again later.
         with second_order_kernels(diff), reading(ReadContext(P, resolve, own=own_view)):
-            loss = self._loss_of(P, batch)
+            loss = self.loss(P, batch)
         _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
         own = [P.own_state()[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes for k, a in r.alias.items()]
@@ -452,23 +456,28 @@ class Engine:
                 # window (or not reaching some variable) contributes zeros, not nothing.
                 extra["paths"] = {}
                 for p in self.graph.paths(name):
-                    c = path_contribution(self, p, direct_list)
+                    c = path_contribution(self, p, direct_list, override)
                     extra["paths"][p] = {k: c[k] if k in c else torch.zeros_like(t)
                                          for k, t in zip(P.param_names, own)}
-            h = hypergradient(self, name, direct_list)
+            h = hypergradient(self, name, direct_list, override)
             extra["own"] = dict(zip(P.param_names, [x.detach() for x in grads]))
             extra["hyper"] = {k: (h[k].detach() if k in h else torch.zeros_like(t))
                               for k, t in zip(P.param_names, own)}
             grads = [gi + h[k].to(gi.dtype) if k in h else gi for k, gi in zip(P.param_names, grads)]
         return loss, grads, reads, extra
 
-    def gradient(self, name: str, batch: Any = None, by_path: bool = False) -> Dict[str, Any]:
+    def gradient(self, name: str, batch: Any = None, by_path: bool = False,
+                 method: Optional[tuple] = None) -> Dict[str, Any]:
         """``P``'s gradient at the current state, without updating anything.
 
         Args:
             name: the problem.
             batch: the batch to evaluate (default: the problem's next batch).
             by_path: also return each hypergradient path's contribution.
+            method: ``(method name, options)`` to use on every problem of ``name``'s
+                paths instead of their configured methods (e.g. a CG reference); open
+                windows are then evaluated at their current iterate. It must not be a
+                window method (those need the steps taken with them).
 
         Returns:
             ``{"loss": float, "grad": {param: tensor}, "own": {param: ∂F/∂λ},
@@ -488,8 +497,15 @@ class Engine:
                                f"(they exist from its first update until the problems above consume them)")
         if batch is None:
             batch = P.batch if P.per_window else P.next_batch()
-        with _no_side_effects(self, _rng_state()):
-            loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path)
+        if method is not None:
+            if eb.info(method[0]).window:
+                raise ValueError(f"gradient(method={method[0]!r}): a window method needs the "
+                                 f"lower steps taken with it; give an implicit or finite-difference "
+                                 f"method (e.g. ('cg', {{'max_iter': 50}}))")
+            eb.check_options(method[0], method[1])
+        with no_side_effects(self.problems.values(), rng_state()):
+            loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path,
+                                                   override=method)
         out = {"loss": float(loss.detach()),
                "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
         out.update(extra)
@@ -633,8 +649,8 @@ class Engine:
         self._windows[P.name] = win
 
     def _discard_window(self, P: Problem) -> None:
-        """Drops a window in which nothing stepped."""
-        del self._windows[P.name]
+        """Drops a window in which nothing stepped (also one that failed to open)."""
+        self._windows.pop(P.name, None)
         if P.per_window:
             P.close_window()
         else:
@@ -721,6 +737,23 @@ class Engine:
         win.referrers.clear()
 
     # ------------------------------------------------------------- helpers
+    @property
+    def data_parallel(self) -> bool:
+        """Whether the engine averages over ``torch.distributed`` ranks."""
+        return self._dist
+
+    def window(self, name: str) -> Optional[Window]:
+        """Problem ``name``'s open window (its differentiable steps), or ``None``."""
+        return self._windows.get(name)
+
+    def windowed(self, name: str) -> bool:
+        """Whether problem ``name`` steps through windows (its method's declaration)."""
+        return name in self._windowed
+
+    def open_windows(self) -> Dict[str, int]:
+        """``{problem: steps taken}`` of every open window."""
+        return {n: w.steps for n, w in self._windows.items()}
+
     def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
         """Problem ``name``'s optimizer as its last update left it, one read-only mapping
         per variable: the group's hyperparameters, ``"state"`` (torch's per-parameter

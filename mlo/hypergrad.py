@@ -23,7 +23,7 @@ Hessian-vector products, twice for central differences). Those evaluations are
 not training steps and leave no trace: every problem's module buffers (e.g.
 BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked``, updated in
 place by a forward in training mode) and the global RNG state are restored
-afterwards (:func:`_no_side_effects`), so buffers and random streams after N
+afterwards (:func:`mlo.isolation.no_side_effects`), so buffers and random streams after N
 iterations are those of the N training steps whatever the method.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import Tensor
 import engines.base as eb
 
 from .distributed import grad_average
+from .isolation import no_side_effects, rng_state, set_rng_state
 from .state import ReadContext, reading
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,6 +83,7 @@ def _run_method(method, name: str, P, lower, v, opts):
         raise
 
 Cot = Tuple[Optional[Dict[str, Tensor]], Dict[str, Tensor]]
+Override = Optional[Tuple[str, Dict]]
 
 
 def _add(acc: Dict[str, Tensor], vec: Dict[str, Tensor]) -> None:
@@ -89,9 +91,12 @@ def _add(acc: Dict[str, Tensor], vec: Dict[str, Tensor]) -> None:
         acc[k] = acc[k] + t if k in acc else t
 
 
-def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
-                      sources: Set[str]) -> List[Tuple[str, Optional[Dict[str, Tensor]], Dict[str, Tensor]]]:
+def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources: Set[str],
+                      override: Override = None) -> List[Tuple[str, Optional[Dict[str, Tensor]], Dict[str, Tensor]]]:
     """``J_{name, S}ᵀ v`` for every source ``S`` in ``sources`` that ``name`` reads.
+
+    ``override = (method, options)`` replaces ``name``'s configured method; a window
+    method's open window is then evaluated at its current iterate like any lower.
 
     Returns ``[(source, source_state, vec), ...]``.
     """
@@ -99,11 +104,12 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
     readable = sources & engine.graph.reads[name]
     if not readable or not cots:
         return []
-    entry = eb.info(P.config.method)
+    method_name, opts = override if override is not None else (P.config.method, P.config.method_options)
+    entry = eb.info(method_name)
     method = entry.fn
-    opts = dict(P.config.method_options)
-    win = engine._windows.get(name)
-    if name in engine._windowed:
+    opts = dict(opts)
+    win = engine.window(name)
+    if entry.window and engine.windowed(name):
         # Unrolled: reverse mode from the iterates the cotangents sit on to the
         # aliases this problem's steps read in the current window.
         if win is None:
@@ -144,9 +150,9 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
         # Never evaluated yet (engine.gradient before its first step): its next batch,
         # left in place for its first training step (the run is unchanged).
         P.last_batch = P.peek_batch()
-    rng = _rng_state()
+    rng = rng_state()
     second = entry.second_order or bool(opts.get("create_graph"))
-    data_parallel = getattr(engine, "_dist", False)
+    data_parallel = engine.data_parallel
 
     def loss_fn(ps, xs):
         if data_parallel:
@@ -165,14 +171,14 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
 
         # Same randomness (dropout, random masks) in every evaluation: HVPs and
         # finite differences need one deterministic function.
-        _set_rng_state(rng)
+        set_rng_state(rng)
         with second_order_kernels(second), reading(ReadContext(P, resolve, own=dict(zip(names, ps)))):
-            return engine._loss_of(P, P.last_batch)
+            return engine.loss(P, P.last_batch)
 
-    lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine._lr(P),
+    lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine.inner_lr(name),
                      label=f"problem {name!r}",
                      optimizer=engine.optimizer_view(name) if "optimizer" in entry.needs else None)
-    with _no_side_effects(engine, rng):
+    with no_side_effects(engine.problems.values(), rng):
         grads = _run_method(method, name, P, lower, vv, opts)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
     for (s, k), g in zip(layout, grads):
@@ -180,54 +186,12 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot],
     return [(s, src_states[s], out[s]) for s in srcs]
 
 
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state) -> None:
-    # (torch.manual_seed would also seed lazily-initialised accelerators: ~300 µs a call.)
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
-@contextlib.contextmanager
-def _no_side_effects(engine: "Engine", rng=None):
-    """Restores every problem's module buffers (and the RNG state ``rng``) on exit.
-
-    A re-evaluated loss may run any problem's module in training mode, whose
-    forward updates buffers in place (BatchNorm running statistics); buffers
-    reassigned instead of updated are put back as well. The values are written
-    through ``.data``, like the BatchNorm kernel's own update, which does not bump
-    the version counter either: a graph still pending that saved a buffer
-    (BatchNorm in eval mode inside an unrolled window) stays valid and sees the
-    values it saved.
-    """
-    saved, seen = [], set()
-    for P in engine.problems.values():
-        for mod in P.module.modules():
-            for k, b in mod._buffers.items():
-                if b is not None and (id(mod), k) not in seen:
-                    seen.add((id(mod), k))
-                    saved.append((mod, k, b, b.detach().clone()))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for mod, k, b, copy in saved:
-                b.data.copy_(copy)
-                if mod._buffers.get(k) is not b:
-                    mod._buffers[k] = b
-        if rng is not None:
-            _set_rng_state(rng)
-
-
 def _no_loss(params, inputs):  # pragma: no cover - unrolled never evaluates the loss
     raise RuntimeError("the unrolled method does not evaluate the lower loss")
 
 
-def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]]) -> Dict[str, Tensor]:
+def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]],
+                  override: Override = None) -> Dict[str, Tensor]:
     """Sum over all paths of ``U``. ``direct`` holds ``(source, (state, ∂F_U/∂source))``
     for the reads of ``U``'s loss. Returns a vector on ``U``'s variables."""
     g = engine.graph
@@ -241,7 +205,7 @@ def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]]) -
     allowed = nodes | {U}
     for name in reversed(g.order):            # down phase: uppers first
         if name in nodes and down[name]:
-            for src, st, vec in best_response_vjp(engine, name, down[name], allowed):
+            for src, st, vec in best_response_vjp(engine, name, down[name], allowed, override):
                 if src == U:
                     _add(total, vec)
                 elif g.is_below(src, name):
@@ -251,7 +215,7 @@ def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]]) -
     for name in g.order:                      # up phase: lowers first, u2l reads only
         if name in nodes and up[name]:
             above = {s for s in allowed if g.is_below(name, s)}
-            for src, st, vec in best_response_vjp(engine, name, up[name], above):
+            for src, st, vec in best_response_vjp(engine, name, up[name], above, override):
                 if src == U:
                     _add(total, vec)
                 else:
@@ -260,12 +224,12 @@ def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]]) -
 
 
 def path_contribution(engine: "Engine", path: Sequence[str],
-                      direct: Sequence[Tuple[str, Cot]]) -> Dict[str, Tensor]:
+                      direct: Sequence[Tuple[str, Cot]], override: Override = None) -> Dict[str, Tensor]:
     """The term of one path ``(U, n1, ..., nm, U)`` alone."""
     cots = [cot for src, cot in direct if src == path[-2]]
     for i in range(len(path) - 2, 0, -1):
         prev = path[i - 1]
-        res = best_response_vjp(engine, path[i], cots, {prev})
+        res = best_response_vjp(engine, path[i], cots, {prev}, override)
         cots = [(st, vec) for src, st, vec in res if src == prev]
     total: Dict[str, Tensor] = {}
     for _, vec in cots:

@@ -18,6 +18,7 @@ fix. For that first evaluation every read of another problem is made differentia
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import List, Set
 
 from torch import Tensor
@@ -27,8 +28,11 @@ from .problem import Problem
 __all__ = ["check_reads", "pending"]
 
 
+_DONE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # engine -> checked readers
+
+
 def _done(engine) -> Set[str]:
-    return engine.__dict__.setdefault("_lint_done", set())
+    return _DONE.setdefault(engine, set())
 
 
 def pending(engine, reader) -> bool:
@@ -62,14 +66,14 @@ def check_reads(engine, P, loss: Tensor, reads: List) -> None:
     if not g.reads[P.name] or loss.grad_fn is None:
         return
     leaves = _leaves(loss)
-    mine = {id(p) for p in P._real}
+    mine = {id(p) for p in P.variables}
     # a read made in optimizer_hyperparameters() (e.g. a learnable lr) is not in the loss
     hp = type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters
     for s in sorted(g.reads[P.name], key=g.names.index):
         S = engine.problems[s]
         up, lo = (s, P.name) if P.name in g.u2l[s] else (P.name, s)
         edge = f"u2l {{{s!r}: [{P.name!r}]}}" if P.name in g.u2l[s] else f"l2u {{{s!r}: [{P.name!r}]}}"
-        raw = any(id(p) in leaves and id(p) not in mine for p in S._real)
+        raw = any(id(p) in leaves and id(p) not in mine for p in S.variables)
         read = next((r for r in reads if r.source == s), None)
         if raw:
             cause = f"it uses the real parameters of {s!r} directly (e.g. {s}.module.<name>)"

@@ -30,22 +30,8 @@ __all__ = ["reference_hypergradient", "compare"]
 def reference_hypergradient(engine: "Engine", name: str, method: str, options: dict,
                             batch=None) -> Dict[str, Tensor]:
     """``name``'s hypergradient (sum over paths) at the current state, with ``method``
-    on every problem of its paths (their configs are restored afterwards)."""
-    nodes = engine.graph.path_nodes(name)
-    saved = {n: (engine.problems[n].config.method, engine.problems[n].config.method_options)
-             for n in nodes}
-    windowed = engine._windowed
-    try:
-        for n in nodes:
-            cfg = engine.problems[n].config
-            cfg.method, cfg.method_options = method, dict(options)
-        # Open windows are evaluated at their current iterate like any implicit lower.
-        engine._windowed = windowed - nodes
-        out = engine.gradient(name, batch=batch)
-    finally:
-        engine._windowed = windowed
-        for n, (m, o) in saved.items():
-            engine.problems[n].config.method, engine.problems[n].config.method_options = m, o
+    on every problem of its paths (open windows at their current iterate)."""
+    out = engine.gradient(name, batch=batch, method=(method, dict(options)))
     return out.get("hyper", {})
 
 

@@ -258,6 +258,11 @@ class Problem:
     #: Whether the variables exist per window only (:class:`mlo.WindowProblem`).
     per_window = False
 
+    @property
+    def variables(self) -> tuple:
+        """The module's trainable parameters (the real tensors, in ``param_names`` order)."""
+        return tuple(self._real)
+
     def readable_state(self) -> Dict[str, Tensor]:
         """Everything another problem's loss may read of this one (its variables)."""
         return self.own_state()

@@ -13,6 +13,7 @@ last time a problem above it consumed them.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -65,17 +66,28 @@ class ReadContext:
         self.own = own
 
 
-_STACK: List[ReadContext] = []
+class _Stack(threading.local):
+    """The active read contexts, one stack per thread: a loss evaluated in one thread
+    never sees another thread's context (two engines may run in two threads; one
+    engine is not meant to be stepped from two threads at once)."""
+
+    def __init__(self):
+        self.items: List[ReadContext] = []
+
+
+_STACK = _Stack()
 
 
 def current_context() -> Optional[ReadContext]:
-    return _STACK[-1] if _STACK else None
+    items = _STACK.items
+    return items[-1] if items else None
 
 
 @contextlib.contextmanager
 def reading(ctx: ReadContext) -> Iterator[ReadContext]:
-    _STACK.append(ctx)
+    items = _STACK.items
+    items.append(ctx)
     try:
         yield ctx
     finally:
-        _STACK.pop()
+        items.pop()
