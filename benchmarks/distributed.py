@@ -79,7 +79,7 @@ GRAPHS = {"quickstart": quickstart, "mlo_mae": mlo_mae}
 
 def params(engine):
     return {f"{n}.{k}": t.detach().clone() for n, P in engine.problems.items()
-            for k, t in zip(P.param_names, P._real)}
+            for k, t in zip(P.param_names, P.variables)}
 
 
 def run(graph, method, dtype, iters, timed):

@@ -516,7 +516,7 @@ def memory_child(size: str, kind: str, k: int) -> dict:
     def plain():
         lo.optimizer.zero_grad(set_to_none=True)
         lower_objective(module(x), y, list(module.parameters()),
-                        list(eng.problems["upper"]._real)).backward()
+                        list(eng.problems["upper"].variables)).backward()
         lo.optimizer.step()
 
     for _ in range(2):  # weights, grads, activations, optimizer state exist
@@ -616,7 +616,7 @@ def bench_betty_accuracy(size: str, methods: Sequence[Method]) -> List[dict]:
         h = capture_upper_grads(ours.problems["upper"].optimizer, got)
         h2 = ours.problems["upper"].optimizer.register_step_pre_hook(
             lambda *a: snap.append([t.detach().clone() for t in lo.own_state().values()]))
-        theta0 = [p.detach().clone() for p in lo._real]
+        theta0 = [p.detach().clone() for p in lo.variables]
         mlo_outer_step(ours, m.unroll)
         h.remove(), h2.remove()
         # reference at the same state: window start for unrolled, current iterate otherwise

@@ -74,15 +74,16 @@ def _problem_blob(engine, P) -> Dict[str, Any]:
     """``P``'s module and optimizer state dicts; inside an open window, its iterates
     and the differentiable twin's state instead of the (stale) real ones."""
     module, optim = P.module.state_dict(), P.optimizer.state_dict()
-    win = engine._windows.get(P.name)
+    win = engine.window(P.name)
     if win is not None:
-        it = {id(p): P._state[k].detach().clone() for k, p in zip(P.param_names, P._real)}
+        state_now = P.own_state()
+        it = {id(p): state_now[k].detach().clone() for k, p in zip(P.param_names, P.variables)}
         for k, p in P.module.named_parameters(remove_duplicate=False):   # tied names too
             if id(p) in it:
                 module[k] = it[id(p)]
         index = {id(p): i for i, p in enumerate(p for g in P.optimizer.param_groups for p in g["params"])}
         state = dict(optim["state"])
-        for p, st in zip(P._real, win.fopt.state):
+        for p, st in zip(P.variables, win.fopt.state):
             state[index[id(p)]] = _detached(st)
         optim = {**optim, "state": state}
     return {"module": module, "optimizer": optim, "optimizer_class": _cls_name(type(P.optimizer)),
@@ -189,12 +190,14 @@ def save(engine, path: PathLike) -> None:
 
 
 def _save(engine, path: PathLike) -> None:
-    open_windows = {n: w.steps for n, w in engine._windows.items()}
+    open_windows = engine.open_windows()
     _warn_open(open_windows, "checkpoint saved")
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    blob: Dict[str, Any] = {"format": _FORMAT, "iteration": engine.iteration,
-                            "since": {n: dict(c) for n, c in engine._since.items()},
-                            "last_block": dict(engine._last_block),
+    counters = engine.state.counters()
+    blob: Dict[str, Any] = {"format": _FORMAT, "iteration": counters["iteration"],
+                            "since": {n: c["since"] for n, c in counters["problems"].items()},
+                            "last_block": {n: c["last_block"] for n, c in counters["problems"].items()
+                                           if c["last_block"] is not None},
                             "records": {n: dict(r) for n, r in engine.records.items()},
                             "open_windows": open_windows,
                             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
@@ -326,7 +329,7 @@ def _validate(engine, blob: Dict[str, Any], path: str) -> None:
         errors.append(f"'iteration' is {blob['iteration']!r}, not an integer >= 0")
     since = blob.get("since", {})
     if not isinstance(since, dict) or not all(
-            n in engine._since and isinstance(c, dict) and set(c) <= set(engine._since[n])
+            n in have and isinstance(c, dict) and set(c) <= set(engine.graph.lowers(n))
             and all(_is_int(v) for v in c.values()) for n, c in since.items()):
         errors.append(f"'since' does not match the engine's graph (got {since!r})")
     lb = blob.get("last_block")
@@ -387,11 +390,12 @@ def load(engine, path: PathLike) -> None:
         P.optimizer.load_state_dict(st["optimizer"])
         if P.scheduler is not None and st.get("scheduler") is not None:
             P.scheduler.load_state_dict(st["scheduler"])
-        P.step_count, P.ready_count = st["step_count"], st["ready_count"]
-    engine.iteration = blob["iteration"]
-    for name, counts in blob["since"].items():
-        engine._since[name].update(counts)
-    engine._last_block = dict(blob.get("last_block") or {})
+    last_block = blob.get("last_block") or {}
+    engine.state.load_counters({
+        "iteration": blob["iteration"],
+        "problems": {n: {"step_count": st["step_count"], "ready_count": st["ready_count"],
+                         "since": blob["since"].get(n, {}), "last_block": last_block.get(n)}
+                     for n, st in blob["problems"].items()}})
     for name, rec in (blob.get("records") or {}).items():
         engine.records[name] = dict(rec)
     rng = blob.get("rng")

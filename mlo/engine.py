@@ -50,7 +50,7 @@ from .optim import FunctionalOptimizer
 from .hypergrad import hypergradient, path_contribution, second_order_kernels
 from .isolation import no_side_effects, rng_state
 from .problem import Problem
-from .state import Read, ReadContext, Window, reading
+from .state import Read, ReadContext, RunState, Window, reading
 
 __all__ = ["Engine"]
 
@@ -120,13 +120,14 @@ class Engine:
                     f"differentiable twin of its optimizer, which exists for torch.optim.SGD, Adam "
                     f"and AdamW; got {type(opt).__name__}. Use one of those, or an implicit / "
                     f"finite-difference method (config.method='cg', 'neumann' or 'finite_difference')")
-        self._windows: Dict[str, Window] = {}
+        #: The run state (mlo.state.RunState): iteration, windows, counters, last batches.
+        self.state = RunState({n: self.graph.lowers(n) for n in self.problems})
+        for n, P in self.problems.items():
+            P.bind(self.state[n])
         # The last gradient applied, for problems whose method needs the optimizer (SAMA).
         self._keep_grad = {n for n in on_path if "optimizer" in eb.info(self.problems[n].config.method).needs}
         self._last_grad: Dict[str, List[Tensor]] = {}
         self._learned_hp: Dict[str, set] = {}
-        self._since = {n: {lo: 0 for lo in self.graph.lowers(n)} for n in self.problems}
-        self._last_block: Dict[str, int] = {}   # update_every_iterations bookkeeping
         #: Per problem: updates, seconds spent in them (own gradient + hypergradient +
         #: optimizer step), and the last update's loss and gradient norms.
         self.records: Dict[str, Dict[str, float]] = {
@@ -136,7 +137,6 @@ class Engine:
         self.last_hypergradient: Dict[str, Dict[str, Tensor]] = {}
         tops = [n for n in self.problems if not self.graph.above[n]]
         self._unique_top = tops[0] if len(tops) == 1 else None
-        self.iteration = 0
         self.history: List[Dict[str, Any]] = []
         # Device and precision (mlo.precision): modules moved now, batches before each loss.
         self._device = None if self.config.device is None else torch.device(self.config.device)
@@ -167,6 +167,11 @@ class Engine:
             raise GraphError(f"problem {n!r} has per-window variables: update_every / "
                              f"update_every_iterations would leave a window without steps; use the "
                              f"upper's schedule instead")
+
+    @property
+    def iteration(self) -> int:
+        """Iterations completed (``state.iteration``)."""
+        return self.state.iteration
 
     @staticmethod
     def _names(table, ids, kind) -> Dict[str, List[str]]:
@@ -211,41 +216,41 @@ class Engine:
     def step(self) -> None:
         """One iteration: lower problems step, ready upper problems update."""
         consumed = set()
+        runs = self.state.problems
         for name in self.graph.order:
-            P = self.problems[name]
+            P, run = self.problems[name], runs[name]
             lows = self.graph.lowers(name)
-            if any(self._since[name][lo] < self.problems[lo].config.unroll_steps for lo in lows):
+            if any(run.since[lo] < self.problems[lo].config.unroll_steps for lo in lows):
                 continue
             for lo in lows:
-                self._since[name][lo] = 0
-                self._loop_start[lo] = True
-            P.ready_count += 1
+                run.since[lo] = 0
+                runs[lo].loop_start = True
+            run.ready_count += 1
             if lows:
                 consumed |= self.graph.path_nodes(name)
-            if P.ready_count % P.config.update_every:
+            if run.ready_count % P.config.update_every:
                 continue
             period = P.config.update_every_iterations
             if period is not None:
-                block = self.iteration // period
-                if self._last_block.get(name) == block:
+                block = self.state.iteration // period
+                if run.last_block == block:
                     continue
-                self._last_block[name] = block
-            if self._loop_start[name]:
-                self._loop_start[name] = False
+                run.last_block = block
+            if run.loop_start:
+                run.loop_start = False
                 P.on_window_start()
             self._update(P)
             for up in self.graph.above[name]:
-                self._since[up][name] += 1
+                runs[up].since[name] += 1
         for n in consumed:
             self._close_window(n)
-        self.iteration += 1
+        self.state.iteration += 1
         self._end_of_iteration()
 
     # --------------------------------------------------------------- events
     def _init_events(self) -> None:
         """Hooks, loggers, validation, early stopping and monitor state (mlo.callbacks)."""
         c = self.config
-        self._loop_start = {n: True for n in self.problems}   # next update runs on_window_start
         self._callbacks: List[Any] = []
         self._progress: Optional[cb.Progress] = None
         self._updating: Optional[Problem] = None
@@ -400,7 +405,7 @@ class Engine:
         optimizer's param groups have different learning rates."""
         P = self.problems[name]
         lr = {id(p): float(g.get("lr", 1.0)) for g in P.optimizer.param_groups for p in g["params"]}
-        per = tuple(lr[id(p)] for p in P._real)
+        per = tuple(lr[id(p)] for p in P.variables)
         return per[0] if len(set(per)) == 1 else per
 
     def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False, override=None):
@@ -408,7 +413,7 @@ class Engine:
         name = P.name
         nodes = self.graph.path_nodes(name)
         reads: List[Read] = []
-        P.last_batch = batch
+        self.state[name].last_batch = batch
         resolve, own_view = (lambda S: self._alias(P, S, diff, nodes, reads)), None
         if self._dist and diff:
             # Data parallel inside a window: the loss reads every variable through
@@ -492,7 +497,7 @@ class Engine:
         if name not in self.problems:
             raise KeyError(f"no problem named {name!r} (known: {list(self.problems)})")
         P = self.problems[name]
-        if P.per_window and name not in self._windows:
+        if P.per_window and self.state[name].window is None:
             raise RuntimeError(f"problem {name!r} has per-window variables and no window is open "
                                f"(they exist from its first update until the problems above consume them)")
         if batch is None:
@@ -577,7 +582,8 @@ class Engine:
         """One update of ``P``; ``False`` when it was skipped (non-finite values)."""
         name = P.name
         diff = name in self._windowed
-        opened = diff and name not in self._windows
+        run = self.state[name]
+        opened = diff and run.window is None
         try:
             if opened:
                 self._open_window(P)
@@ -602,10 +608,10 @@ class Engine:
         self._record(P, vals, extra)
         grads = self._clip(P, grads)
         self._set_hyperparameters(P, diff, reads)
-        P.last_loss = loss.detach()
+        run.last_loss = loss.detach()
         own = [P.own_state()[k] for k in P.param_names]
         if diff:
-            win = self._windows[name]
+            win = run.window
             if P.scheduler is not None:
                 # Schedulers change torch's param groups; the twin reads its own copy.
                 for tg, fg in zip(P.optimizer.param_groups, win.fopt.param_groups):
@@ -613,30 +619,35 @@ class Engine:
                         if k not in self._learned_hp.get(name, ()) and k in tg:
                             fg[k] = tg[k]
             new = win.fopt.step(own, grads)
-            P._state = dict(zip(P.param_names, new))
+            run.iterates = dict(zip(P.param_names, new))
             win.reads.extend(reads)
             win.steps += 1
         else:
             if name in self._keep_grad:
                 self._last_grad[name] = [gi.detach() for gi in grads]
-            for p, gi in zip(P._real, grads):
+            for p, gi in zip(P.variables, grads):
                 p.grad = gi.detach()
             P.optimizer.step()
-            for p in P._real:
+            for p in P.variables:
                 p.grad = None
         if P.scheduler is not None:
-            P.optimizer._opt_called = True  # the twin stepped for it (silences torch's order warning)
-            P.scheduler.step()
-        P.step_count += 1
+            if diff:    # the twin stepped for torch.optim: torch's order check would misfire
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    P.scheduler.step()
+            else:
+                P.scheduler.step()
+        run.step_count += 1
         return True
 
     def _open_window(self, P: Problem) -> None:
         """Opens ``P``'s window: its iterates start from its parameters and its twin
         optimizer from its torch state — or, for per-window variables, both start
         fresh from ``init_window`` on the window's one batch (its reads recorded)."""
+        run = self.state[P.name]
         if not P.per_window:
-            self._windows[P.name] = Window(FunctionalOptimizer.from_torch(P.optimizer, P._real))
-            P._state = dict(zip(P.param_names, P._real))
+            run.window = Window(FunctionalOptimizer.from_torch(P.optimizer, list(P.variables)))
+            run.iterates = dict(zip(P.param_names, P.variables))
             return
         batch, reads = P.next_batch(), []
         nodes = self.graph.path_nodes(P.name)
@@ -646,15 +657,16 @@ class Engine:
         init = P.open_window(batch, result)
         win = Window(FunctionalOptimizer.fresh(P.optimizer, len(init)))
         win.reads.extend(reads)
-        self._windows[P.name] = win
+        run.window = win
 
     def _discard_window(self, P: Problem) -> None:
         """Drops a window in which nothing stepped (also one that failed to open)."""
-        self._windows.pop(P.name, None)
+        run = self.state[P.name]
+        run.window = None
         if P.per_window:
             P.close_window()
         else:
-            P._state = None
+            run.iterates = None
 
     def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
         """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to every group."""
@@ -664,7 +676,7 @@ class Engine:
         with reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
             hp = P.optimizer_hyperparameters() or {}
         self._learned_hp[P.name] = set(hp)
-        groups = self._windows[P.name].fopt.param_groups if diff else P.optimizer.param_groups
+        groups = self.state[P.name].window.fopt.param_groups if diff else P.optimizer.param_groups
         for group in groups:
             for k, v in hp.items():
                 if k not in group:
@@ -704,7 +716,8 @@ class Engine:
         # the last problem of an iteration, it backpropagates through R's window
         # before its own in-place step, and that window is closed (never
         # backpropagated again) at the end of the same iteration.
-        clone = diff and S.name not in self._windows and not (
+        swin = self.state[S.name].window
+        clone = diff and swin is None and not (
             S.name == self._unique_top and R.name in self.graph.path_nodes(S.name))
         alias = {}
         for k, t in st.items():
@@ -712,14 +725,15 @@ class Engine:
             if clone:
                 a = a.clone()
             alias[k] = a.requires_grad_() if track else a
-        r = Read(S.name, alias, st if S.name in self._windows else None)
-        if S.name in self._windows:
-            self._windows[S.name].referrers.append(r)
+        r = Read(S.name, alias, st if swin is not None else None)
+        if swin is not None:
+            swin.referrers.append(r)
         reads.append(r)
         return alias
 
     def _close_window(self, name: str) -> None:
-        win = self._windows.pop(name, None)
+        run = self.state[name]
+        win, run.window = run.window, None
         if win is None:
             return
         P = self.problems[name]
@@ -727,10 +741,10 @@ class Engine:
             P.close_window()
         else:
             with torch.no_grad():
-                for p, t in zip(P._real, (P._state[k] for k in P.param_names)):
+                for p, t in zip(P.variables, (run.iterates[k] for k in P.param_names)):
                     p.copy_(t)
-            win.fopt.state_to_torch(P.optimizer, P._real)
-            P._state = None
+            win.fopt.state_to_torch(P.optimizer, list(P.variables))
+            run.iterates = None
         for r in win.referrers:   # truncate paths through the closed window
             r.src_state = None
         win.reads.clear()
@@ -744,7 +758,7 @@ class Engine:
 
     def window(self, name: str) -> Optional[Window]:
         """Problem ``name``'s open window (its differentiable steps), or ``None``."""
-        return self._windows.get(name)
+        return self.state[name].window
 
     def windowed(self, name: str) -> bool:
         """Whether problem ``name`` steps through windows (its method's declaration)."""
@@ -752,7 +766,7 @@ class Engine:
 
     def open_windows(self) -> Dict[str, int]:
         """``{problem: steps taken}`` of every open window."""
-        return {n: w.steps for n, w in self._windows.items()}
+        return self.state.open_windows()
 
     def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
         """Problem ``name``'s optimizer as its last update left it, one read-only mapping
@@ -763,7 +777,7 @@ class Engine:
         group = {id(p): g for g in P.optimizer.param_groups for p in g["params"]}
         last = self._last_grad.get(name)
         out = []
-        for i, p in enumerate(P._real):
+        for i, p in enumerate(P.variables):
             d = {k: v for k, v in group[id(p)].items() if k != "params"}
             d.update(state=MappingProxyType(dict(P.optimizer.state.get(p, {}))),
                      grad=None if last is None else last[i], type=type(P.optimizer).__name__)
@@ -772,7 +786,7 @@ class Engine:
 
     def close_windows(self) -> None:
         """Writes all unrolled iterates back into the modules (e.g. before saving)."""
-        for n in list(self._windows):
+        for n in list(self.state.open_windows()):
             self._close_window(n)
 
     def counts(self) -> Dict[str, int]:

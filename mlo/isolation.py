@@ -44,8 +44,8 @@ def no_side_effects(problems: Iterable, rng=None):
     saved, seen = [], set()
     for P in problems:
         for mod in P.module.modules():
-            for k, b in mod._buffers.items():
-                if b is not None and (id(mod), k) not in seen:
+            for k, b in mod.named_buffers(recurse=False):
+                if (id(mod), k) not in seen:
                     seen.add((id(mod), k))
                     saved.append((mod, k, b, b.detach().clone()))
     try:
@@ -54,7 +54,7 @@ def no_side_effects(problems: Iterable, rng=None):
         with torch.no_grad():
             for mod, k, b, copy in saved:
                 b.data.copy_(copy)
-                if mod._buffers.get(k) is not b:
-                    mod._buffers[k] = b
+                if getattr(mod, k, None) is not b:
+                    setattr(mod, k, b)      # (a registered buffer's name: stays a buffer)
         if rng is not None:
             set_rng_state(rng)

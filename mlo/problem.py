@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .config import ProblemConfig
-from .state import current_context
+from .state import ProblemRun, current_context
 
 __all__ = ["Problem"]
 
@@ -110,7 +110,7 @@ class Problem:
         if module is not None and not isinstance(module, nn.Module):
             raise TypeError(f"problem {name!r}: `module` must be an nn.Module, got {type(module).__name__}")
         self.module = module if module is not None else _Variables(params)
-        self.param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self._real = [p for _, p in self.module.named_parameters() if p.requires_grad]
         if not self._real:
             raise ValueError(f"problem {name!r} has no trainable parameters")
@@ -136,15 +136,13 @@ class Problem:
                             f"{type(data).__name__}")
         self.data = data
         self._iter = None
-        self._state: Optional[Dict[str, Tensor]] = None  # differentiable iterates
-        self.last_batch: Any = None
-        self.last_loss: Optional[Tensor] = None
-        self.step_count = 0      # updates taken
-        self.ready_count = 0     # times it became ready (updates + skipped updates)
+        # The run state (iterates, counters, last batch) is the engine's: bind() hands
+        # this problem a view of it. Until then, a private one (no engine yet).
+        self._run = ProblemRun()
 
     def _groups(self, param_groups: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         """``torch.optim`` param groups from groups of parameter names."""
-        by_name = dict(zip(self.param_names, self._real))
+        by_name = dict(zip(self._names, self._real))
         taken: Dict[str, int] = {}
         groups = []
         for i, g in enumerate(param_groups):
@@ -247,8 +245,9 @@ class Problem:
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"problem {self.name!r}: set_params({k!r}) got shape "
                                  f"{tuple(v.shape)}, the variable has {tuple(own[k].shape)}")
-        if self._state is not None:      # inside a window: a new iterate
-            self._state = {k: (values[k].to(t.dtype) if k in values else t) for k, t in self._state.items()}
+        it = self._run.iterates
+        if it is not None:      # inside a window: a new iterate
+            self._run.iterates = {k: (values[k].to(t.dtype) if k in values else t) for k, t in it.items()}
             return
         with torch.no_grad():
             for k, v in values.items():
@@ -257,6 +256,41 @@ class Problem:
     # ------------------------------------------------------------ the state
     #: Whether the variables exist per window only (:class:`mlo.WindowProblem`).
     per_window = False
+
+    @property
+    def param_names(self) -> List[str]:
+        """The variables' names (``module.named_parameters()`` order, trainable ones)."""
+        return self._names
+
+    def bind(self, run: ProblemRun) -> None:
+        """Called by :class:`mlo.Engine`: the engine-owned run state this problem reads
+        (a problem belongs to one engine at a time)."""
+        self._run = run
+
+    @property
+    def step_count(self) -> int:
+        """Updates taken (read-only; the engine's ``state``)."""
+        return self._run.step_count
+
+    @property
+    def ready_count(self) -> int:
+        """Times it became ready: updates plus skipped updates (read-only)."""
+        return self._run.ready_count
+
+    @property
+    def last_loss(self) -> Optional[Tensor]:
+        """The loss of the last update, detached (read-only)."""
+        return self._run.last_loss
+
+    @property
+    def last_batch(self) -> Any:
+        """The batch of the last loss evaluation; implicit methods re-evaluate it."""
+        return self._run.last_batch
+
+    @last_batch.setter
+    def last_batch(self, batch: Any) -> None:
+        # (Comparisons evaluate several engines at one batch: set it on purpose.)
+        self._run.last_batch = batch
 
     @property
     def variables(self) -> tuple:
@@ -269,8 +303,9 @@ class Problem:
 
     def own_state(self) -> Dict[str, Tensor]:
         """This problem's current state, without any reader's aliasing."""
-        if self._state is not None:
-            return self._state
+        it = self._run.iterates
+        if it is not None:
+            return it
         return dict(zip(self.param_names, self._real))
 
     @property
@@ -287,7 +322,7 @@ class Problem:
         """Whether the current state is the module's own parameters (no window open, no
         reader's aliasing): then the module runs directly, without ``functional_call``."""
         ctx = current_context()
-        return self._state is None and (ctx is None or (ctx.reader is self and ctx.own is None))
+        return self._run.iterates is None and (ctx is None or (ctx.reader is self and ctx.own is None))
 
     def __call__(self, *args, **kwargs):
         """Runs ``module`` with the problem's current state (``functional_call``)."""

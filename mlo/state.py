@@ -9,17 +9,26 @@ the time of the read — that is how vectors travel along hypergradient paths.
 
 A :class:`Window` holds one unrolled problem's differentiable iterates since the
 last time a problem above it consumed them.
+
+The run state. Everything that changes while an engine runs lives in one
+engine-owned :class:`RunState` (``engine.state``): the iteration, and per problem a
+:class:`ProblemRun` — its open window and differentiable iterates, schedule counters,
+last batch and loss, and the current window of per-window variables. A
+:class:`mlo.Problem` stays declarative: it holds a reference to its
+:class:`ProblemRun` (given by :meth:`mlo.Problem.bind`) and offers read-only views
+(``step_count``, ``last_batch``, ``params`` …). Checkpoints read and restore the
+counters through :meth:`RunState.counters` / :meth:`RunState.load_counters`.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 from torch import Tensor
 
-__all__ = ["Read", "Window", "ReadContext", "reading", "current_context"]
+__all__ = ["Read", "Window", "ProblemRun", "RunState", "ReadContext", "reading", "current_context"]
 
 State = Dict[str, Tensor]
 
@@ -49,6 +58,76 @@ class Window:
     reads: List[Read] = field(default_factory=list)    # this problem's reads of others
     referrers: List[Read] = field(default_factory=list)  # others' reads of this problem
     steps: int = 0
+
+
+@dataclass(eq=False)
+class ProblemRun:
+    """The run state of one problem (owned by the engine; the problem reads it).
+
+    Attributes:
+        iterates: the differentiable iterates while a window is open (``None``: the
+            module's parameters are the state).
+        window: the open :class:`Window`, or ``None``.
+        last_batch: the batch of the last loss evaluation (implicit methods re-evaluate it).
+        last_loss: the loss of the last update (detached).
+        step_count: updates taken. ready_count: times it became ready.
+        since: per lower problem, its steps since this problem was last ready.
+        last_block: the ``update_every_iterations`` block of the last update.
+        loop_start: whether the next update starts an inner loop (``on_window_start``).
+        initial, outputs, batch: a per-window problem's window (``init_window``'s
+            variables and other outputs, and the window's batch).
+    """
+
+    iterates: Optional[State] = None
+    window: Optional[Window] = None
+    last_batch: Any = None
+    last_loss: Any = None
+    step_count: int = 0
+    ready_count: int = 0
+    since: Dict[str, int] = field(default_factory=dict)
+    last_block: Optional[int] = None
+    loop_start: bool = True
+    initial: State = field(default_factory=dict)
+    outputs: Dict[str, Any] = field(default_factory=dict)
+    batch: Any = None
+
+
+class RunState:
+    """Everything that changes while an engine runs (``engine.state``).
+
+    Attributes:
+        iteration: iterations completed.
+        problems: ``{name: ProblemRun}``.
+    """
+
+    def __init__(self, lowers: Mapping[str, List[str]]):
+        self.iteration = 0
+        self.problems: Dict[str, ProblemRun] = {
+            n: ProblemRun(since={lo: 0 for lo in lo_list}) for n, lo_list in lowers.items()}
+
+    def __getitem__(self, name: str) -> ProblemRun:
+        return self.problems[name]
+
+    def open_windows(self) -> Dict[str, int]:
+        """``{problem: steps taken}`` of every open window."""
+        return {n: r.window.steps for n, r in self.problems.items() if r.window is not None}
+
+    def counters(self) -> Dict[str, Any]:
+        """The schedule counters (what a checkpoint must restore to resume the schedule)."""
+        return {"iteration": self.iteration,
+                "problems": {n: {"step_count": r.step_count, "ready_count": r.ready_count,
+                                 "since": dict(r.since), "last_block": r.last_block}
+                             for n, r in self.problems.items()}}
+
+    def load_counters(self, counters: Mapping[str, Any]) -> None:
+        """Restores :meth:`counters` (problems absent from ``counters`` are left alone)."""
+        self.iteration = int(counters["iteration"])
+        for n, c in counters["problems"].items():
+            r = self.problems[n]
+            r.step_count, r.ready_count = int(c["step_count"]), int(c["ready_count"])
+            r.since.update(c.get("since") or {})
+            r.last_block = c.get("last_block")
+            r.loop_start = True
 
 
 class ReadContext:

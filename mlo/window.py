@@ -89,12 +89,8 @@ class WindowProblem(Problem):
         super().__init__(name, params={"placeholder": torch.zeros(0)}, optimizer=optimizer,
                          optimizer_kwargs=optimizer_kwargs, data=data, config=config)
         self.module = nn.Module()      # no persistent variables
-        self.param_names, self._real = [], []
+        self._real = []
         self.first_order = first_order
-        self._initial: Dict[str, Tensor] = {}
-        self._outputs: Dict[str, Any] = {}
-        self._batch: Any = None
-        self._open = False
 
     # ----------------------------------------------------------- to implement
     def init_window(self, batch) -> Union[Mapping[str, Tensor], tuple]:
@@ -110,8 +106,18 @@ class WindowProblem(Problem):
                                   f"implement init_window(batch)")
 
     # -------------------------------------------------------- the window's view
+    @property
+    def param_names(self):
+        """The current window's variable names (none while no window is open)."""
+        return list(self._run.initial)
+
+    @property
+    def window_open(self) -> bool:
+        """Whether a window (and so its variables) exists now."""
+        return self._run.iterates is not None
+
     def _window(self, what: str) -> None:
-        if not self._open:
+        if not self.window_open:
             raise RuntimeError(
                 f"problem {self.name!r}: {what} exists only while its window is open (per-window "
                 f"variables: from its first update to the moment the problems above consume it)")
@@ -120,7 +126,7 @@ class WindowProblem(Problem):
     def batch(self) -> Any:
         """The batch this window opened with (all its steps and the uppers see it)."""
         self._window("the window's batch")
-        return self._batch
+        return self._run.batch
 
     @property
     def params(self) -> Dict[str, Tensor]:
@@ -141,7 +147,7 @@ class WindowProblem(Problem):
         """What :meth:`init_window` returned besides the variables."""
         self._window("outputs")
         full = self._view()
-        return {k: full.get(_OUTPUT + k, v) for k, v in self._outputs.items()}
+        return {k: full.get(_OUTPUT + k, v) for k, v in self._run.outputs.items()}
 
     def _view(self) -> Dict[str, Tensor]:
         ctx = current_context()
@@ -153,12 +159,13 @@ class WindowProblem(Problem):
         """Every differentiable tensor of the window a reader may use: the iterates,
         ``initial.<name>`` and the graph-connected floating ``outputs.<name>``."""
         st = dict(self.own_state())
-        st.update({_INITIAL + k: t for k, t in self._initial.items()})
-        st.update({_OUTPUT + k: t for k, t in self._outputs.items() if _differentiable(t)})
+        st.update({_INITIAL + k: t for k, t in self._run.initial.items()})
+        st.update({_OUTPUT + k: t for k, t in self._run.outputs.items() if _differentiable(t)})
         return st
 
     def own_state(self) -> Dict[str, Tensor]:
-        return dict(self._state) if self._state is not None else {}
+        it = self._run.iterates
+        return dict(it) if it is not None else {}
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"problem {self.name!r} has per-window variables and no module to call; "
@@ -194,24 +201,20 @@ class WindowProblem(Problem):
         bad = [k for k in outputs if not isinstance(k, str)]
         if bad:
             raise TypeError(f"problem {self.name!r}: init_window outputs must have str keys, got {bad}")
-        self.param_names = list(variables)
-        self._initial = dict(variables)
-        self._outputs = dict(outputs)
-        self._batch = batch
-        self._state = dict(variables)
-        self._open = True
-        return self._initial
+        run = self._run
+        run.initial, run.outputs, run.batch = dict(variables), dict(outputs), batch
+        run.iterates = dict(variables)
+        return run.initial
 
     def close_window(self) -> None:
         """Called by the engine when the window is consumed: everything is dropped."""
-        self.param_names, self._state = [], None
-        self._initial, self._outputs, self._batch = {}, {}, None
-        self._open = False
+        run = self._run
+        run.iterates, run.initial, run.outputs, run.batch = None, {}, {}, None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, method={self.config.method!r}, "
                 f"unroll_steps={self.config.unroll_steps}, steps={self.step_count}, "
-                f"window={'open' if self._open else 'closed'})")
+                f"window={'open' if self.window_open else 'closed'})")
 
 
 def _differentiable(t: Any) -> bool:

@@ -103,7 +103,7 @@ GRAPHS = {"quickstart": (quickstart_engine, 12), "mlo_mae": (mae_engine, 6)}
 
 def params_of(engine):
     return {f"{n}.{k}": t.detach().clone() for n, P in engine.problems.items()
-            for k, t in zip(P.param_names, P._real)}
+            for k, t in zip(P.param_names, P.variables)}
 
 
 def run_graph(graph, method, shard):

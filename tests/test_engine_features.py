@@ -230,7 +230,7 @@ def test_learnable_lr_adam_vs_naive_and_finite_differences(opt, measured):
     eng, lo, up = build(P, cls, kw, u0, hyper=lambda u: {"lr": u["log_lr"].exp()})
     us = []
     for _ in range(2):
-        us.append({k: v.detach().clone() for k, v in zip(up.param_names, up._real)})
+        us.append({k: v.detach().clone() for k, v in zip(up.param_names, up.variables)})
         eng.run(K)
     update = (lambda *a: adam(*a, decoupled=True)) if decoupled else adam
     grads, p, _ = naive(P, u0, update, {"w": kw, "b": kw}, lr_of=lambda u: u["log_lr"].exp())

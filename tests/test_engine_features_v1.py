@@ -124,8 +124,8 @@ def test_call_equals_the_module_method_outside_the_engine():
     assert torch.equal(lo.call("predict", X, 2.5), 2.5 * (X @ lo.module.w))
     # between iterations of an open unrolled window: the current iterate, not the stale module
     eng.step()
-    assert lo._state is not None and not torch.equal(lo._state["w"], lo.module.w)
-    assert torch.equal(lo.call("predict", X).detach(), (X @ lo._state["w"]).detach())
+    assert eng.state["lo"].iterates is not None and not torch.equal(lo.own_state()["w"], lo.module.w)
+    assert torch.equal(lo.call("predict", X).detach(), (X @ lo.own_state()["w"]).detach())
     # an MAE's method with keyword arguments
     from problems.mae import MaskedAutoencoder
     from problems.pretrain import MAEPretrain

@@ -94,7 +94,7 @@ def test_early_stopping_min_stops_after_patience_and_restores_the_best_state(cap
     _, lo_best, up_best, exp_avg = capture[3]           # iteration 8: inside an open window (k=3)
     assert not torch.equal(lo.params["3.weight"], lo_best["3.weight"])
     engine.restore_best()
-    assert not engine._windows
+    assert not engine.open_windows()
     for k, t in lo_best.items():
         assert torch.equal(dict(lo.module.named_parameters())[k], t), k
     assert torch.equal(up.params["wd"], up_best["wd"])

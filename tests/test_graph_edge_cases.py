@@ -114,7 +114,7 @@ def test_single_problem_is_plain_training(deps, measured):
         out = eng.gradient("solo", batch=batches[it % 3])
         assert set(out) == {"loss", "grad"}                  # no "own", no "paths"
         eng.step()
-        assert not eng._windows and p._state is None
+        assert not eng.open_windows() and p._run.iterates is None
         ref.grad, = torch.autograd.grad(f(ref, batches[it % 3]), ref)
         errs.append(rel_max(out["grad"]["x"], ref.grad))
         opt.step()

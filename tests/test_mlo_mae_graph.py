@@ -125,7 +125,7 @@ def test_last_hypergradient_is_the_applied_gradient():
     step = mask.optimizer.step
 
     def recording_step(*a, **kw):
-        applied.append({k: p.grad.detach().clone() for k, p in zip(mask.param_names, mask._real)})
+        applied.append({k: p.grad.detach().clone() for k, p in zip(mask.param_names, mask.variables)})
         return step(*a, **kw)
 
     mask.optimizer.step = recording_step
@@ -248,7 +248,7 @@ def test_masker_input_is_not_detached(measured):
 # ------------------------------------------------------------ end to end runs
 def _finite_everything(g):
     for name, P in g.problems.items():
-        for k, t in zip(P.param_names, P._real):
+        for k, t in zip(P.param_names, P.variables):
             assert torch.isfinite(t).all(), f"{g.variant}: {name}.{k} is not finite"
         assert P.last_loss is not None and torch.isfinite(P.last_loss), f"{g.variant}: {name} loss"
     for name, rec in g.engine.records.items():
@@ -376,20 +376,15 @@ def test_unrolled_hypergradient_matches_naive_autograd(measured):
     pre, fin, mask = (g.problems[n] for n in ("pretrain", "finetune", "mask"))
     xp0, xp1, (xf, yf), (xm, ym) = x[:8], x[8:16], (x[16:20], y[16:20]), (x[20:], y[20:])
     pre.data, fin.data, mask.data = [(xp0,), (xp1,)], [(xf, yf)], [(xm, ym)]
-    theta0 = {k: t.detach().clone() for k, t in zip(pre.param_names, pre._real)}
-    psi0 = {k: t.detach().clone() for k, t in zip(fin.param_names, fin._real)}
-    phi = {k: t.detach().clone().requires_grad_() for k, t in zip(mask.param_names, mask._real)}
+    theta0 = {k: t.detach().clone() for k, t in zip(pre.param_names, pre.variables)}
+    psi0 = {k: t.detach().clone() for k, t in zip(fin.param_names, fin.variables)}
+    phi = {k: t.detach().clone().requires_grad_() for k, t in zip(mask.param_names, mask.variables)}
 
     eng = g.engine
     captured = []
-    update = eng._update
-
-    def update_and_capture(P):   # per-path hypergradient at the state the mask update sees
-        if P.name == "mask":
-            captured.append(eng.gradient("mask", batch=(xm, ym), by_path=True))
-        update(P)
-
-    eng._update = update_and_capture
+    # per-path hypergradient at the state the mask update sees: the top's
+    # on_window_start hook runs right before its (first) update
+    mask.on_window_start = lambda: captured.append(eng.gradient("mask", batch=(xm, ym), by_path=True))
     eng.run(2)
     assert eng.counts() == {"pretrain": 2, "finetune": 1, "mask": 1} and len(captured) == 1
     ours = captured[0]

@@ -119,7 +119,7 @@ def test_unrolled_and_static_levels_scheduled(mid, bot, measured):
         lam = T.module.lam.detach().clone()
         eng.step()
         if it % 2 == 0:
-            assert not eng._windows          # T's readiness closed every window
+            assert not eng.open_windows()          # T's readiness closed every window
             errs.append(rel(T.optimizer.record[-1], expected(d, mid, bot, B.module.th.detach(), lam, wm, wb)))
     assert eng.counts() == {"T": 4, "M": 8, "B": 8} and len(errs) == 4
     measured("chain, T updating: unrolled x CG/Neumann/FD (middle, bottom) vs closed form", max(errs), 1e-11)

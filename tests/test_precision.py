@@ -53,7 +53,7 @@ def quickstart(method, precision, device=None):
 
 
 def flat(engine):
-    return torch.cat([t.detach().reshape(-1) for P in engine.problems.values() for t in P._real])
+    return torch.cat([t.detach().reshape(-1) for P in engine.problems.values() for t in P.variables])
 
 
 def rel(a, b):
@@ -69,7 +69,7 @@ def test_bf16_quickstart_stays_close_to_fp32(method, measured):
         e.run(50)                       # 10 upper updates
         e.close_windows()
         runs[precision] = flat(e)
-        assert all(t.dtype == torch.float32 for P in e.problems.values() for t in P._real)
+        assert all(t.dtype == torch.float32 for P in e.problems.values() for t in P.variables)
         assert e.last_hypergradient["hyper"]["log_wd"].dtype == torch.float32
     assert rel(runs["fp32"], start) > 1e-2
     measured(f"precision: quickstart {method}, 50 it., bf16 vs fp32 (rel. params)",

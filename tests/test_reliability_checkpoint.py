@@ -55,12 +55,11 @@ def build(optimizer=torch.optim.SGD, kw=None):
 
 def engine_state(e):
     """Everything load may touch, deep-copied."""
-    out = {"iteration": e.iteration, "since": copy.deepcopy(e._since),
-           "last_block": dict(e._last_block), "records": copy.deepcopy(e.records),
+    out = {"counters": e.state.counters(), "records": copy.deepcopy(e.records),
            "windows": {n: (w.steps, [t.detach().clone() for t in e.problems[n].own_state().values()],
                            copy.deepcopy([{k: v.detach() if torch.is_tensor(v) else v for k, v in st.items()}
                                           for st in w.fopt.state]))
-                       for n, w in e._windows.items()},
+                       for n, w in ((n, e.window(n)) for n in e.open_windows())},
            "rng": torch.get_rng_state()}
     for n, P in e.problems.items():
         out[n] = (copy.deepcopy(P.module.state_dict()), copy.deepcopy(P.optimizer.state_dict()),
@@ -87,7 +86,7 @@ def saved(tmp_path):
     checkpoint.save(src, path)
     dst = build()
     dst.run(4)                                  # the lower's window is open (1 step in)
-    assert dst._windows["lower"].steps == 1
+    assert dst.window("lower").steps == 1
     return path, dst
 
 
@@ -203,7 +202,7 @@ def test_good_file_loads_and_old_format_still_loads(saved, tmp_path):
             P.pop("scheduler_class")
     old = rewrite(path, to_v1)
     checkpoint.load(dst, old)
-    assert "lower" not in dst._windows and dst.iteration == 3
+    assert "lower" not in dst.open_windows() and dst.iteration == 3
     for n in ref.problems:
         assert equal(ref.problems[n].module.state_dict(), dst.problems[n].module.state_dict())
         assert equal(ref.problems[n].optimizer.state_dict(), dst.problems[n].optimizer.state_dict())

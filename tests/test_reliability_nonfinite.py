@@ -62,8 +62,8 @@ def snapshot(eng, name):
     ``torch.optim``'s) and its update count. (A skip lets the schedule go on: an upper
     may then close the lower's window, which writes these same iterates back.)"""
     P = eng.problems[name]
-    win = eng._windows.get(name)
-    opt = win.fopt.state if win is not None else [P.optimizer.state.get(p, {}) for p in P._real]
+    win = eng.window(name)
+    opt = win.fopt.state if win is not None else [P.optimizer.state.get(p, {}) for p in P.variables]
     return ([t.detach().clone() for t in P.own_state().values()],
             [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in st.items()} for st in opt],
             P.step_count)
@@ -95,7 +95,7 @@ def test_nonfinite_update_is_refused_and_changes_nothing(method, opts, clip, who
     eng, poison = build(method, opts, clip, mode)
     eng.run(3)                         # iteration 3 = the lower's 2nd step in an open window
     if method == "unrolled" and who == "lo":
-        assert eng._windows["lo"].steps == 1
+        assert eng.window("lo").steps == 1
     before = snapshot(eng, who)
     others = snapshot(eng, "up" if who == "lo" else "lo")
     poison[kind] = True
@@ -117,18 +117,18 @@ def test_nonfinite_update_is_refused_and_changes_nothing(method, opts, clip, who
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             eng.run(4)
-        assert all(torch.isfinite(t).all() for P in eng.problems.values() for t in P._real)
+        assert all(torch.isfinite(t).all() for P in eng.problems.values() for t in P.variables)
         assert eng.problems[who].step_count == eng.records[who]["updates"]
 
 
 def test_a_fresh_window_refused_is_not_left_open():
     eng, poison = build("unrolled", {}, None, "raise")
     eng.run(2)                         # the upper consumed the window at iteration 1
-    assert "lo" not in eng._windows
+    assert "lo" not in eng.open_windows()
     poison["lo_loss"] = True
     with pytest.raises(FloatingPointError, match="iteration 2"):
         eng.step()
-    assert "lo" not in eng._windows and eng.problems["lo"]._state is None
+    assert "lo" not in eng.open_windows() and eng.problems["lo"].own_state() is not None and eng.state["lo"].iterates is None
 
 
 def test_default_is_raise_and_bad_mode_is_named():

@@ -21,7 +21,7 @@ def graph(method, options, engine_config=None):
               optimizer_kwargs={"lr": 0.1},
               config=mlo.ProblemConfig(method=method, method_options=dict(options)))
     lo.up, up.lo = up, lo
-    before = [t.detach().clone() for P in (lo, up) for t in P._real]
+    before = [t.detach().clone() for P in (lo, up) for t in P.variables]
     make = lambda: mlo.Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}}, config=engine_config)  # noqa: E731
     return make, (lo, up), before
 
@@ -51,7 +51,7 @@ def test_bad_method_option_is_named_at_engine_construction(method, options, matc
     make, problems, before = graph(method, options)
     with pytest.raises(ValueError, match=r"problem 'lo': ProblemConfig.method_options: " + match):
         make()
-    assert all(torch.equal(a, b) for a, b in zip(before, (t for P in problems for t in P._real)))
+    assert all(torch.equal(a, b) for a, b in zip(before, (t for P in problems for t in P.variables)))
     assert all(not P.optimizer.state for P in problems)
 
 

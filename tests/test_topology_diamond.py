@@ -132,7 +132,7 @@ def test_diamond_per_path_and_total(mA, mB, mC, measured):
     eng.run(k)
     assert eng.counts() == {"T": 0, "A": 0 if c_unrolled else k, "B": 0 if c_unrolled else k, "C": k}
     windows = {n: k for n in "ABC" if methods[n][0] == "unrolled"}
-    assert sorted(eng._windows) == sorted(windows)          # every unrolled level holds k steps
+    assert sorted(eng.open_windows()) == sorted(windows)          # every unrolled level holds k steps
     out = eng.gradient("T", by_path=True)
     eng.close_windows()
     P = eng.problems
@@ -168,7 +168,7 @@ def test_diamond_scheduled_updates(mA, mB, mC, measured):
             own, paths = expected(d, methods, windows, P["A"].module.a.detach(), P["B"].module.b.detach(),
                                   P["C"].module.c.detach(), lam)
             errs.append(rel(P["T"].optimizer.record[-1], own + sum(paths.values())))
-    assert len(errs) == 4 and not eng._windows
+    assert len(errs) == 4 and not eng.open_windows()
     measured("diamond scheduled (T updating 4 times), mixed methods vs closed form", max(errs), 1e-11)
 
 
@@ -182,7 +182,7 @@ def test_paths_through_a_closed_window_report_zeros(measured):
     methods = {"A": CG, "B": NEU, "C": UNR}
     eng = build(d, methods, {"A": HUGE, "B": HUGE, "C": 1})
     eng.run(3)
-    assert "C" not in eng._windows
+    assert "C" not in eng.open_windows()
     out = eng.gradient("T", by_path=True)
     P = eng.problems
     own, paths = expected(d, methods, {"C": 1}, P["A"].module.a.detach(), P["B"].module.b.detach(),

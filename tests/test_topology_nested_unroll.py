@@ -153,7 +153,7 @@ def test_schedule_counts_every_iteration(full):
         # and M's window opens at its first update after T's readiness
         b_open = it % (K1 if full else PERIOD) != 0
         m_open = it % PERIOD >= K1 * EVERY
-        assert ("B" in eng._windows, "M" in eng._windows) == (b_open, m_open), it
+        assert ("B" in eng.open_windows(), "M" in eng.open_windows()) == (b_open, m_open), it
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["chain", "full"])

@@ -135,7 +135,7 @@ def test_paths_and_schedule():
         eng.step()
         assert (L.step_count, U1.step_count, U1.ready_count, U2.ready_count, U2.step_count) == \
             (it, it // K, it // K, it // K, it // (2 * K))
-        assert ("L" in eng._windows) == (it % K != 0)    # both readinesses close the window
+        assert ("L" in eng.open_windows()) == (it % K != 0)    # both readinesses close the window
 
 
 def test_unrolled_shared_lower_matches_naive(measured):

@@ -434,11 +434,11 @@ def test_checkpoint_inside_window_warns_and_resumes(tmp_path):
     assert eng.open_windows() == {"lat": 1}
     with pytest.warns(RuntimeWarning, match=r"inside open unrolled window\(s\) of 'lat' \(1 step"):
         checkpoint.save(eng, tmp_path / "open.pt")
-    assert lat._open and lat.params["z"].shape == (3, LAT)          # saving changed nothing
+    assert lat.window_open and lat.params["z"].shape == (3, LAT)          # saving changed nothing
     eng2, up2, lat2 = linear_engine(W0, D0, batches[2:], K, opt, kw)
     with pytest.warns(RuntimeWarning, match=r"checkpoint was saved inside open unrolled window"):
         checkpoint.load(eng2, tmp_path / "open.pt")
-    assert torch.equal(up2.module.W, up.module.W) and not lat2._open
+    assert torch.equal(up2.module.W, up.module.W) and not lat2.window_open
     eng2.run(K - 1)
     assert eng2.counts() == {"lat": 2 * K, "up": 2} and not eng2.open_windows()
 
@@ -453,7 +453,7 @@ def test_early_stopping_snapshot_with_window_open():
     seen = []
 
     def validation(engine):
-        seen.append(bool(engine._windows))
+        seen.append(bool(engine.open_windows()))
         return {"m": -float(engine.iteration)}
 
     cfg = mlo.EngineConfig(validate_every=1, validation=validation,
@@ -463,12 +463,12 @@ def test_early_stopping_snapshot_with_window_open():
     eng.run(2 * K + 1)
     ref.run(2 * K + 1)
     assert any(seen), "validation never ran with a window open"
-    assert eng.early_stopping.best_iteration == 2 * K + 1 and eng._windows   # snapshot inside a window
+    assert eng.early_stopping.best_iteration == 2 * K + 1 and eng.open_windows()   # snapshot inside a window
     for a, b in zip(up.optimizer.record, rup.optimizer.record):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     W = up.module.W.detach().clone()
     eng.restore_best()
-    assert not eng._windows and not lat._open
+    assert not eng.open_windows() and not lat.window_open
     assert torch.equal(up.module.W.detach(), W)
     eng.run(K)                                                  # continues after the restore
     assert up.step_count >= 3
