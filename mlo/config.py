@@ -122,6 +122,17 @@ class EngineConfig:
             ``torch.autocast`` in bfloat16 while variables, gradients and hypergradient
             vectors stay float32 (:mod:`mlo.precision`). ``"fp16"`` is rejected (it
             needs a gradient scaler).
+        nesting: how a hypergradient treats levels between a problem and its lowest
+            levels. ``"betty"`` (default, Betty's convention): each level's best
+            response is differentiated with the levels below it held fixed — a
+            level's own hypergradient is a constant in the steps of the level above,
+            and its lower windows close when it consumes them. ``"exact"``: the total
+            derivative through nested unrolled windows — every level below the top
+            steps through a window that stays open until the top consumes it, reads
+            between those levels are the live iterates, and each middle level's
+            steps are differentiated through their own hypergradient. Needs a single
+            top problem and a window method (``"unrolled"``) on every other problem;
+            memory grows with all the steps of the top's window (README, "Nesting").
 
     Raises:
         ValueError: a field of the wrong type or out of range (checked on construction).
@@ -138,6 +149,7 @@ class EngineConfig:
     distributed: Any = "auto"
     device: Optional[str] = None
     precision: str = "fp32"
+    nesting: str = "betty"
 
     def __post_init__(self):
         from .precision import check as _check_precision
@@ -155,6 +167,8 @@ class EngineConfig:
         if self.validation is not None and not callable(self.validation):
             raise ValueError(f"EngineConfig.validation must be a callable fn(engine) -> dict of "
                              f"metrics or None, got {type(self.validation).__name__}")
+        if self.nesting not in ("betty", "exact"):
+            raise ValueError(f"EngineConfig.nesting must be 'betty' or 'exact', got {self.nesting!r}")
         if self.nonfinite not in ("raise", "skip"):
             raise ValueError(f"EngineConfig.nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
         if self.progress is not None and not isinstance(self.progress, bool):

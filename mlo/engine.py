@@ -112,6 +112,7 @@ class Engine:
             if P.per_window:
                 self._check_per_window(P)
                 self._windowed.add(n)
+        self._exact = self.config.nesting == "exact"
         for n in sorted(self._windowed):
             opt = self.problems[n].optimizer
             if not FunctionalOptimizer.supports(opt):
@@ -145,11 +146,34 @@ class Engine:
                 P.module.to(self._device)
         # Data parallel over torch.distributed (mlo.distributed): same start on every rank.
         self._dist = _dist.enabled(getattr(self.config, "distributed", "auto"))
+        if self._exact:
+            self._check_exact(on_path)
         if self._dist:
             _dist.broadcast_parameters(problems)
             if not _dist.is_main():   # rank 0 alone prints, logs and shows progress
                 self.config = dataclasses.replace(self.config, progress=False, loggers=[], log_every=None)
         self._init_events()
+
+    def _check_exact(self, on_path) -> None:
+        tops = [n for n in self.problems if not self.graph.above[n]]
+        if len(tops) != 1:
+            raise GraphError(f"EngineConfig(nesting='exact') needs a single top problem (the one "
+                             f"that consumes the nest); this graph has {sorted(tops)}")
+        for n in self.graph.order:
+            if n != tops[0] and n not in self._windowed:
+                method = self.problems[n].config.method
+                raise GraphError(
+                    f"problem {n!r}: EngineConfig(nesting='exact') differentiates through every "
+                    f"level's steps, but its method {method!r} is implicit at the current state "
+                    f"(an implicit middle level would need Hessian-vector products through its "
+                    f"lower's differentiable solve, which mlo does not do). Set "
+                    f"config.method='unrolled' on {n!r}, or use nesting='betty'")
+        if self.config.monitor:
+            raise GraphError("EngineConfig(nesting='exact') and monitor: the monitor's reference "
+                             "re-evaluates levels at fixed lowers (Betty's convention); use one or the other")
+        if self._dist:
+            raise GraphError("EngineConfig(nesting='exact') is not supported with distributed data "
+                             "parallelism yet; run it on one process")
 
     def _check_per_window(self, P: Problem) -> None:
         n, cfg = P.name, P.config
@@ -226,8 +250,8 @@ class Engine:
                 run.since[lo] = 0
                 runs[lo].loop_start = True
             run.ready_count += 1
-            if lows:
-                consumed |= self.graph.path_nodes(name)
+            if lows and (not self._exact or name == self._unique_top):
+                consumed |= self.graph.path_nodes(name)   # exact: only the top consumes
             if run.ready_count % P.config.update_every:
                 continue
             period = P.config.update_every_iterations
@@ -408,7 +432,8 @@ class Engine:
         per = tuple(lr[id(p)] for p in P.variables)
         return per[0] if len(set(per)) == 1 else per
 
-    def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False, override=None):
+    def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False, override=None,
+                  keep_graph: bool = False):
         """Loss, total gradient (own + hypergradient) and the reads of ``P``'s loss."""
         name = P.name
         nodes = self.graph.path_nodes(name)
@@ -425,7 +450,12 @@ class Engine:
             loss = self.loss(P, batch)
         _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
         own = [P.own_state()[k] for k in P.param_names]
-        tracked = [(r, k, a) for r in reads if r.source in nodes for k, a in r.alias.items()]
+        tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
+        if self._exact and name == self._unique_top:
+            if by_path or override is not None:
+                raise ValueError("EngineConfig(nesting='exact') gives the total hypergradient only: "
+                                 "by_path and method overrides need nesting='betty'")
+            return self._exact_top_gradient(P, loss, keep_graph)
         if not loss.requires_grad:
             raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
                                f"{P.param_names} (it has no autograd graph); call the module "
@@ -471,6 +501,32 @@ class Engine:
             grads = [gi + h[k].to(gi.dtype) if k in h else gi for k, gi in zip(P.param_names, grads)]
         return loss, grads, reads, extra
 
+    def _exact_top_gradient(self, P: Problem, loss: Tensor, keep_graph: bool):
+        """``EngineConfig(nesting="exact")``, the top's update: its loss reads the nest's
+        live iterates, so one backward reaches every read of the top's variables made
+        inside the nest's open windows (aliases, new graphs) — the total derivative."""
+        own = list(P.own_state().values())
+        seen, leaves = set(), []
+        for n in self.graph.path_nodes(P.name):
+            win = self.state[n].window
+            for r in (win.reads if win is not None else ()):
+                if r.source == P.name and not r.live:
+                    for k, a in r.alias.items():
+                        if a.requires_grad and id(a) not in seen:
+                            seen.add(id(a))
+                            leaves.append((k, a))
+        allg = torch.autograd.grad(loss, own + [a for _, a in leaves], allow_unused=True,
+                                   retain_graph=keep_graph or None)
+        grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(allg, own)]
+        hyper = {k: torch.zeros_like(t) for k, t in zip(P.param_names, own)}
+        for (k, _), x in zip(leaves, allg[len(own):]):
+            if x is not None:
+                hyper[k] = hyper[k] + x.to(hyper[k].dtype)
+        extra = {"own": {k: x.detach() for k, x in zip(P.param_names, grads)},
+                 "hyper": {k: h.detach() for k, h in hyper.items()}}
+        grads = [gi + hyper[k] for k, gi in zip(P.param_names, grads)]
+        return loss, grads, [], extra
+
     def gradient(self, name: str, batch: Any = None, by_path: bool = False,
                  method: Optional[tuple] = None) -> Dict[str, Any]:
         """``P``'s gradient at the current state, without updating anything.
@@ -510,7 +566,7 @@ class Engine:
             eb.check_options(method[0], method[1])
         with no_side_effects(self.problems.values(), rng_state()):
             loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path,
-                                                   override=method)
+                                                   override=method, keep_graph=self._exact)
         out = {"loss": float(loss.detach()),
                "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
         out.update(extra)
@@ -709,6 +765,11 @@ class Engine:
             if r.source == S.name:
                 return r.alias
         st = S.readable_state()
+        if self._exact and S.name in self._windowed:
+            # Exact nesting: the live iterates (no new graph); the top's backward
+            # runs through every level's steps.
+            reads.append(Read(S.name, st, st, live=True))
+            return st
         track = diff or S.name in nodes or _lint.pending(self, R)   # (lint sees every first read)
         # A differentiable reader keeps its graph past this step; if S then steps in
         # place (torch.optim), the saved values would change under it. Clone then —

@@ -73,8 +73,10 @@ def check_reads(engine, P, loss: Tensor, reads: List) -> None:
         S = engine.problems[s]
         up, lo = (s, P.name) if P.name in g.u2l[s] else (P.name, s)
         edge = f"u2l {{{s!r}: [{P.name!r}]}}" if P.name in g.u2l[s] else f"l2u {{{s!r}: [{P.name!r}]}}"
-        raw = any(id(p) in leaves and id(p) not in mine for p in S.variables)
         read = next((r for r in reads if r.source == s), None)
+        if read is not None and read.live:
+            continue    # exact nesting: the live iterates (maybe the real parameters) on purpose
+        raw = any(id(p) in leaves and id(p) not in mine for p in S.variables)
         if raw:
             cause = f"it uses the real parameters of {s!r} directly (e.g. {s}.module.<name>)"
         elif read is None:

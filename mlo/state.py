@@ -43,11 +43,14 @@ class Read:
         src_state: the source's state tensors at the time of the read (its
             differentiable iterates when the source is inside an unrolled window);
             ``None`` once that window has closed (the path is truncated there).
+        live: ``EngineConfig(nesting="exact")`` inside the top's nest: no new graph
+            starts — the reader used the source's iterates themselves.
     """
 
     source: str
     alias: State
     src_state: Optional[State]
+    live: bool = False     # exact nesting: the alias *is* the source's live iterate
 
 
 @dataclass(eq=False)
