@@ -1,11 +1,16 @@
 """MetaMAE (and its Table-4 ablations) on four modalities, then a linear probe.
 
 Pretrains a small MAE with MetaMAE's objective — latent adaptation on the Nearby-S
-support, query reconstruction from the adapted latent, λ · task contrast
-(``problems.latent_adaptation.metamae_loss``) — as one :class:`mlo.Problem`
-(:class:`problems.meta_mae.MetaMAEPretrain`) run by :class:`mlo.Engine`, then fits a
-logistic-regression probe on the frozen encoder's mean-pooled features
-(``mae.features(x, pool="mean")``) and reports test accuracy::
+support, query reconstruction from the adapted latent, λ · task contrast — run by
+:class:`mlo.Engine`, then fits a logistic-regression probe on the frozen encoder's
+mean-pooled features (``mae.features(x, pool="mean")``) and reports test accuracy.
+
+Two forms of the same objective (``--form``): ``graph`` (default) is the problem graph
+of :func:`problems.meta_mae.build_graph` — the per-sample latents ``Z`` are a lower
+``mlo.WindowProblem`` opened from the encoder on each batch and adapted by the
+engine's unrolled SGD, the MAE + projector the upper problem; ``single`` is one
+:class:`mlo.Problem` (:class:`problems.meta_mae.MetaMAEPretrain`) whose loss writes
+the inner step itself (``problems.latent_adaptation.metamae_loss``)::
 
     python examples/meta_mae.py --modality image          # digits       (cpu preset, ~1 min on one core)
     python examples/meta_mae.py --modality tabular        # breast cancer
@@ -15,6 +20,7 @@ logistic-regression probe on the frozen encoder's mean-pooled features
     python examples/meta_mae.py --modality image --variant mae --decoder-depth 0   # MAE, linear decoder
     python examples/meta_mae.py --modality image --no-contrastive                  # + latent adaptation
     python examples/meta_mae.py --modality tabular --support-ratio 0.5 --first-order
+    python examples/meta_mae.py --modality image --form single                     # one-problem form
 
 Presets are YAML files ``examples/configs/meta_mae_<modality>.yaml`` with the
 paper's hyperparameters (Table 8: α, λ, decoder depth, mask ratio, batch; τ = 0.5,
@@ -55,7 +61,7 @@ from problems.datasets import (infinite_loader, load_basic_motions, load_breast_
 from problems.evaluation import linear_probe
 from problems.latent_adaptation import MetaMAEOptions
 from problems.mae import MaskedAutoencoder
-from problems.meta_mae import MetaMAEPretrain
+from problems.meta_mae import MetaMAEPretrain, build_graph
 from problems.tokenizers import DiscreteTokenizer, ImageTokenizer, SequenceTokenizer, TabularTokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -80,6 +86,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
                    help="cpu (default: a few minutes on one core) or paper (the paper's model)")
     p.add_argument("--config", type=Path, help="a YAML of your own (default: configs/meta_mae_<modality>.yaml)")
+    p.add_argument("--form", choices=("graph", "single"), default="graph",
+                   help="graph (default): latents as a lower WindowProblem; single: one problem "
+                        "whose loss takes the inner step")
     p.add_argument("--variant", choices=("metamae", "mae"), default="metamae",
                    help="mae = no latent adaptation and no task contrast (the MAE loss)")
     p.add_argument("--no-adapt", action="store_true", help="no latent adaptation (Z* = Z)")
@@ -233,6 +242,19 @@ def probe(fn, train: Data, test: Data, max_iter: int = 500) -> float:
     return linear_probe(fn, train, test, max_iter=max_iter).accuracy
 
 
+def build(form: str, mae: MaskedAutoencoder, batches, opts: MetaMAEOptions, s: Dict[str, Any],
+          args: argparse.Namespace, config: mlo.EngineConfig, sched: Dict[str, Any]):
+    """``(engine, the MAE's problem, engine iterations per pretraining step)``."""
+    common = dict(projector_hidden=s["projector_hidden"], projector_out=s["projector_out"],
+                  generator=torch.Generator().manual_seed(args.seed + 1000),
+                  optimizer_kwargs={"lr": s["lr"], "weight_decay": s["weight_decay"]}, **sched)
+    if form == "single":
+        problem = MetaMAEPretrain(mae, batches, options=opts, **common)
+        return mlo.Engine([problem], config=config), problem, 1
+    engine, problems = build_graph(mae, batches, opts, engine_config=config, **common)
+    return engine, problems["upper"], opts.steps if opts.adapt else 1
+
+
 # ---------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = read_config(args.config or CONFIGS / f"meta_mae_{args.modality}.yaml")
@@ -250,7 +272,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     opts = options(s)
     name = ("MAE" if not opts.adapt and not opts.contrastive_weight else "MetaMAE")
     decoder = "linear" if s["decoder_depth"] == 0 else f"{s['decoder_dim']}x{s['decoder_depth']}"
-    print(f"[meta_mae] {args.modality}: train {len(train[0])}, test {len(test[0])}, "
+    print(f"[meta_mae] {args.modality} ({args.form} form): train {len(train[0])}, test {len(test[0])}, "
           f"{tok.num_tokens} tokens; encoder {s['width']}x{s['depth']}, decoder "
           f"{decoder}; "
           f"{name}: adapt={opts.adapt} (alpha {opts.alpha}, r {opts.support_ratio}, "
@@ -262,25 +284,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if s["cosine"]:
         sched = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR,
                  "scheduler_kwargs": {"T_max": s["steps"], "eta_min": 0.05 * s["lr"]}}
-    problem = MetaMAEPretrain(mae, batches, options=opts, projector_hidden=s["projector_hidden"],
-                              projector_out=s["projector_out"],
-                              generator=torch.Generator().manual_seed(args.seed + 1000),
-                              optimizer_kwargs={"lr": s["lr"], "weight_decay": s["weight_decay"]},
-                              **sched)
     logger = TimedCSV(out / "metrics.csv")
-    engine = mlo.Engine([problem], config=mlo.EngineConfig(
-        progress=not args.no_progress, loggers=[logger]))
+    engine, problem, per_step = build(args.form, mae, batches, opts, s, args, mlo.EngineConfig(
+        progress=not args.no_progress, loggers=[logger]), sched)
     t0 = time.perf_counter()
     try:
-        engine.run(s["steps"])
+        engine.run(s["steps"] * per_step)
     finally:
         logger.close()
     seconds = time.perf_counter() - t0
-    rec = engine.records[problem.name]
-    step_seconds = rec["seconds"] / max(rec["updates"], 1)
+    step_seconds = sum(r["seconds"] for r in engine.records.values()) / max(problem.step_count, 1)
 
     result: Dict[str, Any] = {
-        "modality": args.modality, "variant": args.variant, "seed": args.seed,
+        "modality": args.modality, "form": args.form, "variant": args.variant, "seed": args.seed,
         "settings": s, "steps": s["steps"], "seconds": seconds,
         "seconds_per_iteration": step_seconds, "final_loss": float(problem.last_loss),
     }

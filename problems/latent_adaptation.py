@@ -19,8 +19,8 @@ Second-order use differentiates through attention: call inside
 ``attn_impl="math"`` (fused CPU attention has no double backward).
 
 This module is the hand-written reference of the method (and usable as is); the
-engine-level graph, where the latents are a lower problem's per-window variables,
-needs the Engine v2 issue.
+engine-level graph, where the latents are a lower problem's per-window variables
+(``mlo.WindowProblem``), is ``problems.meta_mae.build_graph`` and is tested against it.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from problems.nearby_support import nearby_support
 from problems.task_contrastive import task_contrastive_loss
 
-__all__ = ["MetaMAEOptions", "adapt_latent", "metamae_loss"]
+__all__ = ["MetaMAEOptions", "adapt_latent", "draw_support", "metamae_loss"]
 
 
 @dataclass
@@ -69,6 +69,13 @@ def adapt_latent(latent: Tensor, support_loss, alpha: float, steps: int = 1,
     return z
 
 
+def draw_support(mae: nn.Module, x: Tensor, mask: Tensor, ratio: float,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """Nearby-S support ``[N, L]`` of ``mask`` on the MAE's token grid (pads excluded)."""
+    grid = getattr(mae.tokenizer, "grid", (mask.shape[1],))
+    return nearby_support(mask, grid, ratio, mae.padding(x), generator)
+
+
 def metamae_loss(mae: nn.Module, x: Tensor, opts: MetaMAEOptions,
                  projector: Optional[nn.Module] = None,
                  generator: Optional[torch.Generator] = None,
@@ -90,8 +97,7 @@ def metamae_loss(mae: nn.Module, x: Tensor, opts: MetaMAEOptions,
     scores, support = masks if masks is not None else (None, None)
     z0, mask, ids = mae.forward_encoder(x, scores=scores)            # [N, 1+K, D], [N, L], [N, L]
     if support is None:
-        grid = getattr(mae.tokenizer, "grid", (mask.shape[1],))
-        support = nearby_support(mask, grid, opts.support_ratio, mae.padding(x), generator)
+        support = draw_support(mae, x, mask, opts.support_ratio, generator)
     n = x.shape[0]
     z = z0
     if opts.adapt:
