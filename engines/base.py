@@ -25,6 +25,9 @@ needs to know about a method — callers never test a method's name:
   hands the last iterate as ``lower.outputs`` (unrolled differentiation).
 * ``second_order`` — whether the method differentiates gradients of the lower loss
   (callers then pick double-differentiable kernels).
+* ``plain_backward`` — for window methods: whether, with the given options, the VJP
+  is exactly reverse mode through the steps (callers may then fuse it into the upper's
+  backward pass, or differentiate nested windows as one graph).
 * ``needs`` — optional extra information the caller must fill in :class:`Lower`;
   today ``"optimizer"``: the lower optimizer's per-variable hyperparameters, state
   and last applied gradient (:attr:`Lower.optimizer`).
@@ -127,13 +130,20 @@ class MethodInfo:
     second_order: bool = True
     window: bool = False
     needs: Tuple[str, ...] = ()
+    plain_backward: Optional[Callable[..., bool]] = None
+
+    def is_plain_backward(self, options: Mapping[str, Any]) -> bool:
+        """Whether, with ``options``, the method's VJP is exactly one reverse-mode pass
+        through ``lower.outputs`` — so a caller may fuse it into the upper's backward."""
+        return self.plain_backward is not None and bool(self.plain_backward(**dict(options)))
 
 
 _REGISTRY: Dict[str, MethodInfo] = {}
 
 
 def register(name: str, check: Optional[Callable[..., None]] = None, *, second_order: bool = True,
-             window: bool = False, needs: Sequence[str] = ()):
+             window: bool = False, needs: Sequence[str] = (),
+             plain_backward: Optional[Callable[..., bool]] = None):
     """Decorator registering ``fn`` as hypergradient method ``name``.
 
     Args:
@@ -148,6 +158,9 @@ def register(name: str, check: Optional[Callable[..., None]] = None, *, second_o
             (``lower.outputs``), which the caller must take out of place; otherwise
             it works at the current iterate (``lower.params`` and ``lower.loss_fn``).
         needs: extra fields of :class:`Lower` the caller must fill (``"optimizer"``).
+        plain_backward: for window methods, ``plain_backward(**options) -> bool``: whether
+            with those options the VJP is exactly reverse mode through ``lower.outputs``
+            (then a caller may run it inside the upper's own backward pass).
     """
     needs = tuple(needs)
     bad = [n for n in needs if n not in NEEDS]
@@ -157,7 +170,8 @@ def register(name: str, check: Optional[Callable[..., None]] = None, *, second_o
     def deco(fn: Method) -> Method:
         if name in _REGISTRY:
             raise ValueError(f"hypergradient method {name!r} is already registered")
-        _REGISTRY[name] = MethodInfo(name, fn, check, bool(second_order), bool(window), needs)
+        _REGISTRY[name] = MethodInfo(name, fn, check, bool(second_order), bool(window), needs,
+                                     plain_backward)
         return fn
 
     return deco

@@ -31,7 +31,11 @@ def _check(*, first_order: bool = False, create_graph: bool = False) -> None:
     check_bool("unrolled", "create_graph", create_graph)
 
 
-@register("unrolled", check=_check, window=True)
+def _plain_backward(*, first_order: bool = False, create_graph: bool = False) -> bool:
+    return not first_order and not create_graph
+
+
+@register("unrolled", check=_check, window=True, plain_backward=_plain_backward)
 def unrolled(lower: Lower, v: Sequence[Tensor], *, first_order: bool = False,
              create_graph: bool = False) -> Tensors:
     """``(dθ_K/dx)ᵀ v`` by backpropagation through the unrolled inner steps.

@@ -47,7 +47,7 @@ from .config import EngineConfig
 from . import lint as _lint
 from .graph import Graph, GraphError
 from .optim import FunctionalOptimizer
-from .hypergrad import hypergradient, path_contribution, second_order_kernels
+from .hypergrad import hypergradient, naming_second_order_errors, path_contribution, second_order_kernels
 from .isolation import no_side_effects, rng_state
 from .problem import Problem
 from .state import Read, ReadContext, RunState, Window, reading
@@ -148,11 +148,25 @@ class Engine:
         self._dist = _dist.enabled(getattr(self.config, "distributed", "auto"))
         if self._exact:
             self._check_exact(on_path)
+        # One backward for the top of a two-level nest: when every problem on the top's
+        # paths steps through a window and has no lower of its own, the top reading
+        # their live iterates and differentiating straight to its own variables (as
+        # read inside those windows) is the sum over its paths — the same value as the
+        # cotangent hand-over, one backward pass and no VJP bookkeeping fewer.
+        top_nodes = self.graph.path_nodes(self._unique_top) if self._unique_top else set()
+        self._fused = bool(top_nodes) and not self._dist and all(
+            n in self._windowed and not self.graph.lowers(n) and self._plain(n) for n in top_nodes)
         if self._dist:
             _dist.broadcast_parameters(problems)
             if not _dist.is_main():   # rank 0 alone prints, logs and shows progress
                 self.config = dataclasses.replace(self.config, progress=False, loggers=[], log_every=None)
         self._init_events()
+
+    def _plain(self, name: str) -> bool:
+        """Whether problem ``name``'s VJP is plain reverse mode through its window (a
+        WindowProblem's steps always are: its options do not change them)."""
+        cfg = self.problems[name].config
+        return eb.info(cfg.method).is_plain_backward(cfg.method_options)
 
     def _check_exact(self, on_path) -> None:
         tops = [n for n in self.problems if not self.graph.above[n]]
@@ -168,6 +182,14 @@ class Engine:
                     f"(an implicit middle level would need Hessian-vector products through its "
                     f"lower's differentiable solve, which mlo does not do). Set "
                     f"config.method='unrolled' on {n!r}, or use nesting='betty'")
+        for n in self.graph.order:
+            if n != tops[0] and not self._plain(n):
+                cfg = self.problems[n].config
+                raise GraphError(f"problem {n!r}: EngineConfig(nesting='exact') differentiates through "
+                                 f"every step, but method {cfg.method!r} with options "
+                                 f"{dict(cfg.method_options)} is not plain reverse mode through its "
+                                 f"window (e.g. first_order=True); remove those options or use "
+                                 f"nesting='betty'")
         if self.config.monitor:
             raise GraphError("EngineConfig(nesting='exact') and monitor: the monitor's reference "
                              "re-evaluates levels at fixed lowers (Betty's convention); use one or the other")
@@ -439,7 +461,10 @@ class Engine:
         nodes = self.graph.path_nodes(name)
         reads: List[Read] = []
         self.state[name].last_batch = batch
-        resolve, own_view = (lambda S: self._alias(P, S, diff, nodes, reads)), None
+        # The top reads the nest's live iterates (exact nesting, or the fused two-level case).
+        live = (self._exact or (self._fused and not by_path and override is None)) \
+            and name == self._unique_top
+        resolve, own_view = (lambda S: self._alias(P, S, diff, nodes, reads, live)), None
         if self._dist and diff:
             # Data parallel inside a window: the loss reads every variable through
             # grad_average, so its gradient and every derivative of that gradient
@@ -451,7 +476,7 @@ class Engine:
         _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
         own = [P.own_state()[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
-        if self._exact and name == self._unique_top:
+        if live or (self._exact and name == self._unique_top):
             if by_path or override is not None:
                 raise ValueError("EngineConfig(nesting='exact') gives the total hypergradient only: "
                                  "by_path and method overrides need nesting='betty'")
@@ -505,6 +530,9 @@ class Engine:
         """``EngineConfig(nesting="exact")``, the top's update: its loss reads the nest's
         live iterates, so one backward reaches every read of the top's variables made
         inside the nest's open windows (aliases, new graphs) — the total derivative."""
+        if not loss.requires_grad:
+            raise RuntimeError(f"problem {P.name!r}: its loss has no autograd graph (it depends "
+                               f"neither on its own variables {P.param_names} nor on its lowers)")
         own = list(P.own_state().values())
         seen, leaves = set(), []
         for n in self.graph.path_nodes(P.name):
@@ -515,8 +543,10 @@ class Engine:
                         if a.requires_grad and id(a) not in seen:
                             seen.add(id(a))
                             leaves.append((k, a))
-        allg = torch.autograd.grad(loss, own + [a for _, a in leaves], allow_unused=True,
-                                   retain_graph=keep_graph or None)
+        nest = sorted(self.graph.path_nodes(P.name))
+        with naming_second_order_errors(nest, [self.problems[n].config.method for n in nest]):
+            allg = torch.autograd.grad(loss, own + [a for _, a in leaves], allow_unused=True,
+                                       retain_graph=keep_graph or None)
         grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(allg, own)]
         hyper = {k: torch.zeros_like(t) for k, t in zip(P.param_names, own)}
         for (k, _), x in zip(leaves, allg[len(own):]):
@@ -566,7 +596,7 @@ class Engine:
             eb.check_options(method[0], method[1])
         with no_side_effects(self.problems.values(), rng_state()):
             loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path,
-                                                   override=method, keep_graph=self._exact)
+                                                   override=method, keep_graph=self._exact or self._fused)
         out = {"loss": float(loss.detach()),
                "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
         out.update(extra)
@@ -752,7 +782,7 @@ class Engine:
         coef = torch.clamp(c / (norm + 1e-6), max=1.0)
         return [x * coef for x in grads]
 
-    def _alias(self, R: Problem, S: Problem, diff: bool, nodes, reads: List[Read]):
+    def _alias(self, R: Problem, S: Problem, diff: bool, nodes, reads: List[Read], live: bool = False):
         """The state ``R``'s loss sees when it calls problem ``S``."""
         if S.name not in self.problems or self.problems[S.name] is not S:
             raise GraphError(f"problem {R.name!r} read problem {S.name!r}, which is not in this engine")
@@ -765,7 +795,7 @@ class Engine:
             if r.source == S.name:
                 return r.alias
         st = S.readable_state()
-        if self._exact and S.name in self._windowed:
+        if (self._exact or live) and S.name in self._windowed:
             # Exact nesting: the live iterates (no new graph); the top's backward
             # runs through every level's steps.
             reads.append(Read(S.name, st, st, live=True))

@@ -44,7 +44,8 @@ from .state import ReadContext, reading
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
 
-__all__ = ["hypergradient", "path_contribution", "best_response_vjp", "second_order_kernels"]
+__all__ = ["hypergradient", "path_contribution", "best_response_vjp", "second_order_kernels",
+           "naming_second_order_errors"]
 
 try:  # torch >= 2.2
     from torch.nn.attention import SDPBackend as _SDPBackend, sdpa_kernel as _sdpa_kernel
@@ -66,21 +67,30 @@ def second_order_kernels(enabled: bool = True):
     return _sdpa_kernel([_SDPBackend.MATH])
 
 
-def _run_method(method, name: str, P, lower, v, opts):
-    """Runs a best-response method; a missing higher derivative becomes an error
-    that names the problem and the way out."""
+@contextlib.contextmanager
+def naming_second_order_errors(names: Sequence[str], methods: Sequence[str]):
+    """Turns torch's "derivative for ... is not implemented" into an error that names
+    the problem(s) whose loss was differentiated twice and the way out."""
     try:
-        return method(lower, v, **opts)
+        yield
     except RuntimeError as e:
         msg = str(e)
         if "derivative for" in msg and "not implemented" in msg:
+            who = ", ".join(f"problem {n!r}: method {m!r}" for n, m in zip(names, methods))
             raise RuntimeError(
-                f"problem {name!r}: method {P.config.method!r} differentiates through the gradient "
-                f"of its loss, but an operation in that loss has no second derivative ({msg}). "
-                f"Evaluate that operation with a double-differentiable implementation (for "
-                f"attention: attn_impl='math' / problems.transformer.math_attention(); mlo already "
-                f"forces torch's math SDPA backend), or use method='finite_difference'") from e
+                f"{who} differentiates through the gradient of its loss, but an operation in that "
+                f"loss has no second derivative ({msg}). Evaluate that operation with a "
+                f"double-differentiable implementation (for attention: attn_impl='math' / "
+                f"problems.transformer.math_attention(); mlo already forces torch's math SDPA "
+                f"backend), or use method='finite_difference'") from e
         raise
+
+
+def _run_method(method, name: str, P, lower, v, opts):
+    """Runs a best-response method; a missing higher derivative becomes an error
+    that names the problem and the way out."""
+    with naming_second_order_errors([name], [P.config.method]):
+        return method(lower, v, **opts)
 
 Cot = Tuple[Optional[Dict[str, Tensor]], Dict[str, Tensor]]
 Override = Optional[Tuple[str, Dict]]
