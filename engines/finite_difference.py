@@ -16,6 +16,7 @@ never modified (no in-place edit of ``.data``).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Sequence, Tuple
 
@@ -79,7 +80,16 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
         if len(lower.lr) != len(v):
             raise ValueError(f"lower.lr has {len(lower.lr)} rates, lower.params has {len(v)} tensors")
         v = tuple(eta * t for eta, t in zip(lower.lr, v))
-    norm = float(torch.sqrt(sum(torch.sum(t.detach() ** 2) for t in v)))
+    # One host synchronisation: the norms of v's and θ's tensors (combined on the host).
+    with torch.no_grad():
+        ns = [torch.linalg.vector_norm(t.detach()) for t in v] + \
+             [torch.linalg.vector_norm(p.detach()) for p in lower.params]
+        if len({n.dtype for n in ns}) > 1:
+            ns = [n.double() for n in ns]
+        flat = torch.stack(ns).tolist()
+    norm = math.sqrt(math.fsum(x * x for x in flat[:len(v)]))
+    pnorm = math.sqrt(math.fsum(x * x for x in flat[len(v):]))          # ≥ max|θ_i|
+    numel = sum(t.numel() for t in v)
     if norm == 0.0:
         return zeros_like_all(lower.inputs)
     eps = epsilon / norm
@@ -94,9 +104,16 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
 
     plus = tuple(p + eps * t for p, t in zip(params, vs))    # new tensors: θ + εv
     minus = tuple(p - eps * t for p, t in zip(params, vs))   # new tensors: θ − εv
-    with torch.no_grad():   # one fused check: did the perturbation survive rounding?
-        moved = torch.stack([((a != p) | (b != p)).any() for a, b, p in zip(plus, minus, params)]).any()
-    if not bool(moved):
+    # Did the perturbation survive rounding? Surely, when the largest step ε·max|v_i| is
+    # above the spacing of the largest |θ_i| (no extra synchronisation); otherwise check.
+    # ε·max|v_i| ≥ epsilon/√n; it moves the largest |θ_i| ≤ ‖θ‖ when above twice its spacing.
+    finfos = [torch.finfo(p.dtype) for p in params if p.is_floating_point()]
+    surely = bool(finfos) and math.isfinite(pnorm) and epsilon / math.sqrt(max(numel, 1)) > \
+        2 * max(f.eps for f in finfos) * max(pnorm, max(f.tiny for f in finfos))
+    if not surely:
+        with torch.no_grad():
+            surely = bool(torch.stack([((a != p) | (b != p)).any() for a, b, p in zip(plus, minus, params)]).any())
+    if not surely:
         warnings.warn(f"{lower.label + ': ' if lower.label else ''}finite_difference: epsilon={epsilon!r} "
                       f"is too small: θ ± εv rounds to θ (ε = epsilon/‖v‖ = {eps:.3g}), so this "
                       f"hypergradient is exactly 0; use a larger epsilon (DARTS: 0.01)",

@@ -183,6 +183,16 @@ class Engine:
                     f"lower's differentiable solve, which mlo does not do). Set "
                     f"config.method='unrolled' on {n!r}, or use nesting='betty'")
         for n in self.graph.order:
+            if n == tops[0] or not self.graph.lowers(n):
+                continue
+            bad = [s for s in self.graph.reads[n] if s in self._windowed and self.graph.is_below(n, s)]
+            if bad:
+                raise GraphError(
+                    f"problem {n!r}: EngineConfig(nesting='exact') supports middle levels that read "
+                    f"their lowers and the top, but {n!r} also reads {bad}, a level above it that "
+                    f"steps through a window: its gradient would run through that level's steps. "
+                    f"Use nesting='betty' for this graph")
+        for n in self.graph.order:
             if n != tops[0] and not self._plain(n):
                 cfg = self.problems[n].config
                 raise GraphError(f"problem {n!r}: EngineConfig(nesting='exact') differentiates through "
@@ -444,7 +454,7 @@ class Engine:
                             f"dict with a scalar 'loss', got {type(out).__name__}")
         if loss.dtype in (torch.bfloat16, torch.float16):
             loss = loss.float()
-        return loss.reshape(())
+        return loss if loss.dim() == 0 else loss.reshape(())
 
     def inner_lr(self, name: str) -> Union[float, tuple]:
         """Problem ``name``'s learning rate: one float, or one per variable when its
@@ -465,6 +475,12 @@ class Engine:
         live = (self._exact or (self._fused and not by_path and override is None)) \
             and name == self._unique_top
         resolve, own_view = (lambda S: self._alias(P, S, diff, nodes, reads, live)), None
+        if self._exact and diff and not self.graph.lowers(name):
+            # Exact nesting, a bottom level: its step is the partial derivative at fixed
+            # uppers — whose live iterates may depend on this problem's earlier iterates
+            # (a middle level stepped on them). A fresh view of the iterate carries the
+            # gradient, so no path through the uppers' live iterates reaches it.
+            own_view = {k: t.view_as(t) for k, t in P.own_state().items()}
         if self._dist and diff:
             # Data parallel inside a window: the loss reads every variable through
             # grad_average, so its gradient and every derivative of that gradient
@@ -474,7 +490,8 @@ class Engine:
         with second_order_kernels(diff), reading(ReadContext(P, resolve, own=own_view)):
             loss = self.loss(P, batch)
         _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
-        own = [P.own_state()[k] for k in P.param_names]
+        st = own_view if own_view is not None else P.own_state()
+        own = [st[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
         if live or (self._exact and name == self._unique_top):
             if by_path or override is not None:
@@ -535,7 +552,8 @@ class Engine:
                                f"neither on its own variables {P.param_names} nor on its lowers)")
         own = list(P.own_state().values())
         seen, leaves = set(), []
-        for n in self.graph.path_nodes(P.name):
+        nest = self.graph.path_nodes(P.name)
+        for n in nest:
             win = self.state[n].window
             for r in (win.reads if win is not None else ()):
                 if r.source == P.name and not r.live:
@@ -543,18 +561,19 @@ class Engine:
                         if a.requires_grad and id(a) not in seen:
                             seen.add(id(a))
                             leaves.append((k, a))
-        nest = sorted(self.graph.path_nodes(P.name))
-        with naming_second_order_errors(nest, [self.problems[n].config.method for n in nest]):
+        names = sorted(nest)
+        with naming_second_order_errors(names, [self.problems[n].config.method for n in names]):
             allg = torch.autograd.grad(loss, own + [a for _, a in leaves], allow_unused=True,
                                        retain_graph=keep_graph or None)
         grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(allg, own)]
-        hyper = {k: torch.zeros_like(t) for k, t in zip(P.param_names, own)}
+        acc: Dict[str, Tensor] = {}
         for (k, _), x in zip(leaves, allg[len(own):]):
             if x is not None:
-                hyper[k] = hyper[k] + x.to(hyper[k].dtype)
-        extra = {"own": {k: x.detach() for k, x in zip(P.param_names, grads)},
-                 "hyper": {k: h.detach() for k, h in hyper.items()}}
-        grads = [gi + hyper[k] for k, gi in zip(P.param_names, grads)]
+                acc[k] = acc[k] + x if k in acc else x
+        hyper = {k: (acc[k].to(t.dtype) if k in acc else torch.zeros_like(t))
+                 for k, t in zip(P.param_names, own)}
+        extra = {"own": {k: x.detach() for k, x in zip(P.param_names, grads)}, "hyper": hyper}
+        grads = [gi + hyper[k] if k in acc else gi for k, gi in zip(P.param_names, grads)]
         return loss, grads, [], extra
 
     def gradient(self, name: str, batch: Any = None, by_path: bool = False,
@@ -622,16 +641,23 @@ class Engine:
     @staticmethod
     def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> List[float]:
         """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats,
-        with one host synchronisation. Each tensor's norm is taken in its own dtype (a
-        float64 norm of a float32 tensor costs ~25× more: a hot path), their combination
-        in float64."""
-        def norm(ts):
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach()).double()
-                                                         for t in ts]))
-        parts = [loss.detach().double().reshape(()), norm(grads)]
+        with one host synchronisation: every tensor's norm in its own dtype (a float64
+        norm of a float32 tensor costs ~25× more: a hot path), stacked once and brought
+        to the host, where each group's norm is combined in double precision."""
+        groups = [grads]
         if "hyper" in extra:
-            parts += [norm(list(extra["own"].values())), norm(list(extra["hyper"].values()))]
-        return torch.stack([x.to(parts[0].device) for x in parts]).tolist()
+            groups += [list(extra["own"].values()), list(extra["hyper"].values())]
+        ns = [loss.detach()] + [torch.linalg.vector_norm(t.detach()) for g in groups for t in g]
+        if len({(n.dtype, n.device) for n in ns}) > 1:
+            ns = [n.double().to(ns[0].device) for n in ns]
+        flat = torch.stack(ns).tolist()
+        out, i = [flat[0]], 1
+        for g in groups:
+            part = flat[i:i + len(g)]
+            i += len(g)
+            out.append(math.sqrt(math.fsum(x * x for x in part)) if all(map(math.isfinite, part))
+                       else math.inf if not any(map(math.isnan, part)) else math.nan)
+        return out
 
     def _nonfinite(self, P: Problem, vals: List[float], grads: List[Tensor], extra: Dict[str, Any]) -> str:
         """What went non-finite in an update (``""`` when nothing did)."""
@@ -695,7 +721,8 @@ class Engine:
         grads = self._clip(P, grads)
         self._set_hyperparameters(P, diff, reads)
         run.last_loss = loss.detach()
-        own = [P.own_state()[k] for k in P.param_names]
+        st = P.own_state()
+        own = [st[k] for k in P.param_names]
         if diff:
             win = run.window
             if P.scheduler is not None:

@@ -112,6 +112,11 @@ class Problem:
         self.module = module if module is not None else _Variables(params)
         self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self._real = [p for _, p in self.module.named_parameters() if p.requires_grad]
+        # Tied weights (one tensor under two names) need functional_call's untying pass
+        # (~10 µs a call); most modules have none.
+        self._tied = len(list(self.module.named_parameters(remove_duplicate=False))) != \
+            len(list(self.module.named_parameters())) or \
+            len(list(self.module.named_buffers(remove_duplicate=False))) != len(list(self.module.named_buffers()))
         if not self._real:
             raise ValueError(f"problem {name!r} has no trainable parameters")
         if isinstance(optimizer, torch.optim.Optimizer) or not (
@@ -328,7 +333,7 @@ class Problem:
         """Runs ``module`` with the problem's current state (``functional_call``)."""
         if self._runs_on_own_parameters():
             return self.module(*args, **kwargs)
-        return functional_call(self.module, self.params, args, kwargs)
+        return functional_call(self.module, self.params, args, kwargs, tie_weights=self._tied)
 
     def call(self, method: str, *args, **kwargs):
         """Runs ``module.<method>(*args, **kwargs)`` with the problem's current state.
@@ -354,7 +359,7 @@ class Problem:
             return fn(*args, **kwargs)
         wrapper = _Method(self.module, method)   # holds no state of its own: cheap to build
         state = {"m." + k: v for k, v in self.params.items()}
-        return functional_call(wrapper, state, args, kwargs, strict=False)
+        return functional_call(wrapper, state, args, kwargs, strict=False, tie_weights=self._tied)
 
     # ------------------------------------------------------------- the data
     def peek_batch(self):
