@@ -225,3 +225,10 @@ def test_exact_changes_derivatives_not_the_forward_run(measured):
         (g,) = torch.autograd.grad(f_M(P, mu, th), mu, create_graph=True)
         mu = mu - ETA_M * g
     assert rel(th.detach(), runs["exact"][1]) > 1e-6
+
+
+def test_nesting_example_runs(capsys):
+    from _helpers import load_example
+    load_example("nesting").main(["--ks", "2,4"])
+    out = capsys.readouterr().out
+    assert "closed form" in out and "K=  4  betty: ‖h‖ = 0 " in out
