@@ -20,7 +20,7 @@ import torch
 
 import mlo
 
-torch.set_default_dtype(torch.float64)
+DT = torch.float64
 
 
 class Quadratic(mlo.Problem):
@@ -54,11 +54,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(3)
     d = args.d
-    P = dict(A=torch.eye(d) + 0.3 * torch.randn(d, d, generator=g), c=torch.randn(d, generator=g),
-             m=torch.randn(d, generator=g), lam=torch.randn(d, generator=g), mu=torch.randn(d, generator=g),
-             th=torch.randn(d, generator=g))
+    P = dict(A=torch.eye(d, dtype=DT) + 0.3 * torch.randn(d, d, generator=g, dtype=DT),
+             **{k: torch.randn(d, generator=g, dtype=DT) for k in ("c", "m", "lam", "mu", "th")})
     A, rho = P["A"], 0.3
-    H = A.T @ A + rho * torch.eye(d)
+    H = A.T @ A + rho * torch.eye(d, dtype=DT)
     mu_star = torch.linalg.solve(H, A.T @ (P["c"] - P["lam"]))
     exact = -A @ torch.linalg.solve(H, mu_star - P["m"])
     print(f"closed form dF_T/dλ = {[round(x, 6) for x in exact.tolist()]}")
