@@ -12,15 +12,24 @@ with a larger dimension ``d`` (default 2000, dense ``A``: one state vector is 16
     T (λ):  F_T(μ)       = ½‖μ − m‖²               reads M (the single top)
 
 One top update = K·K bottom steps + K middle steps + 1 top step (``K²`` engine
-iterations). Modes: ``exact`` and ``betty`` (the engine), and two plain-autograd nested
-unrolls without the engine (:class:`Reference`): ``ref_partial`` — every bottom step
-uses ``∂f_B/∂θ`` at the current μ, λ (plain SGD at every level, differentiated
-totally: the memory floor of exact nesting) — and ``ref_total`` — the reference of
-``tests/test_exact_nesting.py``, whose ``autograd.grad(f_B, θ)`` on the live θ also
-follows μ's dependence on earlier θ (through M's hypergradient graph) after M's first
-update; the engine's exact mode reproduces it to ~1e-16 (checked at d=50, printed).
-``exact`` and ``ref_total`` stop at ``--max-k-slow`` (default 16: at K=16 one top
-update already takes ~25 s). For every K and mode, in a fresh subprocess:
+iterations). Modes run by default: ``exact`` and ``betty`` (the engine) and
+``ref_partial``, a plain-autograd nested unroll without the engine (:class:`Reference`):
+every bottom step uses ``∂f_B/∂θ`` at the current μ, λ (the gradient w.r.t. a fresh view
+of θ), plain SGD at every level, differentiated totally — the correct nested unroll (the
+reference of ``tests/test_exact_nesting.py``) and the memory floor of exact nesting
+(all K² + K step graphs, nothing more). The engine's exact mode takes the bottom level's
+gradient the same way (since commit c55c876) and reproduces ``ref_partial``: the λ-
+hypergradient and θ, μ, λ after each of two top updates agree to ~1e-16 (checked at
+d=50 before the measurement, printed and written). Memory and time of ``exact`` grow
+~K² like ``ref_partial``.
+
+Optional mode ``ref_total`` (``--modes exact,betty,ref_partial,ref_total``; not run by
+default): the flawed variant, kept to show what the fix changed. Its
+``autograd.grad(f_B, θ)`` on the live θ also follows μ's dependence on earlier θ
+(through M's hypergradient graph) after M's first update — what the engine's exact mode
+computed before c55c876: hypergradient off by ~1e-2 (the consistency table then also
+shows exact vs ref_total), memory and time ~K³ (at K=16 one top update took ~16 s);
+it stops at ``--max-k-slow`` (default 16). For every K and mode, in a fresh subprocess:
 
 1. Memory: peak RSS of one top update above the resident set just before it. After
    setup (``A``, the engine) and a warm-up top update of a separate K=1 engine (lazy
@@ -43,7 +52,8 @@ power p of y ≈ C·K^p (log-log least squares over K ≥ 4).
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/exact_nesting.py [--d 2000] [--ks 2,4,8,16,32]
-        [--repeats 3] [--outdir benchmarks/results/exact_nesting]
+        [--repeats 3] [--modes exact,betty,ref_partial[,ref_total]] [--max-k-slow 16]
+    [--outdir benchmarks/results/exact_nesting]
 """
 from __future__ import annotations
 
@@ -132,12 +142,15 @@ def _trim() -> None:
 class Reference:
     """One top update by plain autograd (no engine): the nested unroll, state carried over.
 
-    ``partial=True``: each bottom step uses ``∂f_B/∂θ`` at the current μ, λ (the gradient
-    is taken w.r.t. a fresh view of θ, so μ's dependence on earlier θ is not followed;
-    its graph to μ, λ, θ is kept): plain SGD at every level, differentiated totally —
-    the floor for exact nesting (all K² + K step graphs, nothing more). ``partial=False``: ``autograd.grad(f_B, θ)`` on the
-    live θ, which also follows μ_j(θ) through M's hypergradient graph — the reference
-    of ``tests/test_exact_nesting.py``, which the engine's exact mode reproduces."""
+    ``partial=True`` (``ref_partial``, correct): each bottom step uses ``∂f_B/∂θ`` at the
+    current μ, λ (the gradient is taken w.r.t. a fresh view of θ, so μ's dependence on
+    earlier θ is not followed; its graph to μ, λ, θ is kept): plain SGD at every level,
+    differentiated totally — the reference of ``tests/test_exact_nesting.py``, which the
+    engine's exact mode reproduces, and the memory floor of exact nesting (all K² + K
+    step graphs, nothing more). ``partial=False`` (``ref_total``, the flawed variant, kept
+    to show what the fix changed): ``autograd.grad(f_B, θ)`` on the live θ, which also
+    follows μ_j(θ) through M's hypergradient graph — what the engine computed before
+    c55c876."""
 
     def __init__(self, P, K: int, partial: bool):
         self.P, self.K, self.partial = P, K, partial
@@ -227,8 +240,8 @@ def run_child(mode: str, K: int, d: int, repeats: int) -> dict:
 
 # ====================================================================== analysis
 MODES = {"exact": "engine, nesting='exact'", "betty": "engine, nesting='betty' (default)",
-         "ref_partial": "plain autograd, ∂f_B/∂θ at fixed μ (floor)",
-         "ref_total": "plain autograd, grad(f_B, live θ) (test reference)"}
+         "ref_partial": "plain autograd, ∂f_B/∂θ at fixed μ, λ (correct nested unroll; floor)",
+         "ref_total": "plain autograd, grad(f_B, live θ) (the flawed variant, kept to show what the fix changed)"}
 
 
 def analytic_live(mode: str, K: int) -> Dict[str, int]:
@@ -262,28 +275,42 @@ def fit(rows: List[dict], field: str = "extra_mb") -> dict:
     return out
 
 
-def consistency(d: int = 50, ks=(2, 3)) -> List[dict]:
-    """Small-d cross-checks (two top updates each): the engine's exact hypergradient and
-    θ vs both references, betty's θ vs the floor's (both plain SGD at every level)."""
+def consistency(d: int = 50, ks=(2, 3), total: bool = False) -> List[dict]:
+    """Small-d cross-checks (two top updates each, relative L2 differences): the engine's
+    exact λ-hypergradient and its θ, μ, λ vs ``ref_partial`` after each update (λ is
+    updated with the compared hypergradient, so the states stay comparable); betty's θ, μ
+    vs ``ref_partial``'s after the first update (both plain SGD at every level; afterwards
+    λ differs: betty's hypergradient is 0). ``total``: also exact's hypergradient vs the
+    flawed ``ref_total`` (what the fix changed)."""
     P = data(d)
     out = []
+
+    def rel(a, b):
+        return float((a.detach() - b).norm() / b.norm())
+
     for K in ks:
         ex, bt = build(P, K, "exact"), build(P, K, "betty")
-        rt, rp = Reference(P, K, False), Reference(P, K, True)
+        rp = Reference(P, K, True)
+        rt = Reference(P, K, False) if total else None
         for it in range(2):
-            for f in (lambda: top_update(ex, K), lambda: top_update(bt, K), rt, rp):
-                f()
-            th = {n: e.problems["B"].module.th.detach() for n, e in (("exact", ex), ("betty", bt))}
+            for f in (lambda: top_update(ex, K), lambda: top_update(bt, K), rp, rt):
+                if f is not None:
+                    f()
+            st = {n: {v: e.problems[p].module.get_parameter(v) for p, v in (("B", "th"), ("M", "mu"),
+                                                                             ("T", "lam"))}
+                  for n, e in (("exact", ex), ("betty", bt))}
             h = ex.last_hypergradient["T"]["lam"]
-            out.append(dict(K=K, d=d, top_update=it + 1,
-                            exact_hyper_vs_ref_total=float((h - rt.hyper).norm() / rt.hyper.norm()),
-                            exact_hyper_vs_ref_partial=float((h - rp.hyper).norm() / rp.hyper.norm()),
-                            # θ after the first update only (then λ differs: betty's hypergradient is 0)
-                            exact_theta_vs_ref_partial=float((th["exact"] - rp.th).norm() / rp.th.norm())
-                            if it == 0 else None,
-                            betty_theta_vs_ref_partial=float((th["betty"] - rp.th).norm() / rp.th.norm())
-                            if it == 0 else None,
-                            betty_hyper_norm=float(bt.last_hypergradient["T"]["lam"].norm())))
+            c = dict(K=K, d=d, top_update=it + 1,
+                     exact_hyper_vs_ref_partial=rel(h, rp.hyper),
+                     exact_theta_vs_ref_partial=rel(st["exact"]["th"], rp.th),
+                     exact_mu_vs_ref_partial=rel(st["exact"]["mu"], rp.mu),
+                     exact_lam_vs_ref_partial=rel(st["exact"]["lam"], rp.lam),
+                     betty_theta_vs_ref_partial=rel(st["betty"]["th"], rp.th) if it == 0 else None,
+                     betty_mu_vs_ref_partial=rel(st["betty"]["mu"], rp.mu) if it == 0 else None,
+                     betty_hyper_norm=float(bt.last_hypergradient["T"]["lam"].norm()))
+            if rt is not None:
+                c["exact_hyper_vs_ref_total"] = rel(h, rt.hyper)
+            out.append(c)
     return out
 
 
@@ -333,13 +360,20 @@ def table(rows: List[dict], fits: Dict[str, dict], d: int, modes: List[str]) -> 
 
 
 def checks_table(checks: List[dict]) -> str:
+    total = any("exact_hyper_vs_ref_total" in c for c in checks)
     out = ["### Consistency (d=50, relative L2 differences after each of two top updates)", "",
-           "| K | update | exact λ-hypergrad vs ref_total | vs ref_partial | exact θ vs ref_partial "
-           "| betty θ vs ref_partial | betty λ-hypergrad norm |", "|---|---|---|---|---|---|---|"]
+           "exact vs ref_partial: λ-hypergradient of the update and θ, μ, λ after it; betty vs "
+           "ref_partial: θ, μ after the first update (afterwards λ differs: betty's hypergradient is 0)"
+           + ("; exact vs ref_total (the flawed variant): what the fix changed." if total else "."), "",
+           "| K | update | exact hypergrad | exact θ | exact μ | exact λ | betty θ | betty μ "
+           "| betty hypergrad norm |" + (" exact hypergrad vs ref_total |" if total else ""),
+           "|" + "---|" * (9 + total)]
     for c in checks:
-        out.append(f"| {c['K']} | {c['top_update']} | {c['exact_hyper_vs_ref_total']:.1e} | "
-                   f"{c['exact_hyper_vs_ref_partial']:.1e} | {_f(c['exact_theta_vs_ref_partial'], '.1e')} | "
-                   f"{_f(c['betty_theta_vs_ref_partial'], '.1e')} | {c['betty_hyper_norm']:.1e} |")
+        out.append(f"| {c['K']} | {c['top_update']} | {c['exact_hyper_vs_ref_partial']:.1e} | "
+                   f"{c['exact_theta_vs_ref_partial']:.1e} | {c['exact_mu_vs_ref_partial']:.1e} | "
+                   f"{c['exact_lam_vs_ref_partial']:.1e} | {_f(c['betty_theta_vs_ref_partial'], '.1e')} | "
+                   f"{_f(c['betty_mu_vs_ref_partial'], '.1e')} | {c['betty_hyper_norm']:.1e} |"
+                   + (f" {_f(c.get('exact_hyper_vs_ref_total'), '.1e')} |" if total else ""))
     return "\n".join(out)
 
 
@@ -348,9 +382,11 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=2000, help="dimension of λ, μ, θ (default 2000)")
     ap.add_argument("--ks", default="2,4,8,16,32", help="comma list of K = K_B = K_M")
     ap.add_argument("--max-k-slow", type=int, default=16,
-                    help="largest K for the modes whose cost grows fastest (exact, ref_total)")
+                    help="largest K for the optional ref_total mode (its cost grows ~K³)")
     ap.add_argument("--repeats", type=int, default=3, help="timed top updates per config (median)")
-    ap.add_argument("--modes", default="exact,betty,ref_partial,ref_total")
+    ap.add_argument("--modes", default="exact,betty,ref_partial",
+                    help="comma list; ref_total (the flawed variant, kept to show what the fix "
+                         "changed) is optional, not run by default")
     ap.add_argument("--outdir", default=os.path.join(ROOT, "benchmarks", "results", "exact_nesting"))
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="only recompute the fits and tables from a results.json of an earlier run")
@@ -371,14 +407,14 @@ def main(argv=None):
         modes = a.modes.split(",")
         print(f"# machine: {machine()}", flush=True)
         torch.set_num_threads(1)
-        checks = consistency()
+        checks = consistency(total="ref_total" in modes)
         for c in checks:
             print("[check] " + ", ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in c.items()), flush=True)
         rows = []
         for K in ks:                          # one child at a time
             for mode in modes:
-                if mode in ("exact", "ref_total") and K > a.max_k_slow:
+                if mode == "ref_total" and K > a.max_k_slow:
                     continue
                 r = run_child(mode, K, a.d, a.repeats)
                 r["analytic_live"] = analytic_live(mode, K)
