@@ -17,6 +17,10 @@ are timed interleaved: every round runs each of the six (step, variant) pairs fo
     OMP_NUM_THREADS=1 python benchmarks/meta_mae_timing.py                     # image, cpu + paper
     OMP_NUM_THREADS=1 python benchmarks/meta_mae_timing.py --presets cpu --modalities image tabular
     OMP_NUM_THREADS=1 python benchmarks/meta_mae_timing.py --profile graph     # cProfile of one form
+    OMP_NUM_THREADS=1 python benchmarks/meta_mae_timing.py --ops --presets paper  # aten ops: graph vs plain
+
+The machine's load average is recorded before and after (other processes on a shared
+machine make the ratios noisy; op counts from ``--ops`` are not).
 
 Writes ``benchmarks/results/meta_mae/timing_graph.json``.
 """
@@ -28,6 +32,7 @@ import cProfile
 import gc
 import importlib.util
 import json
+import os
 import pstats
 import statistics
 import sys
@@ -159,6 +164,29 @@ def profile(ex, form: str, args) -> None:
     pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
 
 
+def ops(ex, args) -> None:
+    """torch.profiler per iteration: the aten ops whose self time differs most, graph vs plain."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    preset, modality = args.presets[0], args.modalities[0]
+    runs = steppers(ex, modality, preset, "metamae", args.paper_batch if preset == "paper" else 0)
+    n, res = args.paper_iters if preset == "paper" else args.iters, {}
+    for form in ("graph", "plain"):
+        for _ in range(3):
+            runs[form]()
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                runs[form]()
+        res[form] = {e.key: (e.count / n, e.self_cpu_time_total / n / 1000) for e in prof.key_averages()}
+        print(f"{form}: {sum(c for c, _ in res[form].values()):.0f} ops/iteration, "
+              f"{sum(t for _, t in res[form].values()):.1f} ms self time/iteration")
+    keys = sorted(set(res["graph"]) | set(res["plain"]),
+                  key=lambda k: res["plain"].get(k, (0, 0))[1] - res["graph"].get(k, (0, 0))[1])
+    print(f"{'op':40s} {'graph n':>8s} {'ms':>7s} {'plain n':>8s} {'ms':>7s}")
+    for k in keys[:15]:
+        (gc_, gt), (pc, pt) = res["graph"].get(k, (0, 0)), res["plain"].get(k, (0, 0))
+        print(f"{k[:40]:40s} {gc_:8.0f} {gt:7.2f} {pc:8.0f} {pt:7.2f}")
+
+
 def main(argv=None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modalities", nargs="+", default=["image"],
@@ -168,20 +196,23 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--iters", type=int, default=20, help="iterations per round, cpu preset")
     ap.add_argument("--paper-iters", type=int, default=3, help="iterations per round, paper preset")
     ap.add_argument("--paper-batch", type=int, default=64, help="batch of the paper preset")
-    ap.add_argument("--profile", choices=FORMS, help="profile one form instead of timing")
+    ap.add_argument("--profile", choices=FORMS, help="cProfile one form instead of timing")
+    ap.add_argument("--ops", action="store_true", help="aten op counts and self times, graph vs plain")
     ap.add_argument("--out", type=Path, default=RESULTS / "timing_graph.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     ex = example()
-    if args.profile:
-        profile(ex, args.profile, args)
+    if args.profile or args.ops:
+        profile(ex, args.profile, args) if args.profile else ops(ex, args)
         return {}
     print("ms per pretraining iteration (median of interleaved rounds, 1 thread):")
     out: Dict[str, Any] = {"command": " ".join(["python", "benchmarks/meta_mae_timing.py"] + sys.argv[1:]),
-                           "torch": torch.__version__, "threads": torch.get_num_threads(), "results": {}}
+                           "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "load_average_before": os.getloadavg(), "results": {}}
     for preset in args.presets:
         for m in args.modalities:
             out["results"][f"{preset}/{m}"] = measure(ex, m, preset, args)
+    out["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
