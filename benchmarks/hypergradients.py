@@ -561,7 +561,10 @@ def floor_outer_step(spec: Spec, m: Method) -> Callable[[], None]:
     ref = Reference(spec, spec.make_module())
     mod = ref.module
     opt = torch.optim.SGD(mod.parameters(), lr=spec.lr)
-    lams = [l.clone() for l in spec.lam_init(mod, torch.float32)]
+    lams = [l.clone().requires_grad_() for l in spec.lam_init(mod, torch.float32)]
+    # λ steps with torch.optim.SGD, as in both frameworks (a bare in-place update would
+    # make the floor cheaper than any loop that uses an optimizer: ~10 µs here)
+    lam_opt = torch.optim.SGD(lams, lr=spec.upper_lr)
 
     def step():
         if m.kind == "unrolled":
@@ -575,11 +578,12 @@ def floor_outer_step(spec: Spec, m: Method) -> Callable[[], None]:
                 for p, c in zip(mod.parameters(), cur):
                     p.copy_(c)
         else:
-            ref.plain_step(mod, opt, lams)
-            hg = ref.hypergrad(m, [p.detach() for p in mod.parameters()], lams)
-        with torch.no_grad():
-            for l, g in zip(lams, hg):
-                l.sub_(spec.upper_lr * g)
+            fixed = [l.detach() for l in lams]
+            ref.plain_step(mod, opt, fixed)
+            hg = ref.hypergrad(m, [p.detach() for p in mod.parameters()], fixed)
+        for l, g in zip(lams, hg):
+            l.grad = g
+        lam_opt.step()
 
     return step
 

@@ -475,12 +475,13 @@ class Engine:
         live = (self._exact or (self._fused and not by_path and override is None)) \
             and name == self._unique_top
         resolve, own_view = (lambda S: self._alias(P, S, diff, nodes, reads, live)), None
+        grad_wrt = None
         if self._exact and diff and not self.graph.lowers(name):
             # Exact nesting, a bottom level: its step is the partial derivative at fixed
             # uppers — whose live iterates may depend on this problem's earlier iterates
             # (a middle level stepped on them). A fresh view of the iterate carries the
             # gradient, so no path through the uppers' live iterates reaches it.
-            own_view = {k: t.view_as(t) for k, t in P.own_state().items()}
+            own_view = grad_wrt = {k: t.view_as(t) for k, t in P.own_state().items()}
         if self._dist and diff:
             # Data parallel inside a window: the loss reads every variable through
             # grad_average, so its gradient and every derivative of that gradient
@@ -490,7 +491,7 @@ class Engine:
         with second_order_kernels(diff), reading(ReadContext(P, resolve, own=own_view)):
             loss = self.loss(P, batch)
         _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
-        st = own_view if own_view is not None else P.own_state()
+        st = grad_wrt if grad_wrt is not None else P.own_state()   # (not the data-parallel views)
         own = [st[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
         if live or (self._exact and name == self._unique_top):

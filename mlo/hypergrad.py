@@ -47,10 +47,32 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["hypergradient", "path_contribution", "best_response_vjp", "second_order_kernels",
            "naming_second_order_errors"]
 
-try:  # torch >= 2.2
-    from torch.nn.attention import SDPBackend as _SDPBackend, sdpa_kernel as _sdpa_kernel
-except ImportError:  # pragma: no cover - older torch: its default kernels are used
-    _sdpa_kernel = None
+_B = torch.backends.cuda   # the global SDPA backend switches (they govern CPU kernels too)
+_SWITCHES = tuple((getattr(_B, f"{k}_enabled"), getattr(_B, f"enable_{k}"))
+                  for k in ("flash_sdp", "mem_efficient_sdp", "cudnn_sdp", "math_sdp")
+                  if hasattr(_B, f"{k}_enabled") and hasattr(_B, f"enable_{k}"))
+
+
+class _MathAttention:
+    """Only torch's math SDPA kernel enabled inside; the switches restored on exit.
+
+    Same effect as ``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])`` for the flash,
+    memory-efficient, cuDNN and math kernels, at ~1 µs instead of ~14 µs a use (a hot
+    path: every differentiable step of an unrolled window).
+    """
+
+    __slots__ = ("saved",)
+
+    def __enter__(self):
+        self.saved = [get() for get, _ in _SWITCHES]
+        for i, (_, put) in enumerate(_SWITCHES):
+            put(i == len(_SWITCHES) - 1)          # math (the last switch) on, the fused kernels off
+        return self
+
+    def __exit__(self, *exc):
+        for (_, put), was in zip(_SWITCHES, self.saved):
+            put(was)
+        return False
 
 
 def second_order_kernels(enabled: bool = True):
@@ -62,9 +84,9 @@ def second_order_kernels(enabled: bool = True):
     (unrolled windows, Hessian-vector products) evaluate it with torch's math
     attention backend instead — same values, any order of derivatives.
     """
-    if not enabled or _sdpa_kernel is None:
+    if not enabled or len(_SWITCHES) < 4:
         return contextlib.nullcontext()
-    return _sdpa_kernel([_SDPBackend.MATH])
+    return _MathAttention()
 
 
 @contextlib.contextmanager
