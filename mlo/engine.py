@@ -734,7 +734,7 @@ class Engine:
                             fg[k] = tg[k]
             new = win.fopt.step(own, grads)
             run.iterates = dict(zip(P.param_names, new))
-            win.reads.extend(reads)
+            win.add_reads(reads)
             win.steps += 1
         else:
             if name in self._keep_grad:
@@ -765,13 +765,13 @@ class Engine:
             return
         batch, reads = P.next_batch(), []
         nodes = self.graph.path_nodes(P.name)
+        run.window = win = Window(None)   # open now: the steps share init_window's reads
         with second_order_kernels(True), reading(ReadContext(
                 P, lambda S: self._alias(P, S, True, nodes, reads), own={})):
             result = P.init_window(_precision.to_device(batch, self._device))
         init = P.open_window(batch, result)
-        win = Window(FunctionalOptimizer.fresh(P.optimizer, len(init)))
-        win.reads.extend(reads)
-        run.window = win
+        win.fopt = FunctionalOptimizer.fresh(P.optimizer, len(init))
+        win.add_reads(reads)
 
     def _discard_window(self, P: Problem) -> None:
         """Drops a window in which nothing stepped (also one that failed to open)."""
@@ -836,6 +836,14 @@ class Engine:
         # before its own in-place step, and that window is closed (never
         # backpropagated again) at the end of the same iteration.
         swin = self.state[S.name].window
+        rwin = self.state[R.name].window if diff else None
+        if rwin is not None and swin is None and track:
+            # Inside R's window, S has not stepped since an earlier step read it: the
+            # same aliases serve (one set of leaves per window, not one per step).
+            hit = rwin.shared.get(S.name)
+            if hit is not None and hit[0] == S.step_count:
+                reads.append(hit[1])
+                return hit[1].alias
         clone = diff and swin is None and not (
             S.name == self._unique_top and R.name in self.graph.path_nodes(S.name))
         alias = {}
@@ -847,6 +855,8 @@ class Engine:
         r = Read(S.name, alias, st if swin is not None else None)
         if swin is not None:
             swin.referrers.append(r)
+        elif rwin is not None and track:
+            rwin.shared[S.name] = (S.step_count, r)
         reads.append(r)
         return alias
 

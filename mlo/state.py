@@ -61,6 +61,14 @@ class Window:
     reads: List[Read] = field(default_factory=list)    # this problem's reads of others
     referrers: List[Read] = field(default_factory=list)  # others' reads of this problem
     steps: int = 0
+    # Reads of problems that did not step since: one alias set serves every step of
+    # the window (source name -> (its step count at the read, the read)).
+    shared: Dict[str, tuple] = field(default_factory=dict)
+
+    def add_reads(self, reads: List[Read]) -> None:
+        """Records the reads of one step (a shared read only once)."""
+        have = {id(r) for r in self.reads}
+        self.reads.extend(r for r in reads if id(r) not in have)
 
 
 @dataclass(eq=False)
