@@ -272,18 +272,26 @@ class Engine:
     def step(self) -> None:
         """One iteration: lower problems step, ready upper problems update."""
         consumed = set()
-        runs = self.state.problems
-        for name in self.graph.order:
-            P, run = self.problems[name], runs[name]
-            lows = self.graph.lowers(name)
-            if any(run.since[lo] < self.problems[lo].config.unroll_steps for lo in lows):
-                continue
-            for lo in lows:
-                run.since[lo] = 0
-                runs[lo].loop_start = True
+        runs, problems, g = self.state.problems, self.problems, self.graph
+        below, above = g.below, g.above
+        for name in g.order:
+            P, run = problems[name], runs[name]
+            lows = below[name]
+            if lows:
+                since = run.since
+                ready = True
+                for lo in lows:
+                    if since[lo] < problems[lo].config.unroll_steps:
+                        ready = False
+                        break
+                if not ready:
+                    continue
+                for lo in lows:
+                    since[lo] = 0
+                    runs[lo].loop_start = True
             run.ready_count += 1
             if lows and (not self._exact or name == self._unique_top):
-                consumed |= self.graph.path_nodes(name)   # exact: only the top consumes
+                consumed |= g.path_nodes(name)   # exact: only the top consumes
             if run.ready_count % P.config.update_every:
                 continue
             period = P.config.update_every_iterations
@@ -296,12 +304,14 @@ class Engine:
                 run.loop_start = False
                 P.on_window_start()
             self._update(P)
-            for up in self.graph.above[name]:
+            for up in above[name]:
                 runs[up].since[name] += 1
         for n in consumed:
             self._close_window(n)
         self.state.iteration += 1
-        self._end_of_iteration()
+        c = self.config
+        if c.log_every is not None or c.loggers or (c.validate_every and c.validation) or self._callbacks:
+            self._end_of_iteration()      # (nothing to do otherwise)
 
     # --------------------------------------------------------------- events
     def _init_events(self) -> None:
@@ -444,8 +454,11 @@ class Engine:
     def loss(self, P: Problem, batch) -> Tensor:
         """``P.training_step(batch)`` as the engine evaluates it (device, precision, the
         scalar loss of a dict); call it inside a read context (as the engine does)."""
-        with _precision.autocast(self.config.precision, self._device):
-            out = P.training_step(_precision.to_device(batch, self._device))
+        if self.config.precision == "fp32" and self._device is None:   # (no autocast, no moves)
+            out = P.training_step(batch)
+        else:
+            with _precision.autocast(self.config.precision, self._device):
+                out = P.training_step(_precision.to_device(batch, self._device))
         if isinstance(out, dict) and self._updating is P:
             self._extras = out          # dict extras of an update (engine.last_extras)
         loss = out.get("loss") if isinstance(out, dict) else out
@@ -623,7 +636,7 @@ class Engine:
         return out
 
     def _update(self, P: Problem) -> None:
-        ref = self._monitor_reference(P)
+        ref = self._monitor_reference(P) if P.name in self._monitored else None
         t0 = time.perf_counter()
         self._updating, self._extras = P, None
         try:
@@ -648,15 +661,23 @@ class Engine:
         groups = [grads]
         if "hyper" in extra:
             groups += [list(extra["own"].values()), list(extra["hyper"].values())]
-        ns = [loss.detach()] + [torch.linalg.vector_norm(t.detach()) for g in groups for t in g]
-        if len({(n.dtype, n.device) for n in ns}) > 1:
-            ns = [n.double().to(ns[0].device) for n in ns]
+        norm = torch.linalg.vector_norm
+        ns = [loss.detach()]
+        for g in groups:
+            for t in g:
+                ns.append(norm(t.detach()))
+        dt, dev = ns[0].dtype, ns[0].device
+        for n in ns:
+            if n.dtype != dt or n.device != dev:
+                ns = [n.double().to(dev) for n in ns]
+                break
         flat = torch.stack(ns).tolist()
         out, i = [flat[0]], 1
+        isfinite = math.isfinite
         for g in groups:
             part = flat[i:i + len(g)]
             i += len(g)
-            out.append(math.sqrt(math.fsum(x * x for x in part)) if all(map(math.isfinite, part))
+            out.append(math.sqrt(math.fsum([x * x for x in part])) if all(map(isfinite, part))
                        else math.inf if not any(map(math.isnan, part)) else math.nan)
         return out
 
@@ -703,7 +724,7 @@ class Engine:
             batch = P.batch if P.per_window else P.next_batch()
             loss, grads, reads, extra = self._gradient(P, batch, diff)
             vals = self._norms(loss, grads, extra)
-            bad = self._nonfinite(P, vals, grads, extra)
+            bad = "" if all(map(math.isfinite, vals)) else self._nonfinite(P, vals, grads, extra)
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{bad}; its parameters and optimizer state are unchanged. "

@@ -21,10 +21,9 @@ counters through :meth:`RunState.counters` / :meth:`RunState.load_counters`.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from torch import Tensor
 
@@ -173,11 +172,20 @@ def current_context() -> Optional[ReadContext]:
     return items[-1] if items else None
 
 
-@contextlib.contextmanager
-def reading(ctx: ReadContext) -> Iterator[ReadContext]:
-    items = _STACK.items
-    items.append(ctx)
-    try:
-        yield ctx
-    finally:
-        items.pop()
+class reading:
+    """``with reading(ctx):`` — ``ctx`` is the active read context inside (a plain
+    context manager class, not a generator: it is entered on every loss evaluation)."""
+
+    __slots__ = ("ctx", "items")
+
+    def __init__(self, ctx: ReadContext):
+        self.ctx = ctx
+
+    def __enter__(self) -> ReadContext:
+        self.items = items = _STACK.items
+        items.append(self.ctx)
+        return self.ctx
+
+    def __exit__(self, *exc) -> bool:
+        self.items.pop()
+        return False
