@@ -504,14 +504,14 @@ class Engine:
         with second_order_kernels(diff), reading(ReadContext(P, resolve, own=own_view)):
             loss = self.loss(P, batch)
         _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
-        st = grad_wrt if grad_wrt is not None else P.own_state()   # (not the data-parallel views)
-        own = [st[k] for k in P.param_names]
-        tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
         if live or (self._exact and name == self._unique_top):
             if by_path or override is not None:
                 raise ValueError("EngineConfig(nesting='exact') gives the total hypergradient only: "
                                  "by_path and method overrides need nesting='betty'")
             return self._exact_top_gradient(P, loss, keep_graph)
+        st = grad_wrt if grad_wrt is not None else P.own_state()   # (not the data-parallel views)
+        own = [st[k] for k in P.param_names]
+        tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
         if not loss.requires_grad:
             raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
                                f"{P.param_names} (it has no autograd graph); call the module "
@@ -665,13 +665,15 @@ class Engine:
         ns = [loss.detach()]
         for g in groups:
             for t in g:
-                ns.append(norm(t.detach()))
+                ns.append(norm(t.detach() if t.requires_grad else t))
         dt, dev = ns[0].dtype, ns[0].device
         for n in ns:
             if n.dtype != dt or n.device != dev:
                 ns = [n.double().to(dev) for n in ns]
                 break
-        flat = torch.stack(ns).tolist()
+        # On the CPU there is no synchronisation to save: each value read directly
+        # (the same floats as the stacked tensor's, without the stack).
+        flat = [n.item() for n in ns] if dev.type == "cpu" else torch.stack(ns).tolist()
         out, i = [flat[0]], 1
         isfinite = math.isfinite
         for g in groups:

@@ -89,23 +89,32 @@ def second_order_kernels(enabled: bool = True):
     return _MathAttention()
 
 
-@contextlib.contextmanager
-def naming_second_order_errors(names: Sequence[str], methods: Sequence[str]):
+class naming_second_order_errors:
     """Turns torch's "derivative for ... is not implemented" into an error that names
-    the problem(s) whose loss was differentiated twice and the way out."""
-    try:
-        yield
-    except RuntimeError as e:
+    the problem(s) whose loss was differentiated twice and the way out (a plain
+    context-manager class: entered on every VJP and fused top update)."""
+
+    __slots__ = ("names", "methods")
+
+    def __init__(self, names: Sequence[str], methods: Sequence[str]):
+        self.names, self.methods = names, methods
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, typ, e, tb):
+        if typ is None or not issubclass(typ, RuntimeError):
+            return False
         msg = str(e)
         if "derivative for" in msg and "not implemented" in msg:
-            who = ", ".join(f"problem {n!r}: method {m!r}" for n, m in zip(names, methods))
+            who = ", ".join(f"problem {n!r}: method {m!r}" for n, m in zip(self.names, self.methods))
             raise RuntimeError(
                 f"{who} differentiates through the gradient of its loss, but an operation in that "
                 f"loss has no second derivative ({msg}). Evaluate that operation with a "
                 f"double-differentiable implementation (for attention: attn_impl='math' / "
                 f"problems.transformer.math_attention(); mlo already forces torch's math SDPA "
                 f"backend), or use method='finite_difference'") from e
-        raise
+        return False
 
 
 def _run_method(method, name: str, P, lower, v, opts):

@@ -8,7 +8,6 @@ streams after N iterations are those of the N training steps whatever the method
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable
 
 import torch
@@ -29,8 +28,7 @@ def set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-@contextlib.contextmanager
-def no_side_effects(problems: Iterable, rng=None):
+class no_side_effects:
     """Restores the module buffers of ``problems`` (and the RNG state ``rng``) on exit.
 
     A re-evaluated loss may run any problem's module in training mode, whose
@@ -40,21 +38,33 @@ def no_side_effects(problems: Iterable, rng=None):
     the version counter either: a graph still pending that saved a buffer
     (BatchNorm in eval mode inside an unrolled window) stays valid and sees the
     values it saved.
+
+    (A plain context-manager class: it is entered on every implicit and
+    finite-difference VJP.)
     """
-    saved, seen = [], set()
-    for P in problems:
-        for mod in P.module.modules():
-            for k, b in mod.named_buffers(recurse=False):
-                if (id(mod), k) not in seen:
-                    seen.add((id(mod), k))
-                    saved.append((mod, k, b, b.detach().clone()))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for mod, k, b, copy in saved:
-                b.data.copy_(copy)
-                if getattr(mod, k, None) is not b:
-                    setattr(mod, k, b)      # (a registered buffer's name: stays a buffer)
-        if rng is not None:
-            set_rng_state(rng)
+
+    __slots__ = ("problems", "saved", "rng")
+
+    def __init__(self, problems: Iterable, rng=None):
+        self.problems, self.rng, self.saved = problems, rng, []
+
+    def __enter__(self):
+        saved, seen = self.saved, set()
+        for P in self.problems:
+            for mod in P.module.modules():
+                for k, b in mod.named_buffers(recurse=False):
+                    if (id(mod), k) not in seen:
+                        seen.add((id(mod), k))
+                        saved.append((mod, k, b, b.detach().clone()))
+        return None
+
+    def __exit__(self, *exc) -> bool:
+        if self.saved:
+            with torch.no_grad():
+                for mod, k, b, copy in self.saved:
+                    b.data.copy_(copy)
+                    if getattr(mod, k, None) is not b:
+                        setattr(mod, k, b)      # (a registered buffer's name: stays a buffer)
+        if self.rng is not None:
+            set_rng_state(self.rng)
+        return False
