@@ -320,6 +320,7 @@ class Engine:
         self._callbacks: List[Any] = []
         self._progress: Optional[cb.Progress] = None
         self._updating: Optional[Problem] = None
+        self._norm_hint: Optional[dict] = None   # _gradient -> _norms of the same update
         self._extras: Optional[dict] = None
         self._logged: Dict[str, int] = {}
         #: Per problem: the scalar extras of its last update's ``training_step`` dict
@@ -483,6 +484,7 @@ class Engine:
         name = P.name
         nodes = self.graph.path_nodes(name)
         reads: List[Read] = []
+        self._norm_hint = None
         self.state[name].last_batch = batch
         # The top reads the nest's live iterates (exact nesting, or the fused two-level case).
         live = (self._exact or (self._fused and not by_path and override is None)) \
@@ -551,10 +553,25 @@ class Engine:
                     extra["paths"][p] = {k: c[k] if k in c else torch.zeros_like(t)
                                          for k, t in zip(P.param_names, own)}
             h = hypergradient(self, name, direct_list, override)
-            extra["own"] = dict(zip(P.param_names, [x.detach() for x in grads]))
-            extra["hyper"] = {k: (h[k].detach() if k in h else torch.zeros_like(t))
-                              for k, t in zip(P.param_names, own)}
-            grads = [gi + h[k].to(gi.dtype) if k in h else gi for k, gi in zip(P.param_names, grads)]
+            own_d, hyper_d, total, hint = {}, {}, [], {}
+            for k, gi, t, x in zip(P.param_names, grads, own, g):
+                od = own_d[k] = gi.detach()
+                if x is None:
+                    hint[id(od)] = None            # zeros_like: its norm is 0
+                if k in h:
+                    hd = hyper_d[k] = h[k].detach()
+                    tot = gi + h[k].to(gi.dtype)
+                    if x is None and h[k].dtype == gi.dtype:
+                        hint[id(tot)] = hd         # 0 + h: h's values, h's norm
+                else:
+                    z = hyper_d[k] = torch.zeros_like(t)
+                    hint[id(z)] = None
+                    tot = gi
+                    hint[id(tot)] = None if x is None else od
+                total.append(tot)
+            extra["own"], extra["hyper"] = own_d, hyper_d
+            grads = total
+            self._norm_hint = hint
         return loss, grads, reads, extra
 
     def _exact_top_gradient(self, P: Problem, loss: Tensor, keep_graph: bool):
@@ -586,9 +603,22 @@ class Engine:
                 acc[k] = acc[k] + x if k in acc else x
         hyper = {k: (acc[k].to(t.dtype) if k in acc else torch.zeros_like(t))
                  for k, t in zip(P.param_names, own)}
-        extra = {"own": {k: x.detach() for k, x in zip(P.param_names, grads)}, "hyper": hyper}
-        grads = [gi + hyper[k] if k in acc else gi for k, gi in zip(P.param_names, grads)]
-        return loss, grads, [], extra
+        own_d, total, hint = {}, [], {}
+        for k, gi, x in zip(P.param_names, grads, allg):
+            od = own_d[k] = gi.detach()
+            if x is None:
+                hint[id(od)] = None                # zeros_like: its norm is 0
+            if k in acc:
+                tot = gi + hyper[k]
+                if x is None:
+                    hint[id(tot)] = hyper[k]       # 0 + h: h's values, h's norm
+            else:
+                hint[id(hyper[k])] = None
+                tot = gi
+                hint[id(tot)] = None if x is None else od
+            total.append(tot)
+        self._norm_hint = hint
+        return loss, total, [], {"own": own_d, "hyper": hyper}
 
     def gradient(self, name: str, batch: Any = None, by_path: bool = False,
                  method: Optional[tuple] = None) -> Dict[str, Any]:
@@ -630,6 +660,7 @@ class Engine:
         with no_side_effects(self.problems.values(), rng_state()):
             loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path,
                                                    override=method, keep_graph=self._exact or self._fused)
+        self._norm_hint = None
         out = {"loss": float(loss.detach()),
                "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
         out.update(extra)
@@ -653,31 +684,52 @@ class Engine:
             self._after_update(P, ref)
 
     @staticmethod
-    def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> List[float]:
+    def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any],
+               hint: Optional[Dict[int, Optional[Tensor]]] = None) -> List[float]:
         """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats,
         with one host synchronisation: every tensor's norm in its own dtype (a float64
         norm of a float32 tensor costs ~25× more: a hot path), stacked once and brought
-        to the host, where each group's norm is combined in double precision."""
+        to the host, where each group's norm is combined in double precision.
+
+        ``hint`` (from the gradient computation): ``{id(tensor): None}`` for tensors
+        known to be zeros (norm 0) and ``{id(tensor): other}`` for tensors with the
+        values of ``other`` (``0 + h``): one norm less each, the same numbers. A tensor
+        listed twice is normed once."""
         groups = [grads]
         if "hyper" in extra:
             groups += [list(extra["own"].values()), list(extra["hyper"].values())]
         norm = torch.linalg.vector_norm
         ns = [loss.detach()]
+        at: Dict[int, int] = {}
+        idx: List[int] = []          # per tensor of the groups: its norm's index in ns (-1: zero)
         for g in groups:
             for t in g:
-                ns.append(norm(t.detach() if t.requires_grad else t))
-        dt, dev = ns[0].dtype, ns[0].device
-        for n in ns:
-            if n.dtype != dt or n.device != dev:
-                ns = [n.double().to(dev) for n in ns]
-                break
-        # On the CPU there is no synchronisation to save: each value read directly
-        # (the same floats as the stacked tensor's, without the stack).
-        flat = [n.item() for n in ns] if dev.type == "cpu" else torch.stack(ns).tolist()
-        out, i = [flat[0]], 1
+                if hint is not None and id(t) in hint:
+                    t = hint[id(t)]
+                    if t is None:
+                        idx.append(-1)
+                        continue
+                j = at.get(id(t))
+                if j is None:
+                    j = at[id(t)] = len(ns)
+                    ns.append(norm(t.detach() if t.requires_grad else t))
+                idx.append(j)
+        if all(n.device.type == "cpu" for n in ns):
+            # On the CPU there is no synchronisation to save: each value read directly
+            # (the same floats as the stacked, double-converted tensor's).
+            flat = [n.item() for n in ns]
+        else:
+            dt, dev = ns[0].dtype, ns[0].device
+            for n in ns:
+                if n.dtype != dt or n.device != dev:
+                    ns = [n.double().to(dev) for n in ns]
+                    break
+            flat = torch.stack(ns).tolist()
+        vals = [flat[j] if j >= 0 else 0.0 for j in idx]
+        out, i = [flat[0]], 0
         isfinite = math.isfinite
         for g in groups:
-            part = flat[i:i + len(g)]
+            part = vals[i:i + len(g)]
             i += len(g)
             out.append(math.sqrt(math.fsum([x * x for x in part])) if all(map(isfinite, part))
                        else math.inf if not any(map(math.isnan, part)) else math.nan)
@@ -725,7 +777,8 @@ class Engine:
                 self._open_window(P)
             batch = P.batch if P.per_window else P.next_batch()
             loss, grads, reads, extra = self._gradient(P, batch, diff)
-            vals = self._norms(loss, grads, extra)
+            hint, self._norm_hint = self._norm_hint, None
+            vals = self._norms(loss, grads, extra, hint)
             bad = "" if all(map(math.isfinite, vals)) else self._nonfinite(P, vals, grads, extra)
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
