@@ -321,6 +321,7 @@ class Engine:
         self._progress: Optional[cb.Progress] = None
         self._updating: Optional[Problem] = None
         self._norm_hint: Optional[dict] = None   # _gradient -> _norms of the same update
+        self._linted: set = set()   # problems whose reads mlo.lint has checked (it checks once)
         self._extras: Optional[dict] = None
         self._logged: Dict[str, int] = {}
         #: Per problem: the scalar extras of its last update's ``training_step`` dict
@@ -505,7 +506,11 @@ class Engine:
         # Inside a window the loss's gradient is differentiated again later.
         with second_order_kernels(diff), reading(ReadContext(P, resolve, own=own_view)):
             loss = self.loss(P, batch)
-        _lint.check_reads(self, P, loss, reads)   # once per problem: declared reads without gradient
+        if name not in self._linted:     # once per problem: declared reads without gradient
+            try:
+                _lint.check_reads(self, P, loss, reads)
+            finally:
+                self._linted.add(name)
         if live or (self._exact and name == self._unique_top):
             if by_path or override is not None:
                 raise ValueError("EngineConfig(nesting='exact') gives the total hypergradient only: "
@@ -770,7 +775,7 @@ class Engine:
         """One update of ``P``; ``False`` when it was skipped (non-finite values)."""
         name = P.name
         diff = name in self._windowed
-        run = self.state[name]
+        run = self.state.problems[name]
         opened = diff and run.window is None
         try:
             if opened:
@@ -795,8 +800,10 @@ class Engine:
                           f"unchanged", RuntimeWarning, stacklevel=4)
             return False
         self._record(P, vals, extra)
-        grads = self._clip(P, grads)
-        self._set_hyperparameters(P, diff, reads)
+        if P.config.grad_clip is not None:
+            grads = self._clip(P, grads)
+        if type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters:
+            self._set_hyperparameters(P, diff, reads)
         run.last_loss = loss.detach()
         st = P.own_state()
         own = [st[k] for k in P.param_names]
@@ -815,10 +822,11 @@ class Engine:
         else:
             if name in self._keep_grad:
                 self._last_grad[name] = [gi.detach() for gi in grads]
-            for p, gi in zip(P.variables, grads):
+            variables = P.variables
+            for p, gi in zip(variables, grads):
                 p.grad = gi.detach()
             P.optimizer.step()
-            for p in P.variables:
+            for p in variables:
                 p.grad = None
         if P.scheduler is not None:
             if diff:    # the twin stepped for torch.optim: torch's order check would misfire
@@ -904,7 +912,7 @@ class Engine:
             # runs through every level's steps.
             reads.append(Read(S.name, st, st, live=True))
             return st
-        track = diff or S.name in nodes or _lint.pending(self, R)   # (lint sees every first read)
+        track = diff or S.name in nodes or R.name not in self._linted   # (lint sees every first read)
         # A differentiable reader keeps its graph past this step; if S then steps in
         # place (torch.optim), the saved values would change under it. Clone then —
         # unless S is the only top problem and R lies on one of its paths: the top is
