@@ -16,7 +16,7 @@ batch, so the run is the same with or without the monitor.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
