@@ -80,15 +80,16 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
         if len(lower.lr) != len(v):
             raise ValueError(f"lower.lr has {len(lower.lr)} rates, lower.params has {len(v)} tensors")
         v = tuple(eta * t for eta, t in zip(lower.lr, v))
-    # One host synchronisation: the norms of v's and θ's tensors (combined on the host).
+    # One host synchronisation: ‖v‖ (its sum of squares in v's dtype, as it always was:
+    # ε = epsilon/‖v‖ sets the rounding of every difference below) and θ's tensor norms.
     with torch.no_grad():
-        ns = [torch.linalg.vector_norm(t.detach()) for t in v] + \
+        ns = [torch.sqrt(sum(torch.sum(t.detach() ** 2) for t in v))] + \
              [torch.linalg.vector_norm(p.detach()) for p in lower.params]
         if len({n.dtype for n in ns}) > 1:
             ns = [n.double() for n in ns]
         flat = torch.stack(ns).tolist()
-    norm = math.sqrt(math.fsum(x * x for x in flat[:len(v)]))
-    pnorm = math.sqrt(math.fsum(x * x for x in flat[len(v):]))          # ≥ max|θ_i|
+    norm = flat[0]
+    pnorm = math.sqrt(math.fsum(x * x for x in flat[1:]))               # ≥ max|θ_i|
     numel = sum(t.numel() for t in v)
     if norm == 0.0:
         return zeros_like_all(lower.inputs)
