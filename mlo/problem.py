@@ -225,8 +225,9 @@ class Problem:
     def set_params(self, values: Mapping[str, Tensor]) -> None:
         """Replaces some of this problem's variables — the way for hooks to edit them.
 
-        With no unrolled window open on this problem, the values are copied into its
-        parameters under ``no_grad`` (like an optimizer step). Inside an open window
+        With no unrolled window open on this problem, the values become its parameters'
+        new storage (the parameter objects stay; a lower's open window that read the old
+        values keeps what it read — its later steps see the new ones). Inside an open window
         they *replace the current iterate* as given — keep the autograd graph (build
         them from ``self.params[...]``) to differentiate through the edit, or give
         constants to cut it (a reset). Editing ``self.params[k]`` in place instead
@@ -256,7 +257,10 @@ class Problem:
             return
         with torch.no_grad():
             for k, v in values.items():
-                own[k].copy_(v)
+                # New storage, not an in-place copy: a lower's open window may have read
+                # (and saved for its backward) the old values, which stay what it read.
+                own[k].data = v.detach().to(dtype=own[k].dtype, device=own[k].device).clone()
+        self._run.edits += 1        # readers' shared aliases of the old values are stale
 
     # ------------------------------------------------------------ the state
     #: Whether the variables exist per window only (:class:`mlo.WindowProblem`).

@@ -86,7 +86,7 @@ class ReadsMixin:
             # Inside R's window, S has not stepped since an earlier step read it: the
             # same aliases serve (one set of leaves per window, not one per step).
             hit = rwin.shared.get(S.name)
-            if hit is not None and hit[0] == S.step_count:
+            if hit is not None and hit[0] == (S.step_count, self.state[S.name].edits):
                 reads.append(hit[1])
                 return hit[1].alias
         clone = diff and swin is None and not (
@@ -101,7 +101,7 @@ class ReadsMixin:
         if swin is not None:
             swin.referrers.append(r)
         elif rwin is not None and track:
-            rwin.shared[S.name] = (S.step_count, r)
+            rwin.shared[S.name] = ((S.step_count, self.state[S.name].edits), r)
         reads.append(r)
         return alias
 

@@ -80,7 +80,8 @@ class ProblemRun:
         window: the open :class:`Window`, or ``None``.
         last_batch: the batch of the last loss evaluation (implicit methods re-evaluate it).
         last_loss: the loss of the last update (detached).
-        step_count: updates taken. ready_count: times it became ready.
+        step_count: updates taken. ready_count: times it became ready. edits: in-place
+            edits of the parameters by ``set_params`` (readers' shared aliases key on it).
         since: per lower problem, its steps since this problem was last ready.
         last_block: the ``update_every_iterations`` block of the last update.
         loop_start: whether the next update starts an inner loop (``on_window_start``).
@@ -94,6 +95,7 @@ class ProblemRun:
     last_loss: Any = None
     step_count: int = 0
     ready_count: int = 0
+    edits: int = 0          # in-place edits of the parameters outside updates (set_params)
     since: Dict[str, int] = field(default_factory=dict)
     last_block: Optional[int] = None
     loop_start: bool = True

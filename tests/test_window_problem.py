@@ -472,3 +472,46 @@ def test_early_stopping_snapshot_with_window_open():
     assert torch.equal(up.module.W.detach(), W)
     eng.run(K)                                                  # continues after the restore
     assert up.step_count >= 3
+
+
+def test_shared_alias_sees_a_set_params_between_window_steps(measured):
+    """A reader's window shares one alias set of a source across its steps while the
+    source is unchanged; an edit with set_params between two steps (the source did not
+    step) must be seen by the later steps — and both values count as the same variable."""
+    opt, kw = OPTS["momentum"]
+    K = 3
+    W0, D0, batches = linear_data((4, 4), seed=8)
+    eng, up, lat = linear_engine(W0, D0, batches, K, opt, kw)
+    eng.run(1)                                   # the window is open, one step in
+    D1 = 0.5 * up.module.D.detach()
+    up.set_params({"D": D1})                     # no step of the upper: same step count
+    eng.run(K - 1)                               # the other steps, then the upper's update
+    got = dict(zip(up.param_names, up.optimizer.record[-1]))
+    # naive: step 1 reads D0, steps 2..K read D1; both are the upper's variable D
+    x = batches[0]
+    W = W0.clone().requires_grad_()
+    Dv = D1.clone().requires_grad_()
+    D_old = D0 + (Dv - Dv.detach())              # value D0, derivative into Dv
+    z0 = x @ W
+    z, buf = z0, None
+    for k in range(K):
+        Dk = D_old if k == 0 else Dv
+        (g,) = torch.autograd.grad(inner_loss(z, Dk, x), z, create_graph=True)
+        buf = g if buf is None else kw["momentum"] * buf + g
+        z = z - kw["lr"] * buf
+    F = upper_loss(z, z0, torch.tanh(x @ W), Dv, x, False)
+    gW, gD = torch.autograd.grad(F, [W, Dv])
+    measured("window: shared alias after set_params between steps vs naive (W, D)",
+             max(rel(got["W"], gW), rel(got["D"], gD)), 1e-10)
+    # the stale alternative (every step on D0) gives another value: the check discriminates
+    W2 = W0.clone().requires_grad_()
+    D2 = D1.clone().requires_grad_()
+    D_all_old = D0 + (D2 - D2.detach())
+    z0 = x @ W2
+    z, buf = z0, None
+    for _ in range(K):
+        (g,) = torch.autograd.grad(inner_loss(z, D_all_old, x), z, create_graph=True)
+        buf = g if buf is None else kw["momentum"] * buf + g
+        z = z - kw["lr"] * buf
+    (stale,) = torch.autograd.grad(upper_loss(z, z0, torch.tanh(x @ W2), D2, x, False), [D2])
+    assert rel(stale, gD) > 1e-3
