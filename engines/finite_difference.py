@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .base import Lower, check_bool, check_number, register, zeros_like_all
 
-__all__ = ["finite_difference"]
+__all__ = ["finite_difference", "central_difference"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -80,6 +80,21 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
         if len(lower.lr) != len(v):
             raise ValueError(f"lower.lr has {len(lower.lr)} rates, lower.params has {len(v)} tensors")
         v = tuple(eta * t for eta, t in zip(lower.lr, v))
+    return central_difference(lower, v, epsilon, scale, create_graph, method="finite_difference",
+                              option="epsilon", symbol="v", advice="(DARTS: 0.01)")
+
+
+def central_difference(lower: Lower, v: Sequence[Tensor], epsilon: float, scale: float,
+                       create_graph: bool, *, method: str, option: str, symbol: str,
+                       advice: str) -> Tensors:
+    """``−scale·[∇x f(θ+εv, x) − ∇x f(θ−εv, x)] / (2ε)`` with ``ε = epsilon/‖v‖`` — the
+    central difference behind ``finite_difference`` and ``sama`` (which differ in ``v``).
+
+    ``method``, ``option``, ``symbol`` and ``advice`` word the warning given when the
+    perturbation rounds away (``"{method}: {option}=… is too small: θ ± ε{symbol} …"``).
+    Returns one tensor per ``lower.inputs``; detached unless ``create_graph``.
+    """
+    v = tuple(v)
     # One host synchronisation: ‖v‖ (its sum of squares in v's dtype, as it always was:
     # ε = epsilon/‖v‖ sets the rounding of every difference below) and θ's tensor norms.
     with torch.no_grad():
@@ -115,10 +130,10 @@ def finite_difference(lower: Lower, v: Sequence[Tensor], *, epsilon: float = 0.0
         with torch.no_grad():
             surely = bool(torch.stack([((a != p) | (b != p)).any() for a, b, p in zip(plus, minus, params)]).any())
     if not surely:
-        warnings.warn(f"{lower.label + ': ' if lower.label else ''}finite_difference: epsilon={epsilon!r} "
-                      f"is too small: θ ± εv rounds to θ (ε = epsilon/‖v‖ = {eps:.3g}), so this "
-                      f"hypergradient is exactly 0; use a larger epsilon (DARTS: 0.01)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{lower.label + ': ' if lower.label else ''}{method}: {option}={epsilon!r} "
+                      f"is too small: θ ± ε{symbol} rounds to θ (ε = {option}/‖{symbol}‖ = {eps:.3g}), "
+                      f"so this hypergradient is exactly 0; use a larger {option} {advice}",
+                      RuntimeWarning, stacklevel=3)
     # ∇x f(θ+εv) − ∇x f(θ−εv) = ∇x [f(θ+εv) − f(θ−εv)]: two forwards, one backward.
     diff = _grad_inputs(lower, plus, inputs, create_graph, minus=minus)
 

@@ -56,14 +56,13 @@ The perturbed parameters ``θ ± εu`` are new tensors; nothing is edited in pla
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .base import Lower, check_bool, check_number, register, zeros_like_all
-from .finite_difference import _grad_inputs
+from .base import Lower, check_bool, check_number, register
+from .finite_difference import central_difference
 
 __all__ = ["sama"]
 
@@ -150,29 +149,5 @@ def sama(lower: Lower, v: Sequence[Tensor], *, alpha: float = 1.0, create_graph:
         raise ValueError(f"lower.optimizer has {len(lower.optimizer)} entries, lower.params has {len(v)} tensors")
     scales = [_scale(lower, i, opt) for i, opt in enumerate(lower.optimizer)]
     u = tuple(t if s is None else s * t for s, t in zip(scales, v))
-    norm = float(torch.sqrt(sum(torch.sum(t.detach() ** 2) for t in u)))
-    if norm == 0.0:
-        return zeros_like_all(lower.inputs)
-    eps = alpha / norm
-
-    if create_graph:
-        params, us = tuple(lower.params), u
-        inputs = tuple(x if x.requires_grad else x.detach().requires_grad_() for x in lower.inputs)
-    else:
-        params = tuple(p.detach() for p in lower.params)
-        us = tuple(t.detach() for t in u)
-        inputs = tuple(x.detach().requires_grad_() for x in lower.inputs)
-
-    plus = tuple(p + eps * t for p, t in zip(params, us))    # new tensors: θ + εu
-    minus = tuple(p - eps * t for p, t in zip(params, us))   # new tensors: θ − εu
-    with torch.no_grad():
-        moved = torch.stack([((a != p) | (b != p)).any() for a, b, p in zip(plus, minus, params)]).any()
-    if not bool(moved):
-        warnings.warn(f"{_who(lower)}sama: alpha={alpha!r} is too small: θ ± εu rounds to θ "
-                      f"(ε = alpha/‖u‖ = {eps:.3g}), so this hypergradient is exactly 0; use a "
-                      f"larger alpha (Betty: 1.0)", RuntimeWarning, stacklevel=2)
-    # ∇x f(θ+εu) − ∇x f(θ−εu) = ∇x [f(θ+εu) − f(θ−εu)]: two forwards, one backward.
-    diff = _grad_inputs(lower, plus, inputs, create_graph, minus=minus)
-
-    out = tuple(-d / (2.0 * eps) for d in diff)
-    return out if create_graph else tuple(t.detach() for t in out)
+    return central_difference(lower, u, alpha, 1.0, create_graph, method="sama", option="alpha",
+                              symbol="u", advice="(Betty: 1.0)")
