@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -86,15 +87,12 @@ ETA_B, ETA_M, ETA_T = 0.7, 0.4, 0.05
 
 
 # ====================================================================== problem
-class Vars(mlo.Problem):
-    """Explicit tensors with loss ``loss(self)``; other problems wired as attributes."""
-
-    def __init__(self, name, params, loss, **kw):
-        super().__init__(name, params=params, **kw)
-        self._loss = loss
-
-    def training_step(self, batch):
-        return self._loss(self)
+def _example():
+    """``examples/nesting.py`` (scripts, not a package): its ``build`` is this graph."""
+    spec = importlib.util.spec_from_file_location("nesting", os.path.join(ROOT, "examples", "nesting.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def data(d: int, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -105,19 +103,7 @@ def data(d: int, seed: int = 0) -> Dict[str, torch.Tensor]:
 
 
 def build(P: Dict[str, torch.Tensor], K: int, nesting: str) -> mlo.Engine:
-    A, c, m = P["A"], P["c"], P["m"]
-    T = Vars("T", {"lam": P["lam"].clone()},
-             lambda s: 0.5 * ((s.M.params["mu"] - m) ** 2).sum() + 0 * s.params["lam"].sum(),
-             optimizer_kwargs={"lr": ETA_T})
-    M = Vars("M", {"mu": P["mu"].clone()},
-             lambda s: 0.5 * ((s.B.params["th"] - c) ** 2).sum() + 0.5 * RHO * (s.params["mu"] ** 2).sum(),
-             optimizer_kwargs={"lr": ETA_M}, config=mlo.ProblemConfig(unroll_steps=K, method="unrolled"))
-    B = Vars("B", {"th": P["th"].clone()},
-             lambda s: 0.5 * ((s.params["th"] - A @ s.M.params["mu"] - s.T.params["lam"]) ** 2).sum(),
-             optimizer_kwargs={"lr": ETA_B}, config=mlo.ProblemConfig(unroll_steps=K, method="unrolled"))
-    T.M, M.B, B.T, B.M = M, B, T, M
-    return mlo.Engine([B, M, T], {"u2l": {T: [B], M: [B]}, "l2u": {B: [M], M: [T]}},
-                      mlo.EngineConfig(nesting=nesting, progress=False))
+    return _example().build(P, K, nesting, rho=RHO, eta_b=ETA_B, eta_m=ETA_M, lr_top=ETA_T)
 
 
 def top_update(eng: mlo.Engine, K: int) -> None:

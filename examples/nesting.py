@@ -24,27 +24,32 @@ DT = torch.float64
 
 
 class Quadratic(mlo.Problem):
-    """Explicit tensors with a loss given as a function of the problem."""
+    """One explicit variable with a loss given as a function of the problem."""
 
-    def __init__(self, name, value, loss, **kw):
-        super().__init__(name, params={name.lower(): value}, **kw)
+    def __init__(self, name, variable, value, loss, **kw):
+        super().__init__(name, params={variable: value}, **kw)
         self.loss = loss
 
     def training_step(self, batch):
         return self.loss(self)
 
 
-def build(P, K, nesting, rho=0.3, eta_b=0.7, eta_m=0.4):
+def build(P, K, nesting, rho=0.3, eta_b=0.7, eta_m=0.4, lr_top=0.0):
+    """The three-level graph (also ``benchmarks/exact_nesting.py``'s); one top update is
+    ``K·K`` engine iterations."""
     A, c, m = P["A"], P["c"], P["m"]
-    T = Quadratic("T", P["lam"], lambda s: 0.5 * ((s.M.params["m"] - m) ** 2).sum() + 0 * s.params["t"].sum(),
-                  optimizer_kwargs={"lr": 0.0})
-    M = Quadratic("M", P["mu"], lambda s: 0.5 * ((s.B.params["b"] - c) ** 2).sum() + 0.5 * rho * (s.params["m"] ** 2).sum(),
+    T = Quadratic("T", "lam", P["lam"],
+                  lambda s: 0.5 * ((s.M.params["mu"] - m) ** 2).sum() + 0 * s.params["lam"].sum(),
+                  optimizer_kwargs={"lr": lr_top})
+    M = Quadratic("M", "mu", P["mu"],
+                  lambda s: 0.5 * ((s.B.params["th"] - c) ** 2).sum() + 0.5 * rho * (s.params["mu"] ** 2).sum(),
                   optimizer_kwargs={"lr": eta_m}, config=mlo.ProblemConfig(unroll_steps=K, method="unrolled"))
-    B = Quadratic("B", P["th"], lambda s: 0.5 * ((s.params["b"] - A @ s.M.params["m"] - s.T.params["t"]) ** 2).sum(),
+    B = Quadratic("B", "th", P["th"],
+                  lambda s: 0.5 * ((s.params["th"] - A @ s.M.params["mu"] - s.T.params["lam"]) ** 2).sum(),
                   optimizer_kwargs={"lr": eta_b}, config=mlo.ProblemConfig(unroll_steps=K, method="unrolled"))
     T.M, M.B, B.T, B.M = M, B, T, M
     return mlo.Engine([B, M, T], {"u2l": {T: [B], M: [B]}, "l2u": {B: [M], M: [T]}},
-                      mlo.EngineConfig(nesting=nesting))
+                      mlo.EngineConfig(nesting=nesting, progress=False))
 
 
 def main(argv=None):
@@ -66,7 +71,7 @@ def main(argv=None):
         for nesting in ("betty", "exact"):
             eng = build(P, K, nesting)
             eng.run(K * K)                      # one top update: K·K bottom and K middle steps
-            out[nesting] = eng.last_hypergradient["T"]["t"]
+            out[nesting] = eng.last_hypergradient["T"]["lam"]
         err = float((out["exact"] - exact).norm() / exact.norm())
         print(f"K={K:3d}  betty: ‖h‖ = {float(out['betty'].norm()):.3g}   exact: rel. error vs closed "
               f"form {err:.2e}")
