@@ -65,8 +65,6 @@ import json
 import math
 import os
 import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,6 +78,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import mlo  # noqa: E402
+from rss import peak_mb, reset_peak  # noqa: E402  (benchmarks/rss.py)
 
 DT = torch.float64
 RHO = 0.3
@@ -112,11 +111,6 @@ def top_update(eng: mlo.Engine, K: int) -> None:
 
 
 # ============================================================ child (one config)
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"{key}:\s+(\d+)", fh.read()).group(1)) / 1024
-
-
 def _trim() -> None:
     gc.collect()
     try:
@@ -177,12 +171,7 @@ def child(mode: str, K: int, d: int, repeats: int) -> dict:
     del warm, _
     obj, update = make(K)
     _trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base, how = _status_mb("VmRSS"), "VmHWM after clear_refs"
-    except OSError:
-        base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss"
+    base, how = reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     live = None
     if isinstance(obj, mlo.Engine):
@@ -193,8 +182,7 @@ def child(mode: str, K: int, d: int, repeats: int) -> dict:
     else:
         update()
     first_s, first_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = _status_mb("VmHWM") if how.startswith("VmHWM") else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb(how)
     if isinstance(obj, mlo.Engine):
         assert obj.counts() == {"B": K * K, "M": K, "T": 1}, obj.counts()
         assert not obj.open_windows()

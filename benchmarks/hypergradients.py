@@ -50,8 +50,6 @@ import logging
 import math
 import os
 import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -70,6 +68,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import mlo  # noqa: E402
+from rss import peak_mb, reset_peak  # noqa: E402  (benchmarks/rss.py)
 from problems.transformer import Transformer  # noqa: E402
 
 Tensors = Tuple[torch.Tensor, ...]
@@ -491,11 +490,6 @@ def bench_time(size: str, methods: Sequence[Method], repeats: int) -> List[dict]
 
 
 # ========================================================== 2. memory vs steps
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"{key}:\s+(\d+)", fh.read()).group(1)) / 1024
-
-
 def memory_child(size: str, kind: str, k: int) -> dict:
     """Peak RSS of two outer steps above the resident set after setup + plain steps.
 
@@ -522,19 +516,13 @@ def memory_child(size: str, kind: str, k: int) -> dict:
     for _ in range(2):  # weights, grads, activations, optimizer state exist
         plain()
     lo.optimizer.zero_grad(set_to_none=True)
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base, how = _status_mb("VmRSS"), "VmHWM after clear_refs"
-    except OSError:
-        base, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss"
+    base, how = reset_peak()
     for _ in range(2):
         if m is None:
             plain()
         else:
             mlo_outer_step(eng, m.unroll)
-    peak = (_status_mb("VmHWM") if how.startswith("VmHWM")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_mb(how)
     return {"base_mb": base, "extra_mb": peak - base, "how": how}
 
 
