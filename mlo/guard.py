@@ -18,6 +18,15 @@ from .problem import Problem
 __all__ = ["GuardMixin"]
 
 
+def _combine(part: List[float]) -> float:
+    """The norm of a group from its tensors' norms, in double precision (inf when one is
+    infinite, nan when one is nan)."""
+    try:
+        return math.sqrt(math.fsum([x * x for x in part]))
+    except (OverflowError, ValueError):    # (fsum of inf and nan, or of -inf and inf)
+        return math.nan if any(map(math.isnan, part)) else math.inf
+
+
 class GuardMixin:
     """Norms of an update and the non-finite diagnosis."""
 
@@ -33,11 +42,17 @@ class GuardMixin:
         known to be zeros (norm 0) and ``{id(tensor): other}`` for tensors with the
         values of ``other`` (``0 + h``): one norm less each, the same numbers. A tensor
         listed twice is normed once."""
+        norm = torch.linalg.vector_norm
+        if "hyper" not in extra and hint is None and loss.device.type == "cpu":
+            # The common update (own gradient only, on the CPU): each value read
+            # directly — there is no synchronisation to save.
+            vals = [norm(t.detach() if t.requires_grad else t).item() for t in grads]
+            return [loss.item(), _combine(vals)]
+        loss = loss.detach()
         groups = [grads]
         if "hyper" in extra:
             groups += [list(extra["own"].values()), list(extra["hyper"].values())]
-        norm = torch.linalg.vector_norm
-        ns = [loss.detach()]
+        ns = [loss]
         at: Dict[int, int] = {}
         idx: List[int] = []          # per tensor of the groups: its norm's index in ns (-1: zero)
         for g in groups:
@@ -52,7 +67,7 @@ class GuardMixin:
                     j = at[id(t)] = len(ns)
                     ns.append(norm(t.detach() if t.requires_grad else t))
                 idx.append(j)
-        if all(n.device.type == "cpu" for n in ns):
+        if loss.device.type == "cpu" and all(n.device.type == "cpu" for n in ns):
             # On the CPU there is no synchronisation to save: each value read directly
             # (the same floats as the stacked, double-converted tensor's).
             flat = [n.item() for n in ns]
@@ -63,14 +78,10 @@ class GuardMixin:
                     ns = [n.double().to(dev) for n in ns]
                     break
             flat = torch.stack(ns).tolist()
-        vals = [flat[j] if j >= 0 else 0.0 for j in idx]
         out, i = [flat[0]], 0
-        isfinite = math.isfinite
         for g in groups:
-            part = vals[i:i + len(g)]
+            out.append(_combine([flat[j] if j >= 0 else 0.0 for j in idx[i:i + len(g)]]))
             i += len(g)
-            out.append(math.sqrt(math.fsum([x * x for x in part])) if all(map(isfinite, part))
-                       else math.inf if not any(map(math.isnan, part)) else math.nan)
         return out
 
     def _nonfinite(self, P: Problem, vals: List[float], grads: List[Tensor], extra: Dict[str, Any]) -> str:

@@ -23,9 +23,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .config import ProblemConfig
+from .reparam import Slots
 from .state import ProblemRun, current_context
 
 __all__ = ["Problem"]
@@ -48,18 +48,6 @@ class _Variables(nn.Module):
     def forward(self, *args, **kwargs):
         raise TypeError("this problem holds explicit tensors and has no module to call; "
                         "read its variables with problem.params[name]")
-
-
-class _Method(nn.Module):
-    """Runs ``module.<method>`` as ``forward``, so ``functional_call`` can run any method."""
-
-    def __init__(self, module: nn.Module, method: str):
-        super().__init__()
-        self.m = module
-        self.method = method
-
-    def forward(self, *args, **kwargs):
-        return getattr(self.m, self.method)(*args, **kwargs)
 
 
 class Problem:
@@ -119,6 +107,7 @@ class Problem:
             len(list(self.module.named_buffers(remove_duplicate=False))) != len(list(self.module.named_buffers()))
         if not self._real:
             raise ValueError(f"problem {name!r} has no trainable parameters")
+        self._slots = Slots(self.module, self._names, self._real, self._tied)
         if isinstance(optimizer, torch.optim.Optimizer) or not (
                 isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
             raise TypeError(f"problem {name!r}: `optimizer` must be a torch.optim.Optimizer "
@@ -334,10 +323,10 @@ class Problem:
         return self._run.iterates is None and (ctx is None or (ctx.reader is self and ctx.own is None))
 
     def __call__(self, *args, **kwargs):
-        """Runs ``module`` with the problem's current state (``functional_call``)."""
+        """Runs ``module`` with the problem's current state (as ``functional_call`` does)."""
         if self._runs_on_own_parameters():
             return self.module(*args, **kwargs)
-        return functional_call(self.module, self.params, args, kwargs, tie_weights=self._tied)
+        return self._slots.run(self.module, self.params, args, kwargs)
 
     def call(self, method: str, *args, **kwargs):
         """Runs ``module.<method>(*args, **kwargs)`` with the problem's current state.
@@ -361,9 +350,7 @@ class Problem:
                 f"{method!r} to call")
         if self._runs_on_own_parameters():
             return fn(*args, **kwargs)
-        wrapper = _Method(self.module, method)   # holds no state of its own: cheap to build
-        state = {"m." + k: v for k, v in self.params.items()}
-        return functional_call(wrapper, state, args, kwargs, strict=False, tie_weights=self._tied)
+        return self._slots.run(fn, self.params, args, kwargs, method=method)
 
     # ------------------------------------------------------------- the data
     def peek_batch(self):

@@ -155,13 +155,14 @@ class ReadsMixin:
                  for k, t in zip(P.param_names, own)}
         own_d, total, hint = {}, [], {}
         for k, gi, x in zip(P.param_names, grads, allg):
-            od = own_d[k] = gi.detach()
+            od = own_d[k] = gi.detach() if gi.requires_grad else gi
             if x is None:
                 hint[id(od)] = None                # zeros_like: its norm is 0
             if k in acc:
-                tot = gi + hyper[k]
                 if x is None:
-                    hint[id(tot)] = hyper[k]       # 0 + h: h's values, h's norm
+                    tot = hyper[k]                 # 0 + h: h's values, no addition (normed once)
+                else:
+                    tot = gi + hyper[k]
             else:
                 hint[id(hyper[k])] = None
                 tot = gi

@@ -25,6 +25,7 @@ from . import distributed as _dist
 from . import lint as _lint
 from . import precision as _precision
 from .hypergrad import hypergradient, path_contribution, second_order_kernels
+from .inplace import sgd_step
 from .isolation import no_side_effects, rng_state
 from .problem import Problem
 from .state import Read, ReadContext, reading
@@ -149,14 +150,16 @@ class UpdateMixin:
             h = hypergradient(self, name, direct_list, override)
             own_d, hyper_d, total, hint = {}, {}, [], {}
             for k, gi, t, x in zip(P.param_names, grads, own, g):
-                od = own_d[k] = gi.detach()
+                od = own_d[k] = gi.detach() if gi.requires_grad else gi
                 if x is None:
                     hint[id(od)] = None            # zeros_like: its norm is 0
                 if k in h:
-                    hd = hyper_d[k] = h[k].detach()
-                    tot = gi + h[k].to(gi.dtype)
+                    hd = hyper_d[k] = h[k].detach() if h[k].requires_grad else h[k]
                     if x is None and h[k].dtype == gi.dtype:
-                        hint[id(tot)] = hd         # 0 + h: h's values, h's norm
+                        tot = h[k]                 # 0 + h: h's values (no addition), h's norm
+                        hint[id(tot)] = hd
+                    else:
+                        tot = gi + h[k].to(gi.dtype)
                 else:
                     z = hyper_d[k] = torch.zeros_like(t)
                     hint[id(z)] = None
@@ -290,11 +293,12 @@ class UpdateMixin:
             if name in self._keep_grad:
                 self._last_grad[name] = [gi.detach() for gi in grads]
             variables = P.variables
-            for p, gi in zip(variables, grads):
-                p.grad = gi.detach()
-            P.optimizer.step()
-            for p in variables:
-                p.grad = None
+            if P.scheduler is not None or not sgd_step(P.optimizer, variables, grads):
+                for p, gi in zip(variables, grads):
+                    p.grad = gi.detach() if gi.requires_grad else gi
+                P.optimizer.step()
+                for p in variables:
+                    p.grad = None
         if P.scheduler is not None:
             if diff:    # the twin stepped for torch.optim: torch's order check would misfire
                 with warnings.catch_warnings():

@@ -1,0 +1,87 @@
+"""A plain update's in-place SGD step without ``torch.optim``'s per-call machinery.
+
+``torch.optim.SGD.step()`` wraps its arithmetic in a profiler range, grad-mode and
+hook handling, group re-collection and dispatch to a foreach/fused variant (~12 µs
+a call for two tensors on the CPU, as much as the arithmetic of a 1k-parameter
+problem). The engine steps every plain update, so for ``torch.optim.SGD`` it runs
+the arithmetic of torch's single-tensor SGD directly, operation for operation —
+the same values bit for bit and the same ``optimizer.state`` (momentum buffers).
+
+It does so only where that is exactly what ``step()`` would do: an instance of
+``torch.optim.SGD`` itself whose ``step`` is not wrapped (an LR scheduler or a
+user patch wraps it), no step hooks (its own or global), CPU tensors (where torch
+picks the single-tensor variant), plain-number hyperparameters, no ``foreach``,
+``fused`` or ``differentiable``, no AMP grad scaler. Otherwise
+:func:`sgd_step` returns ``False`` and the engine calls ``optimizer.step()``.
+
+(torch keeps its hooks in private attributes; when a torch version does not have
+them, nothing is taken for granted and ``step()`` is called.)
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
+
+__all__ = ["sgd_step"]
+
+_SGD_STEP = torch.optim.SGD.step
+_PLAIN = ("foreach", "fused", "differentiable")
+
+
+def _no_hooks(opt: torch.optim.Optimizer) -> bool:
+    for holder, name in ((opt, "_optimizer_step_pre_hooks"), (opt, "_optimizer_step_post_hooks"),
+                         (_torch_optimizer, "_global_optimizer_pre_hooks"),
+                         (_torch_optimizer, "_global_optimizer_post_hooks")):
+        hooks = getattr(holder, name, None)
+        if hooks is None or len(hooks):
+            return False
+    return True
+
+
+def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """``params[i] ← SGD step with gradient grads[i]`` in place, exactly as
+    ``opt.step()`` with ``params[i].grad = grads[i]`` would; ``False`` (nothing done)
+    when that cannot be guaranteed (see the module docstring)."""
+    if type(opt) is not torch.optim.SGD or "step" in opt.__dict__ or type(opt).step is not _SGD_STEP \
+            or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None \
+            or not _no_hooks(opt):
+        return False
+    by_id = {id(p): g for p, g in zip(params, grads)}
+    plan = []
+    for group in opt.param_groups:
+        if any(group.get(k) for k in _PLAIN):
+            return False
+        hp = (group["lr"], group["weight_decay"], group["momentum"], group["dampening"])
+        if not all(isinstance(x, Real) and not isinstance(x, bool) for x in hp):
+            return False
+        for p in group["params"]:
+            g = by_id.get(id(p))
+            if g is None:
+                if p.grad is not None:     # (a gradient set by hand: step() would use it)
+                    return False
+                continue
+            if p.device.type != "cpu" or g.is_sparse or torch.is_complex(p):
+                return False
+            plan.append((p, g, group))
+    if len(plan) != len(by_id):
+        return False                      # a tensor not in the optimizer: let torch say so
+    with torch.no_grad():
+        for p, g, group in plan:          # torch.optim.sgd._single_tensor_sgd, in order
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            grad = -g if group["maximize"] else g
+            if wd != 0:
+                grad = grad.add(p, alpha=wd)
+            if momentum != 0:
+                state = opt.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+                grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+            p.add_(grad, alpha=-lr)
+    return True
