@@ -28,7 +28,6 @@ class EventsMixin:
         self._callbacks: List[Any] = []
         self._progress: Optional[cb.Progress] = None
         self._updating: Optional[Problem] = None
-        self._norm_hint: Optional[dict] = None   # _gradient -> _norms of the same update
         self._linted: set = set()   # problems whose reads mlo.lint has checked (it checks once)
         self._extras: Optional[dict] = None
         self._logged: Dict[str, int] = {}

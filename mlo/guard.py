@@ -1,4 +1,4 @@
-"""The engine's non-finite guard: the norms of an update and what went wrong.
+"""The engine's non-finite guard: an update's gradient, its norms and what went wrong.
 
 :class:`GuardMixin` is part of :class:`mlo.Engine`: before every optimizer step the
 update's loss, own gradient and hypergradient norms are computed once (shared with
@@ -8,14 +8,14 @@ iteration and quantity (:mod:`mlo.engine` raises or skips).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .problem import Problem
 
-__all__ = ["GuardMixin"]
+__all__ = ["GuardMixin", "combine_gradients"]
 
 
 def _combine(part: List[float]) -> float:
@@ -27,49 +27,70 @@ def _combine(part: List[float]) -> float:
         return math.nan if any(map(math.isnan, part)) else math.inf
 
 
+def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequence[Optional[Tensor]],
+                      hyper: Dict[str, Tensor]) -> Tuple[Dict[str, Optional[Tensor]], Dict[str, Tensor], List[Tensor]]:
+    """An update's gradient from its own part and its hypergradient, per variable.
+
+    Args:
+        names: the variables' names; ``like``: their tensors (dtype, shape).
+        own: ``∂F/∂λ`` per variable, ``None`` where the loss does not read it.
+        hyper: the hypergradient by name (a variable no path reaches is absent).
+
+    Returns:
+        ``(own, hyper, total)``: the records — ``own`` keeps ``None`` for zeros (no
+        tensor is made for them), ``hyper`` is detached, zeros where absent — and the
+        total to step with, ``own + hyper`` (``hyper`` itself, not ``0 + hyper``,
+        where the own part is zero; it keeps any graph ``hyper`` has).
+    """
+    own_d: Dict[str, Optional[Tensor]] = {}
+    hyper_d: Dict[str, Tensor] = {}
+    total: List[Tensor] = []
+    for k, t, x in zip(names, like, own):
+        own_d[k] = x if x is None or not x.requires_grad else x.detach()
+        h = hyper.get(k)
+        if h is None:
+            hyper_d[k] = torch.zeros_like(t)
+            total.append(x if x is not None else torch.zeros_like(t))
+            continue
+        h = h.to(t.dtype)
+        hyper_d[k] = h.detach() if h.requires_grad else h
+        total.append(h if x is None else x + h)
+    return own_d, hyper_d, total
+
+
 class GuardMixin:
     """Norms of an update and the non-finite diagnosis."""
 
     @staticmethod
-    def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any],
-               hint: Optional[Dict[int, Optional[Tensor]]] = None) -> List[float]:
-        """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats,
-        with one host synchronisation: every tensor's norm in its own dtype (a float64
-        norm of a float32 tensor costs ~25× more: a hot path), stacked once and brought
-        to the host, where each group's norm is combined in double precision.
-
-        ``hint`` (from the gradient computation): ``{id(tensor): None}`` for tensors
-        known to be zeros (norm 0) and ``{id(tensor): other}`` for tensors with the
-        values of ``other`` (``0 + h``): one norm less each, the same numbers. A tensor
-        listed twice is normed once."""
+    def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> List[float]:
+        """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats:
+        every distinct tensor's norm once, in its own dtype (a float64 norm of a float32
+        tensor costs ~25× more: a hot path), each group's norm combined on the host in
+        double precision. ``None`` stands for zeros (norm 0); a tensor in two groups
+        (the total gradient ``0 + h`` is ``h``) is normed once. On the CPU each value
+        is read directly (there is no synchronisation to save), elsewhere the norms are
+        stacked and read at once."""
         norm = torch.linalg.vector_norm
-        if "hyper" not in extra and hint is None and loss.device.type == "cpu":
-            # The common update (own gradient only, on the CPU): each value read
-            # directly — there is no synchronisation to save.
-            vals = [norm(t.detach() if t.requires_grad else t).item() for t in grads]
-            return [loss.item(), _combine(vals)]
-        loss = loss.detach()
+        if "hyper" not in extra and loss.device.type == "cpu":
+            # The common update: one group (its own gradient).
+            return [loss.item(), _combine([norm(t.detach() if t.requires_grad else t).item() for t in grads])]
         groups = [grads]
         if "hyper" in extra:
             groups += [list(extra["own"].values()), list(extra["hyper"].values())]
-        ns = [loss]
+        ns = [loss.detach()]
         at: Dict[int, int] = {}
-        idx: List[int] = []          # per tensor of the groups: its norm's index in ns (-1: zero)
+        idx: List[int] = []          # per entry of the groups: its norm's index in ns (-1: zeros)
         for g in groups:
             for t in g:
-                if hint is not None and id(t) in hint:
-                    t = hint[id(t)]
-                    if t is None:
-                        idx.append(-1)
-                        continue
+                if t is None:
+                    idx.append(-1)
+                    continue
                 j = at.get(id(t))
                 if j is None:
                     j = at[id(t)] = len(ns)
                     ns.append(norm(t.detach() if t.requires_grad else t))
                 idx.append(j)
-        if loss.device.type == "cpu" and all(n.device.type == "cpu" for n in ns):
-            # On the CPU there is no synchronisation to save: each value read directly
-            # (the same floats as the stacked, double-converted tensor's).
+        if loss.device.type == "cpu":
             flat = [n.item() for n in ns]
         else:
             dt, dev = ns[0].dtype, ns[0].device
@@ -90,7 +111,8 @@ class GuardMixin:
             return ""
 
         def where(ts):
-            bad = [k for k, t in zip(P.param_names, ts) if not bool(torch.isfinite(t.detach()).all())]
+            bad = [k for k, t in zip(P.param_names, ts)
+                   if t is not None and not bool(torch.isfinite(t.detach()).all())]
             return f" (in {', '.join(map(repr, bad))})" if bad else " (its norm overflowed)"
 
         what = []

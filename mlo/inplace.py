@@ -8,8 +8,9 @@ the arithmetic of torch's single-tensor SGD directly, operation for operation ‚Ä
 the same values bit for bit and the same ``optimizer.state`` (momentum buffers).
 
 It does so only where that is exactly what ``step()`` would do: an instance of
-``torch.optim.SGD`` itself whose ``step`` is not wrapped (an LR scheduler or a
-user patch wraps it), no step hooks (its own or global), CPU tensors (where torch
+``torch.optim.SGD`` itself whose ``step`` is not wrapped on the instance (an LR
+scheduler or a user patch wraps it there; torch's own class-level profiling wrapper
+only opens a profiler range), no step hooks (its own or global), CPU tensors (where torch
 picks the single-tensor variant), plain-number hyperparameters, no ``foreach``,
 ``fused`` or ``differentiable``, no AMP grad scaler. Otherwise
 :func:`sgd_step` returns ``False`` and the engine calls ``optimizer.step()``.
@@ -28,7 +29,6 @@ from torch.optim import optimizer as _torch_optimizer
 
 __all__ = ["sgd_step"]
 
-_SGD_STEP = torch.optim.SGD.step
 _PLAIN = ("foreach", "fused", "differentiable")
 
 
@@ -46,7 +46,7 @@ def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequen
     """``params[i] ‚Üê SGD step with gradient grads[i]`` in place, exactly as
     ``opt.step()`` with ``params[i].grad = grads[i]`` would; ``False`` (nothing done)
     when that cannot be guaranteed (see the module docstring)."""
-    if type(opt) is not torch.optim.SGD or "step" in opt.__dict__ or type(opt).step is not _SGD_STEP \
+    if type(opt) is not torch.optim.SGD or "step" in opt.__dict__ \
             or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None \
             or not _no_hooks(opt):
         return False

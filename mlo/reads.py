@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import precision as _precision
 from .graph import GraphError
+from .guard import combine_gradients
 from .hypergrad import naming_second_order_errors, second_order_kernels
 from .optim import FunctionalOptimizer
 from .problem import Problem
@@ -146,29 +147,11 @@ class ReadsMixin:
         with naming_second_order_errors(names, [self.problems[n].config.method for n in names]):
             allg = torch.autograd.grad(loss, own + [a for _, a in leaves], allow_unused=True,
                                        retain_graph=keep_graph or None)
-        grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(allg, own)]
         acc: Dict[str, Tensor] = {}
         for (k, _), x in zip(leaves, allg[len(own):]):
             if x is not None:
                 acc[k] = acc[k] + x if k in acc else x
-        hyper = {k: (acc[k].to(t.dtype) if k in acc else torch.zeros_like(t))
-                 for k, t in zip(P.param_names, own)}
-        own_d, total, hint = {}, [], {}
-        for k, gi, x in zip(P.param_names, grads, allg):
-            od = own_d[k] = gi.detach() if gi.requires_grad else gi
-            if x is None:
-                hint[id(od)] = None                # zeros_like: its norm is 0
-            if k in acc:
-                if x is None:
-                    tot = hyper[k]                 # 0 + h: h's values, no addition (normed once)
-                else:
-                    tot = gi + hyper[k]
-            else:
-                hint[id(hyper[k])] = None
-                tot = gi
-                hint[id(tot)] = None if x is None else od
-            total.append(tot)
-        self._norm_hint = hint
+        own_d, hyper, total = combine_gradients(P.param_names, own, allg[:len(own)], acc)
         return loss, total, [], {"own": own_d, "hyper": hyper}
 
     def window(self, name: str) -> Optional[Window]:

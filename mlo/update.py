@@ -24,6 +24,7 @@ import engines.base as eb
 from . import distributed as _dist
 from . import lint as _lint
 from . import precision as _precision
+from .guard import combine_gradients
 from .hypergrad import hypergradient, path_contribution, second_order_kernels
 from .inplace import sgd_step
 from .isolation import no_side_effects, rng_state
@@ -75,7 +76,6 @@ class UpdateMixin:
         name = P.name
         nodes = self.graph.path_nodes(name)
         reads: List[Read] = []
-        self._norm_hint = None
         self.state[name].last_batch = batch
         # The top reads the nest's live iterates (exact nesting, or the fused two-level case).
         live = (self._exact or (self._fused and not by_path and override is None)) \
@@ -131,9 +131,10 @@ class UpdateMixin:
             raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
                                f"{P.param_names}; call the module through the problem (self(x)) "
                                f"or read self.params")
-        grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(g, own)]
         extra: Dict[str, Any] = {}
-        if tracked:
+        if not tracked:
+            grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(g, own)]
+        else:
             direct: Dict[int, Any] = {}
             for (r, k, a), x in zip(tracked, ga):
                 if x is not None:
@@ -148,27 +149,8 @@ class UpdateMixin:
                     extra["paths"][p] = {k: c[k] if k in c else torch.zeros_like(t)
                                          for k, t in zip(P.param_names, own)}
             h = hypergradient(self, name, direct_list, override)
-            own_d, hyper_d, total, hint = {}, {}, [], {}
-            for k, gi, t, x in zip(P.param_names, grads, own, g):
-                od = own_d[k] = gi.detach() if gi.requires_grad else gi
-                if x is None:
-                    hint[id(od)] = None            # zeros_like: its norm is 0
-                if k in h:
-                    hd = hyper_d[k] = h[k].detach() if h[k].requires_grad else h[k]
-                    if x is None and h[k].dtype == gi.dtype:
-                        tot = h[k]                 # 0 + h: h's values (no addition), h's norm
-                        hint[id(tot)] = hd
-                    else:
-                        tot = gi + h[k].to(gi.dtype)
-                else:
-                    z = hyper_d[k] = torch.zeros_like(t)
-                    hint[id(z)] = None
-                    tot = gi
-                    hint[id(tot)] = None if x is None else od
-                total.append(tot)
+            own_d, hyper_d, grads = combine_gradients(P.param_names, own, g, h)
             extra["own"], extra["hyper"] = own_d, hyper_d
-            grads = total
-            self._norm_hint = hint
         return loss, grads, reads, extra
 
     def gradient(self, name: str, batch: Any = None, by_path: bool = False,
@@ -211,10 +193,12 @@ class UpdateMixin:
         with no_side_effects(self.problems.values(), rng_state()):
             loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path,
                                                    override=method, keep_graph=self._exact or self._fused)
-        self._norm_hint = None
         out = {"loss": float(loss.detach()),
                "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
         out.update(extra)
+        if "own" in extra:     # (an update's records keep None for an own gradient of zeros)
+            out["own"] = {k: v if v is not None else torch.zeros_like(t)
+                          for (k, v), t in zip(extra["own"].items(), P.own_state().values())}
         return out
 
     def _update(self, P: Problem) -> None:
@@ -252,8 +236,7 @@ class UpdateMixin:
                 self._open_window(P)
             batch = P.batch if P.per_window else P.next_batch()
             loss, grads, reads, extra = self._gradient(P, batch, diff)
-            hint, self._norm_hint = self._norm_hint, None
-            vals = self._norms(loss, grads, extra, hint)
+            vals = self._norms(loss, grads, extra)
             bad = "" if all(map(math.isfinite, vals)) else self._nonfinite(P, vals, grads, extra)
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
