@@ -71,6 +71,10 @@ def neumann(matvec: MatVec, b: Sequence[Tensor], *, iterations: int = 10,
     return p
 
 
+def _value(t: Tensor) -> float:
+    return float(t.detach() if t.requires_grad else t)
+
+
 def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
        tol: float = 1e-10, damping: float = 0.0) -> Tensors:
     """Conjugate gradient for ``(H + δ I) x = b``.
@@ -100,11 +104,12 @@ def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
     r = b
     p = r
     rs = _dot(r, r)
-    threshold = (tol ** 2) * float(rs.detach())
-    if float(rs.detach()) == 0.0:
+    rs_value = _value(rs)                  # one host read per iteration: the stopping test's
+    threshold = (tol ** 2) * rs_value
+    if rs_value == 0.0:
         return x
-    for _ in range(max_iter):
-        if float(rs.detach()) <= threshold:
+    for i in range(max_iter):
+        if (_value(rs) if i else rs_value) <= threshold:
             break
         hp = op(p)
         step = rs / _dot(p, hp)

@@ -20,7 +20,6 @@ them, nothing is taken for granted and ``step()`` is called.)
 """
 from __future__ import annotations
 
-from numbers import Real
 from typing import Sequence
 
 import torch
@@ -29,59 +28,65 @@ from torch.optim import optimizer as _torch_optimizer
 
 __all__ = ["sgd_step"]
 
-_PLAIN = ("foreach", "fused", "differentiable")
-
 
 def _no_hooks(opt: torch.optim.Optimizer) -> bool:
-    for holder, name in ((opt, "_optimizer_step_pre_hooks"), (opt, "_optimizer_step_post_hooks"),
-                         (_torch_optimizer, "_global_optimizer_pre_hooks"),
-                         (_torch_optimizer, "_global_optimizer_post_hooks")):
-        hooks = getattr(holder, name, None)
-        if hooks is None or len(hooks):
-            return False
-    return True
+    pre = getattr(opt, "_optimizer_step_pre_hooks", None)
+    post = getattr(opt, "_optimizer_step_post_hooks", None)
+    gpre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+    gpost = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+    return pre is not None and post is not None and gpre is not None and gpost is not None \
+        and not (pre or post or gpre or gpost)
 
 
 def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
     """``params[i] ← SGD step with gradient grads[i]`` in place, exactly as
     ``opt.step()`` with ``params[i].grad = grads[i]`` would; ``False`` (nothing done)
     when that cannot be guaranteed (see the module docstring)."""
-    if type(opt) is not torch.optim.SGD or "step" in opt.__dict__ \
-            or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None \
-            or not _no_hooks(opt):
+    if type(opt) is not torch.optim.SGD or "step" in opt.__dict__ or not _no_hooks(opt) \
+            or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
         return False
-    by_id = {id(p): g for p, g in zip(params, grads)}
-    plan = []
-    for group in opt.param_groups:
-        if any(group.get(k) for k in _PLAIN):
+    groups = opt.param_groups
+    if len(groups) == 1 and len(groups[0]["params"]) == len(params) and \
+            all(a is b for a, b in zip(groups[0]["params"], params)):
+        plan = [(groups[0], params, grads)]          # (the usual case: one group, in order)
+    else:
+        by_id = {id(p): g for p, g in zip(params, grads)}
+        plan, n = [], 0
+        for group in groups:
+            gs = []
+            for p in group["params"]:
+                g = by_id.get(id(p))
+                if g is None and p.grad is not None:
+                    return False          # (a gradient set by hand: step() would use it)
+                gs.append(g)
+            n += sum(g is not None for g in gs)
+            plan.append((group, group["params"], gs))
+        if n != len(by_id):
+            return False                  # a tensor not in the optimizer: let torch say so
+    for group, ps, gs in plan:
+        if group.get("foreach") or group.get("fused") or group.get("differentiable") or isinstance(group["lr"], Tensor) \
+                or isinstance(group["weight_decay"], Tensor) or isinstance(group["momentum"], Tensor) \
+                or isinstance(group["dampening"], Tensor):
             return False
-        hp = (group["lr"], group["weight_decay"], group["momentum"], group["dampening"])
-        if not all(isinstance(x, Real) and not isinstance(x, bool) for x in hp):
-            return False
-        for p in group["params"]:
-            g = by_id.get(id(p))
-            if g is None:
-                if p.grad is not None:     # (a gradient set by hand: step() would use it)
-                    return False
-                continue
-            if p.device.type != "cpu" or g.is_sparse or torch.is_complex(p):
+        for p, g in zip(ps, gs):
+            if g is not None and (not p.is_cpu or g.is_sparse or p.is_complex()):
                 return False
-            plan.append((p, g, group))
-    if len(plan) != len(by_id):
-        return False                      # a tensor not in the optimizer: let torch say so
     with torch.no_grad():
-        for p, g, group in plan:          # torch.optim.sgd._single_tensor_sgd, in order
-            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-            grad = -g if group["maximize"] else g
-            if wd != 0:
-                grad = grad.add(p, alpha=wd)
-            if momentum != 0:
-                state = opt.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = grad.detach().clone()
-                else:
-                    buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-                grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-            p.add_(grad, alpha=-lr)
+        for group, ps, gs in plan:        # torch.optim.sgd._single_tensor_sgd, in order
+            lr, wd, momentum, maximize = group["lr"], group["weight_decay"], group["momentum"], group["maximize"]
+            for p, g in zip(ps, gs):
+                if g is None:
+                    continue
+                grad = -g if maximize else g
+                if wd != 0:
+                    grad = grad.add(p, alpha=wd)
+                if momentum != 0:
+                    state = opt.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = grad.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+                    grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+                p.add_(grad, alpha=-lr)
     return True
