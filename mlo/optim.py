@@ -109,19 +109,25 @@ class FunctionalOptimizer:
             raise TypeError(
                 f"FunctionalOptimizer does not support {type(optimizer).__name__}; "
                 "supported: torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW")
-        where = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError("`params` contains the same tensor more than once")
-        group_index = []
-        for p in params:
-            if id(p) not in where:
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} is not in the optimizer's param_groups")
-            if torch.is_complex(p):
-                raise ValueError("complex parameters are not supported")
-            group_index.append(where[id(p)])
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        state = [{k: _copy(v) if isinstance(v, Tensor) else v
-                  for k, v in optimizer.state.get(p, {}).items()} for p in params]
+        tgroups = optimizer.param_groups
+        first = tgroups[0]["params"] if len(tgroups) == 1 else ()
+        if len(first) == len(params) and all(a is b for a, b in zip(first, params)):
+            group_index = [0] * len(params)     # (the usual case; torch rejects repeats in a group)
+        else:
+            where = {id(p): g for g, group in enumerate(tgroups) for p in group["params"]}
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError("`params` contains the same tensor more than once")
+            group_index = []
+            for p in params:
+                if id(p) not in where:
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is not in the optimizer's param_groups")
+                group_index.append(where[id(p)])
+        if any(p.is_complex() for p in params):
+            raise ValueError("complex parameters are not supported")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in tgroups]
+        tstate = optimizer.state
+        state = [{k: _copy(v) if isinstance(v, Tensor) else v for k, v in tstate[p].items()}
+                 if p in tstate else {} for p in params]
         return sub(groups, group_index, state)
 
     @classmethod
@@ -181,9 +187,10 @@ class FunctionalOptimizer:
             raise TypeError(f"{type(self).__name__} cannot hand state to {type(optimizer).__name__}")
         if len(params) != len(self.state):
             raise ValueError(f"expected {len(self.state)} params, got {len(params)}")
+        tstate = optimizer.state
         for p, st in zip(params, self.state):
-            optimizer.state[p] = {k: _copy(v) if isinstance(v, Tensor) else v
-                                  for k, v in st.items() if v is not None}
+            if st or p in tstate:       # (no empty entries torch itself would not make)
+                tstate[p] = {k: _copy(v) if isinstance(v, Tensor) else v for k, v in st.items() if v is not None}
 
 
 class FunctionalSGD(FunctionalOptimizer):
