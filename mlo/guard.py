@@ -74,6 +74,12 @@ class GuardMixin:
         if "hyper" not in extra and loss.device.type == "cpu":
             # The common update: one group (its own gradient).
             return [loss.item(), _combine([norm(t.detach() if t.requires_grad else t).item() for t in grads])]
+        if "hyper" in extra and loss.device.type == "cpu":
+            hyper = list(extra["hyper"].values())
+            if all(o is None for o in extra["own"].values()) and all(a is b for a, b in zip(grads, hyper)):
+                # The top of a hypergradient: no own part, the total is the hypergradient.
+                h = _combine([norm(t.detach() if t.requires_grad else t).item() for t in hyper])
+                return [loss.item(), h, 0.0, h]
         groups = [grads]
         if "hyper" in extra:
             groups += [list(extra["own"].values()), list(extra["hyper"].values())]
