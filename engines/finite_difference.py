@@ -97,12 +97,12 @@ def central_difference(lower: Lower, v: Sequence[Tensor], epsilon: float, scale:
     v = tuple(v)
     # One host synchronisation: ‖v‖ (its sum of squares in v's dtype, as it always was:
     # ε = epsilon/‖v‖ sets the rounding of every difference below) and θ's tensor norms.
-    with torch.no_grad():
-        ns = [torch.sqrt(sum(torch.sum(t.detach() ** 2) for t in v))] + \
-             [torch.linalg.vector_norm(p.detach()) for p in lower.params]
-        if len({n.dtype for n in ns}) > 1:
-            ns = [n.double() for n in ns]
-        flat = torch.stack(ns).tolist()
+    # (of detached tensors: no graph, no grad-mode switch needed)
+    ns = [torch.sqrt(sum(torch.sum(t.detach() ** 2) for t in v))] + \
+         [torch.linalg.vector_norm(p.detach()) for p in lower.params]
+    if len({n.dtype for n in ns}) > 1:
+        ns = [n.double() for n in ns]
+    flat = torch.stack(ns).tolist()
     norm = flat[0]
     pnorm = math.sqrt(math.fsum(x * x for x in flat[1:]))               # ≥ max|θ_i|
     numel = sum(t.numel() for t in v)

@@ -115,9 +115,13 @@ class ReadsMixin:
         if P.per_window:        # nothing to write back, nothing kept
             P.close_window()
         else:
-            with torch.no_grad():
-                for p, t in zip(P.variables, (run.iterates[k] for k in P.param_names)):
-                    p.copy_(t)
+            prev = torch.is_grad_enabled()     # (cheaper than `with torch.no_grad()`)
+            torch.set_grad_enabled(False)
+            try:
+                for p, k in zip(P.variables, P.param_names):
+                    p.copy_(run.iterates[k])
+            finally:
+                torch.set_grad_enabled(prev)
             win.fopt.state_to_torch(P.optimizer, list(P.variables))
             run.iterates = None
         for r in win.referrers:   # truncate paths through the closed window

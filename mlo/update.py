@@ -94,8 +94,12 @@ class UpdateMixin:
             # (backward through the window) are those of the global batch.
             resolve, own_view = _dist.reading_views(resolve, P.own_state(), P.param_names)
         # Inside a window the loss's gradient is differentiated again later.
-        with second_order_kernels(diff), reading(ReadContext(P, resolve, own=own_view)):
-            loss = self.loss(P, batch)
+        if diff:
+            with second_order_kernels(True), reading(ReadContext(P, resolve, own=own_view)):
+                loss = self.loss(P, batch)
+        else:
+            with reading(ReadContext(P, resolve, own=own_view)):
+                loss = self.loss(P, batch)
         if name not in self._linted:     # once per problem: declared reads without gradient
             try:
                 _lint.check_reads(self, P, loss, reads)
