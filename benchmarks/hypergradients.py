@@ -431,13 +431,17 @@ def timed(fn) -> float:
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per call; each repeat runs every fn once (noise hits all alike)."""
+    """Median seconds per call; each repeat runs every fn once (noise hits all alike), in
+    an order rotated from repeat to repeat (each fn follows each other one equally often:
+    what ran just before — its cache footprint — is not always the same fn's)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    items = list(fns.items())
+    for r in range(repeats):
+        i = r % len(items)
+        for k, fn in items[i:] + items[:i]:
             samples[k].append(timed(fn))
     return {k: statistics.median(v) for k, v in samples.items()}
 

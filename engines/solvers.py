@@ -30,11 +30,20 @@ Solver = Callable[..., Tensors]
 # --- tuple arithmetic ---------------------------------------------------------
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((torch.sum(x * y) for x, y in zip(a, b)), a[0].new_zeros(()))
+    terms = [torch.sum(x * y) for x, y in zip(a, b)]
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
 
 
 def _axpy(alpha, x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensors:
-    """``alpha * x + y`` elementwise over the tuple."""
+    """``alpha * x + y`` elementwise over the tuple: one fused ``y.add(x, alpha=)`` per
+    tensor for a number (``x + y`` for 1), a product and a sum for a tensor ``alpha``."""
+    if isinstance(alpha, (int, float)):
+        if alpha == 1:
+            return tuple(xi + yi for xi, yi in zip(x, y))
+        return tuple(yi.add(xi, alpha=alpha) for xi, yi in zip(x, y))
     return tuple(alpha * xi + yi for xi, yi in zip(x, y))
 
 
@@ -114,7 +123,7 @@ def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
         hp = op(p)
         step = rs / _dot(p, hp)
         x = _axpy(step, p, x)
-        r = _axpy(-step, hp, r)
+        r = tuple(ri - step * hi for ri, hi in zip(r, hp))     # (= −step·hp + r, one op less)
         rs_new = _dot(r, r)
         p = _axpy(rs_new / rs, p, r)
         rs = rs_new
