@@ -206,11 +206,12 @@ class MloUpper(mlo.Problem):
         return F.cross_entropy(self.lower(x), y)
 
 
-def build_mlo(spec: Spec, method: Method, module: nn.Module, lams) -> mlo.Engine:
+def build_mlo(spec: Spec, method: Method, module: nn.Module, lams, nonfinite: str = "raise") -> mlo.Engine:
     lo = MloLower(spec, module, method.mlo_config())
     up = MloUpper(spec, lams, lo)
     lo.upper = up
-    return mlo.Engine([up, lo], {"u2l": {up: [lo]}, "l2u": {lo: [up]}})
+    return mlo.Engine([up, lo], {"u2l": {up: [lo]}, "l2u": {lo: [up]}},
+                      config=mlo.EngineConfig(nonfinite=nonfinite))
 
 
 def capture_upper_grads(optimizer: torch.optim.Optimizer, store: List):
@@ -588,13 +589,16 @@ def bench_betty_time(size: str, methods: Sequence[Method], repeats: int) -> List
         mod0 = spec.make_module()
         lams = spec.lam_init(mod0, torch.float32)
         ours = build_mlo(spec, m, spec.make_module(), lams)
+        lean = build_mlo(spec, m, spec.make_module(), lams, nonfinite="ignore")
         beng, _, _ = build_betty(spec, m, spec.make_module(), lams)
         t = interleaved({"ours": lambda: mlo_outer_step(ours, m.unroll),
+                         "lean": lambda: mlo_outer_step(lean, m.unroll),
                          "betty": lambda: betty_outer_step(beng, m.unroll),
                          "floor": floor_outer_step(spec, m)}, repeats, warmup=2)
         rows.append(dict(size=size, method=m.label, ours_ms=t["ours"] * 1e3,
                          betty_ms=t["betty"] * 1e3, floor_ms=t["floor"] * 1e3,
-                         speedup=t["betty"] / t["ours"]))
+                         lean_ms=t["lean"] * 1e3, speedup=t["betty"] / t["ours"],
+                         ours_over_floor=t["ours"] / t["floor"], lean_over_floor=t["lean"] / t["floor"]))
     return rows
 
 
@@ -672,15 +676,19 @@ def tables(res: dict) -> str:
     if res.get("betty_time"):
         out += ["### Time per outer step, ours vs Betty 0.1.1 (float32, median)", "",
                 "outer step = K lower steps + one upper update; floor = a hand-written outer step "
-                "doing exactly the method's passes (`floor_outer_step`), timed interleaved with "
-                "ours and Betty", "",
+                "doing exactly the method's passes (`floor_outer_step`); ours = the default engine "
+                "(non-finite guard on), ours·ignore = `EngineConfig(nonfinite=\"ignore\")` (no "
+                "guard, as Betty and the floor); all four timed interleaved in rotating order; "
+                "ratios are medians of per-round ratios (range over rounds)", "",
                 "| problem | method | ours ms | Betty ms | Betty / ours | floor ms | ours / floor "
-                "| Betty / floor |", "|---|---|---|---|---|---|---|---|"]
+                "| ours·ignore / floor | Betty / floor |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["betty_time"]:
             f = r.get("floor_ms")
+            of = r.get("ours_over_floor", f and r["ours_ms"] / f)
+            lf = r.get("lean_over_floor")
             out.append(f"| {r['size']} | {r['method']} | {r['ours_ms']:.2f} | {r['betty_ms']:.2f} "
-                       f"| **{r['speedup']:.2f}×**{_rng(r, 'speedup')} | {fmt(f)} | {fmt(f and r['ours_ms'] / f)} "
-                       f"| {fmt(f and r['betty_ms'] / f)} |")
+                       f"| **{r['speedup']:.2f}×**{_rng(r, 'speedup')} | {fmt(f)} | {fmt(of)}{_rng(r, 'ours_over_floor')} "
+                       f"| {fmt(lf)}{_rng(r, 'lean_over_floor')} | {fmt(f and r['betty_ms'] / f)} |")
         out.append("")
     if res.get("betty_acc"):
         out += ["### Hypergradient on the same state (float64, relative L2 difference)", "",
@@ -701,9 +709,10 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def median_rows(rounds: List[List[dict]], key: Tuple[str, ...], range_of: Optional[str] = None) -> List[dict]:
+def median_rows(rounds: List[List[dict]], key: Tuple[str, ...], range_of=None) -> List[dict]:
     """Per-row median over rounds of every numeric field (ratios are medians of the
-    per-round ratios, not ratios of medians); ``range_of`` also keeps that field's min/max."""
+    per-round ratios, not ratios of medians); ``range_of`` (a field or a tuple of fields)
+    also keeps min/max."""
     out = []
     for row in rounds[0]:
         k = tuple(row[f] for f in key)
@@ -712,8 +721,9 @@ def median_rows(rounds: List[List[dict]], key: Tuple[str, ...], range_of: Option
         for f, v in row.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and f not in key:
                 agg[f] = statistics.median(r[f] for r in same)
-        if range_of:
-            agg[range_of + "_range"] = (min(r[range_of] for r in same), max(r[range_of] for r in same))
+        for f in ((range_of,) if isinstance(range_of, str) else range_of or ()):
+            if f in row:
+                agg[f + "_range"] = (min(r[f] for r in same), max(r[f] for r in same))
         out.append(agg)
     return out
 
@@ -770,7 +780,8 @@ def main(argv=None):
                 rows_r += bench_betty_time(size, methods, repeats)
                 print(f"[betty time] round {r + 1}: {size} done ({now() - t0:.0f}s)", flush=True)
             betty_rounds.append(rows_r)
-        res["betty_time"] = median_rows(betty_rounds, ("size", "method"), range_of="speedup")
+        res["betty_time"] = median_rows(betty_rounds, ("size", "method"),
+                                        range_of=("speedup", "ours_over_floor", "lean_over_floor"))
         acc_methods = methods + ([Method("cg K=5 α=0.5", "cg", 5, 0.5)] if not a.quick else [])
         for size in bsizes:
             res["betty_acc"] += bench_betty_accuracy(size, acc_methods)

@@ -223,11 +223,12 @@ class UpdateMixin:
             self._after_update(P, ref)
 
     def _record(self, P: Problem, vals: List[float], extra: Dict[str, Any]) -> None:
+        """``vals``: ``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (``[loss]`` with nonfinite='ignore')."""
         rec = self.records[P.name]
-        rec["loss"], rec["grad_norm"] = vals[0], vals[1]
+        rec["loss"], rec["grad_norm"] = vals[0], vals[1] if len(vals) > 1 else None
         if "hyper" in extra:
             self.last_hypergradient[P.name] = extra["hyper"]
-            rec["own_grad_norm"], rec["hypergrad_norm"] = vals[2], vals[3]
+            rec["own_grad_norm"], rec["hypergrad_norm"] = (vals[2], vals[3]) if len(vals) > 1 else (None, None)
 
     def _update_inner(self, P: Problem) -> bool:
         """One update of ``P``; ``False`` when it was skipped (non-finite values)."""
@@ -240,8 +241,11 @@ class UpdateMixin:
                 self._open_window(P)
             batch = P.batch if P.per_window else P.next_batch()
             loss, grads, reads, extra = self._gradient(P, batch, diff)
-            vals = self._norms(loss, grads, extra)
-            bad = "" if all(map(math.isfinite, vals)) else self._nonfinite(P, vals, grads, extra)
+            if self.config.nonfinite == "ignore":
+                vals, bad = [loss.item()], ""
+            else:
+                vals = self._norms(loss, grads, extra)
+                bad = "" if all(map(math.isfinite, vals)) else self._nonfinite(P, vals, grads, extra)
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{bad}; its parameters and optimizer state are unchanged. "

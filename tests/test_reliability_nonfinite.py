@@ -1,7 +1,8 @@
 """Non-finite guard: a NaN/inf loss, own gradient or hypergradient never reaches an
 optimizer step. ``EngineConfig(nonfinite="raise")`` (default) raises
 ``FloatingPointError`` naming the problem, the iteration and the quantity;
-``"skip"`` skips the update with a ``RuntimeWarning``. The updating problem's
+``"skip"`` skips the update with a ``RuntimeWarning`` (``"ignore"`` switches the check
+off: tested to change nothing else). The updating problem's
 parameters and optimizer state (in place, or its open unrolled window) are
 unchanged either way — for every method, with and without ``grad_clip``.
 """
@@ -133,8 +134,42 @@ def test_a_fresh_window_refused_is_not_left_open():
 
 def test_default_is_raise_and_bad_mode_is_named():
     assert mlo.EngineConfig().nonfinite == "raise"
-    with pytest.raises(ValueError, match=r"EngineConfig.nonfinite must be 'raise' or 'skip', got 'ignore'"):
-        mlo.EngineConfig(nonfinite="ignore")
+    with pytest.raises(ValueError, match=r"EngineConfig.nonfinite must be 'raise', 'skip' or 'ignore', got 'warn'"):
+        mlo.EngineConfig(nonfinite="warn")
+
+
+@pytest.mark.parametrize("method,opts", METHODS, ids=[m for m, _ in METHODS])
+def test_ignore_trains_bitwise_as_raise_and_records_no_norms(method, opts):
+    """``nonfinite="ignore"`` only drops the check: a finite run is the same, bit for bit
+    (parameters, optimizer states, losses), and the records hold no gradient norms."""
+    runs = {}
+    for mode in ("raise", "ignore"):
+        eng, _ = build(method, opts, None, mode)
+        losses = []
+        for _ in range(7):
+            eng.step()
+            losses.append({n: r.get("loss") for n, r in eng.records.items()})
+        eng.close_windows()
+        runs[mode] = (eng, losses)
+    (a, la), (b, lb) = runs["raise"], runs["ignore"]
+    assert la == lb
+    for n in ("lo", "up"):
+        assert same(snapshot(a, n), snapshot(b, n))
+        assert a.records[n]["grad_norm"] is not None and b.records[n]["grad_norm"] is None
+    assert b.records["up"]["hypergrad_norm"] is None and b.records["up"]["own_grad_norm"] is None
+    assert a.records["up"]["hypergrad_norm"] > 0
+
+
+def test_ignore_applies_a_nan_silently():
+    """What "ignore" means: the check is off — a NaN gradient reaches the optimizer."""
+    eng, poison = build("cg", {"max_iter": 5}, None, "ignore")
+    eng.run(3)
+    poison["up_grad"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eng.step()
+        eng.step()
+    assert not torch.isfinite(eng.problems["up"].params["lam"]).all()
 
 
 def test_finite_runs_record_as_before():

@@ -83,7 +83,7 @@ def test_tiny_finite_difference_epsilon_warns_naming_the_problem():
     ({"validate_every": True}, r"validate_every must be an integer >= 1"),
     ({"log_every": 2.5}, r"EngineConfig.log_every must be an integer >= 1 or None, got 2.5"),
     ({"validation": 3}, r"EngineConfig.validation must be a callable .* got int"),
-    ({"nonfinite": None}, r"EngineConfig.nonfinite must be 'raise' or 'skip'"),
+    ({"nonfinite": None}, r"EngineConfig.nonfinite must be 'raise', 'skip' or 'ignore'"),
 ])
 def test_engine_config_fields_are_checked_when_built(kw, match):
     with pytest.raises(ValueError, match=match):
