@@ -585,3 +585,27 @@ def test_engine_hypergradient_same_without_fast_path(measured, fallbacks, method
     assert g_f["loss"] == g_s["loss"]
     same(measured, f"engine.gradient('up'), fast vs functional_call ({method})",
          [g_f["grad"], g_f["paths"]], [g_s["grad"], g_s["paths"]])
+
+
+def test_lstm_equals_functional_call_and_a_module_holding_the_values(measured, fallbacks):
+    """``nn.LSTM`` keeps flat-weight views refreshed by ``__setattr__``; neither
+    ``functional_call`` (torch ≥ 2.x assigns ``_parameters`` directly, as Slots does) nor
+    Slots goes through it — both must still see the substituted tensors."""
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 4, batch_first=True).to(DT)
+    names, tensors = trainable(m)
+    s = Slots(m, names, tensors, tied=False)
+    assert s._slots is not None
+    state = new_state(m, names, seed=3, grad=True)
+    x = torch.randn(2, 5, 3, dtype=DT)
+    got = s.run(m, state, (x,), {})[0]
+    assert fallbacks == []
+    same(measured, "Slots.run nn.LSTM vs functional_call", got, functional_call(m, dict(state), (x,))[0])
+    held = nn.LSTM(3, 4, batch_first=True).to(DT)
+    with torch.no_grad():
+        for n, p in held.named_parameters():
+            p.copy_(state[n])
+    err = float((got - held(x)[0]).detach().abs().max())
+    measured("Slots.run nn.LSTM vs an LSTM holding the values", err, 1e-14)
+    g = torch.autograd.grad(got.sum(), [state[n] for n in names])
+    assert all(t is not None and float(t.abs().sum()) > 0 for t in g)
