@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Lower", "Method", "MethodInfo", "register", "get", "info", "available", "check_options",
-           "zeros_like_all", "second_order", "check_bool", "check_number", "check_int"]
+           "zeros_like_all", "detach_all", "second_order", "check_bool", "check_number", "check_int"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -225,6 +225,12 @@ def available() -> Tuple[str, ...]:
 
 def zeros_like_all(ts: Sequence[Tensor]) -> Tensors:
     return tuple(torch.zeros_like(t) for t in ts)
+
+
+def detach_all(ts: Sequence[Tensor]) -> Tensors:
+    """The tensors without autograd history (those that have none are returned as they
+    are: a ``detach`` is an operator call each, on the hot path of every method)."""
+    return tuple(t.detach() if t.requires_grad else t for t in ts)
 
 
 _LOADED = False

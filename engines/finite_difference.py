@@ -23,7 +23,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Lower, check_bool, check_number, register, zeros_like_all
+from .base import Lower, check_bool, check_number, detach_all, register, zeros_like_all
 
 __all__ = ["finite_difference", "central_difference"]
 
@@ -115,7 +115,7 @@ def central_difference(lower: Lower, v: Sequence[Tensor], epsilon: float, scale:
         inputs = tuple(x if x.requires_grad else x.detach().requires_grad_() for x in lower.inputs)
     else:
         params = tuple(p.detach() for p in lower.params)
-        vs = tuple(t.detach() for t in v)
+        vs = detach_all(v)
         inputs = tuple(x.detach().requires_grad_() for x in lower.inputs)
 
     plus = tuple(p + eps * t for p, t in zip(params, vs))    # new tensors: θ + εv
@@ -138,4 +138,4 @@ def central_difference(lower: Lower, v: Sequence[Tensor], epsilon: float, scale:
     diff = _grad_inputs(lower, plus, inputs, create_graph, minus=minus)
 
     out = tuple(-scale * d / (2.0 * eps) for d in diff)
-    return out if create_graph else tuple(t.detach() for t in out)
+    return out if create_graph else detach_all(out)

@@ -22,7 +22,7 @@ import math
 import numbers
 
 from . import solvers
-from .base import Lower, check_bool, check_int, check_number, register, zeros_like_all
+from .base import Lower, check_bool, check_int, check_number, detach_all, register, zeros_like_all
 
 __all__ = ["implicit", "neumann", "cg"]
 
@@ -57,7 +57,7 @@ def implicit(lower: Lower, v: Sequence[Tensor],
     """
     params = _as_grad_leaves(lower.params)
     inputs = _as_grad_leaves(lower.inputs)
-    v = tuple(v) if create_graph else tuple(t.detach() for t in v)
+    v = tuple(v) if create_graph else detach_all(v)
     if len(v) != len(params):
         raise ValueError(f"v has {len(v)} tensors, lower.params has {len(params)}")
 
@@ -80,7 +80,7 @@ def implicit(lower: Lower, v: Sequence[Tensor],
         mixed = torch.autograd.grad(g_live, inputs, u_live, retain_graph=create_graph,
                                     create_graph=create_graph, allow_unused=True)
     out = tuple(-m for m in _fill(mixed, lower.inputs))
-    return out if create_graph else tuple(t.detach() for t in out)
+    return out if create_graph else detach_all(out)
 
 
 def _check_neumann(*, iterations: int = 10, alpha: float = 1.0, create_graph: bool = False) -> None:

@@ -19,7 +19,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Lower, check_bool, register, zeros_like_all
+from .base import Lower, check_bool, detach_all, register, zeros_like_all
 
 __all__ = ["unrolled"]
 
@@ -74,8 +74,8 @@ def unrolled(lower: Lower, v: Sequence[Tensor], *, first_order: bool = False,
         return zeros_like_all(lower.inputs)
     outs, vs = zip(*pairs)
     if not create_graph:
-        vs = tuple(t.detach() for t in vs)
+        vs = detach_all(vs)
     grads = torch.autograd.grad(outs, lower.inputs, vs, retain_graph=True,
                                 create_graph=create_graph, allow_unused=True)
     out = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, lower.inputs))
-    return out if create_graph else tuple(t.detach() for t in out)
+    return out if create_graph else detach_all(out)
