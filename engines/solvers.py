@@ -48,6 +48,9 @@ def _axpy(alpha, x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensors:
 
 
 def _scale(alpha, x: Sequence[Tensor]) -> Tensors:
+    """``alpha * x`` (``x`` itself for 1: the solvers never write into their vectors)."""
+    if isinstance(alpha, (int, float)) and alpha == 1:
+        return tuple(x)
     return tuple(alpha * xi for xi in x)
 
 

@@ -213,7 +213,11 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
         # Same randomness (dropout, random masks) in every evaluation: HVPs and
         # finite differences need one deterministic function.
         set_rng_state(rng)
-        with second_order_kernels(second), reading(ReadContext(P, resolve, own=dict(zip(names, ps)))):
+        ctx = reading(ReadContext(P, resolve, own=dict(zip(names, ps))))
+        if second:
+            with second_order_kernels(True), ctx:
+                return engine.loss(P, P.last_batch)
+        with ctx:
             return engine.loss(P, P.last_batch)
 
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine.inner_lr(name),
