@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Lower", "Method", "MethodInfo", "register", "get", "info", "available", "check_options",
-           "zeros_like_all", "detach_all", "grad_enabled", "second_order", "check_bool", "check_number", "check_int"]
+           "zeros_like_all", "detach_all", "grad_mode", "second_order", "check_bool", "check_number", "check_int"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -227,20 +227,24 @@ def zeros_like_all(ts: Sequence[Tensor]) -> Tensors:
     return tuple(torch.zeros_like(t) for t in ts)
 
 
-class grad_enabled:
-    """``with grad_enabled():`` — grad mode on inside, as ``torch.enable_grad()``, at a
-    fraction of its cost (nothing to switch when it is already on: the engine's case)."""
+class grad_mode:
+    """``with grad_mode(on):`` — grad mode ``on`` inside, as ``torch.enable_grad()`` /
+    ``torch.no_grad()``, at a fraction of their cost on the hot path (nothing is
+    switched when it already is ``on``: the engine's case for ``True``)."""
 
-    __slots__ = ("prev",)
+    __slots__ = ("on", "prev")
+
+    def __init__(self, on: bool):
+        self.on = on
 
     def __enter__(self) -> None:
         self.prev = torch.is_grad_enabled()
-        if not self.prev:
-            torch.set_grad_enabled(True)
+        if self.prev != self.on:
+            torch.set_grad_enabled(self.on)
 
     def __exit__(self, *exc) -> bool:
-        if not self.prev:
-            torch.set_grad_enabled(False)
+        if self.prev != self.on:
+            torch.set_grad_enabled(self.prev)
         return False
 
 

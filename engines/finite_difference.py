@@ -23,7 +23,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Lower, check_bool, check_number, detach_all, grad_enabled, register, zeros_like_all
+from .base import Lower, check_bool, check_number, detach_all, grad_mode, register, zeros_like_all
 
 __all__ = ["finite_difference", "central_difference"]
 
@@ -34,7 +34,7 @@ def _grad_inputs(lower: Lower, params: Tensors, inputs: Tensors, create_graph: b
                  minus: Tensors = None) -> Tensors:
     """``∇x f(params, x)`` (``∇x [f(params, x) − f(minus, x)]`` when ``minus`` is given)
     with zeros for inputs the loss does not read."""
-    with grad_enabled():
+    with grad_mode(True):
         loss = lower.loss_fn(params, inputs)
         if minus is not None:
             loss = loss - lower.loss_fn(minus, inputs)

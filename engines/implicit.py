@@ -22,7 +22,7 @@ import math
 import numbers
 
 from . import solvers
-from .base import Lower, check_bool, check_int, check_number, detach_all, grad_enabled, register, zeros_like_all
+from .base import Lower, check_bool, check_int, check_number, detach_all, grad_mode, register, zeros_like_all
 
 __all__ = ["implicit", "neumann", "cg"]
 
@@ -61,7 +61,7 @@ def implicit(lower: Lower, v: Sequence[Tensor],
     if len(v) != len(params):
         raise ValueError(f"v has {len(v)} tensors, lower.params has {len(params)}")
 
-    with grad_enabled():
+    with grad_mode(True):
         loss = lower.loss_fn(params, inputs)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [g is not None and g.requires_grad for g in grads]

@@ -27,6 +27,12 @@ def _combine(part: List[float]) -> float:
         return math.nan if any(map(math.isnan, part)) else math.inf
 
 
+def _group_norm(ts: Sequence[Tensor]) -> float:
+    """The norm of a group of CPU tensors: each tensor's norm read directly, combined."""
+    norm = torch.linalg.vector_norm
+    return _combine([norm(t.detach() if t.requires_grad else t).item() for t in ts])
+
+
 def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequence[Optional[Tensor]],
                       hyper: Dict[str, Tensor]) -> Tuple[Dict[str, Optional[Tensor]], Dict[str, Tensor], List[Tensor]]:
     """An update's gradient from its own part and its hypergradient, per variable.
@@ -70,19 +76,17 @@ class GuardMixin:
         (the total gradient ``0 + h`` is ``h``) is normed once. On the CPU each value
         is read directly (there is no synchronisation to save), elsewhere the norms are
         stacked and read at once."""
-        norm = torch.linalg.vector_norm
-        if "hyper" not in extra and loss.device.type == "cpu":
-            # The common update: one group (its own gradient).
-            return [loss.item(), _combine([norm(t.detach() if t.requires_grad else t).item() for t in grads])]
-        if "hyper" in extra and loss.device.type == "cpu":
-            hyper = list(extra["hyper"].values())
-            if all(o is None for o in extra["own"].values()) and all(a is b for a, b in zip(grads, hyper)):
-                # The top of a hypergradient: no own part, the total is the hypergradient.
-                h = _combine([norm(t.detach() if t.requires_grad else t).item() for t in hyper])
-                return [loss.item(), h, 0.0, h]
+        cpu = loss.device.type == "cpu"
+        paths = "hyper" in extra
         groups = [grads]
-        if "hyper" in extra:
+        if paths:
             groups += [list(extra["own"].values()), list(extra["hyper"].values())]
+        if cpu and not paths:                  # the common update: its own gradient only
+            return [loss.item(), _group_norm(grads)]
+        if cpu and all(o is None for o in groups[1]) and all(a is b for a, b in zip(grads, groups[2])):
+            h = _group_norm(grads)             # the top of a hypergradient: total = hyper
+            return [loss.item(), h, 0.0, h]
+        norm = torch.linalg.vector_norm
         ns = [loss.detach()]
         at: Dict[int, int] = {}
         idx: List[int] = []          # per entry of the groups: its norm's index in ns (-1: zeros)
@@ -96,7 +100,7 @@ class GuardMixin:
                     j = at[id(t)] = len(ns)
                     ns.append(norm(t.detach() if t.requires_grad else t))
                 idx.append(j)
-        if loss.device.type == "cpu":
+        if cpu:
             flat = [n.item() for n in ns]
         else:
             dt, dev = ns[0].dtype, ns[0].device

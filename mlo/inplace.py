@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.optim import optimizer as _torch_optimizer
 
+from engines.base import grad_mode
+
 __all__ = ["sgd_step"]
 
 
@@ -71,10 +73,7 @@ def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequen
         for p, g in zip(ps, gs):
             if g is not None and (not p.is_cpu or g.is_sparse or p.is_complex()):
                 return False
-    # (grad mode off by a pair of public calls: a `with torch.no_grad()` costs twice as much)
-    prev = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    try:
+    with grad_mode(False):              # (a `with torch.no_grad()` costs twice as much)
         for group, ps, gs in plan:        # torch.optim.sgd._single_tensor_sgd, in order
             lr, wd, momentum, maximize = group["lr"], group["weight_decay"], group["momentum"], group["maximize"]
             for p, g in zip(ps, gs):
@@ -92,6 +91,4 @@ def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequen
                         buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
                     grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
                 p.add_(grad, alpha=-lr)
-    finally:
-        torch.set_grad_enabled(prev)
     return True

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
+from engines.base import grad_mode
+
 from . import precision as _precision
 from .graph import GraphError
 from .guard import combine_gradients
@@ -115,13 +117,9 @@ class ReadsMixin:
         if P.per_window:        # nothing to write back, nothing kept
             P.close_window()
         else:
-            prev = torch.is_grad_enabled()     # (cheaper than `with torch.no_grad()`)
-            torch.set_grad_enabled(False)
-            try:
+            with grad_mode(False):             # (cheaper than `with torch.no_grad()`)
                 for p, k in zip(P.variables, P.param_names):
                     p.copy_(run.iterates[k])
-            finally:
-                torch.set_grad_enabled(prev)
             win.fopt.state_to_torch(P.optimizer, list(P.variables))
             run.iterates = None
         for r in win.referrers:   # truncate paths through the closed window
