@@ -53,6 +53,7 @@ import pickle
 import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -66,7 +67,8 @@ from tqdm import tqdm
 import mlo.checkpoint
 from mlo.config import load_yaml
 from mlo import distributed as mdist
-from problems.datasets import CIFAR_RESOURCES, load_cifar, load_digits, take
+from problems.datasets import (CIFAR_RESOURCES, IDX_RESOURCES, IDXFormatError, find_mnist_like, load_cifar,
+                               load_digits, load_mnist_like, search_places, take)
 from problems.evaluation import Features, linear_probe
 from problems.mae import num_masked
 from problems.mlo_mae import VARIANTS, MLOMAEGraph, MLOMAESettings, build
@@ -75,6 +77,9 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = {"paper": CONFIGS / "mlo_mae_paper.yaml", "cpu": CONFIGS / "mlo_mae_cpu.yaml"}
 METHODS = ("finite_difference", "cg", "neumann", "unrolled")
 DEFAULT_DATA_DIRS = ("~/data", "./data")
+DATA = ("cifar10", "digits", "fashion-mnist", "mnist")
+IDX_DATA = ("fashion-mnist", "mnist")   # problems.datasets.load_mnist_like
+IDX_PRESET = CONFIGS / "mlo_mae_fmnist.yaml"   # 1×28×28 settings: the default preset for IDX_DATA
 PRESET_KEYS = {"data": str, "settings": dict, "method_options": dict, "probe": dict, "quick": dict}
 PROBE_KEYS = {"max_train", "max_test", "batch_size"}
 QUICK_KEYS = {"steps", "probe_train", "probe_test"}
@@ -107,8 +112,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/mlo_mae"), help="output directory")
     p.add_argument("--resume", type=Path, metavar="PATH", help="checkpoint to continue from")
     p.add_argument("--quick", action="store_true", help="smoke run: few steps, probe on a subset")
-    p.add_argument("--data-dir", help=f"where cifar-10-batches-py/ is (default: {' or '.join(DEFAULT_DATA_DIRS)})")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-dir if absent")
+    p.add_argument("--data", choices=DATA, help="dataset (default: the preset's); fashion-mnist/mnist "
+                   "need settings for 1×28×28 images (e.g. --set image_size=28 --set patch_size=7 --set in_chans=1)")
+    p.add_argument("--data-dir", help="where cifar-10-batches-py/ is, or the IDX files of fashion-mnist/mnist "
+                   "(directly or in torchvision's FashionMNIST/raw, MNIST/raw); searched before "
+                   f"/usr/share/datasets/<name> (default: {' or '.join(DEFAULT_DATA_DIRS)})")
+    p.add_argument("--download", action="store_true", help="download the dataset into --data-dir if absent")
     p.add_argument("--mask-every", type=int, metavar="N", help="update the masking network once per N iterations")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an MLOMAESettings field (value parsed as YAML); repeatable")
@@ -141,8 +150,8 @@ def read_preset(path: Path) -> Dict[str, Any]:
         d[key] = d.get(key) if d.get(key) is not None else kind()
         if not isinstance(d[key], kind):
             raise UsageError(f"preset {path}: {key!r} must be a {kind.__name__}, got {d[key]!r}")
-    if d["data"] not in ("cifar10", "digits"):
-        raise UsageError(f"preset {path}: data must be 'cifar10' or 'digits', got {d['data']!r}")
+    if d["data"] not in DATA:
+        raise UsageError(f"preset {path}: data must be one of {', '.join(DATA)}; got {d['data']!r}")
     for key, known in (("probe", PROBE_KEYS), ("quick", QUICK_KEYS)):
         bad = sorted(set(d[key]) - known)
         if bad:
@@ -204,9 +213,9 @@ def has_cifar(root: Path) -> bool:
     return all((root / res["dir"] / f).is_file() for f in res["train"] + res["test"] + [res["meta"]])
 
 
-def online(host: str = "www.cs.toronto.edu", timeout: float = 3.0) -> bool:
+def online(host: str = "www.cs.toronto.edu", timeout: float = 3.0, port: int = 443) -> bool:
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -216,6 +225,10 @@ def choose_preset(args: argparse.Namespace) -> Dict[str, Any]:
     if args.preset_file is not None:
         return read_preset(args.preset_file)
     name = args.preset
+    if name is None and args.data in IDX_DATA and IDX_PRESET.is_file():
+        return read_preset(IDX_PRESET)
+    if name is None and args.data not in (None, "cifar10"):
+        name = "cpu"
     if name is None:
         gpu, cifar = torch.cuda.is_available(), has_cifar(cifar_root(args))
         name = "paper" if gpu and cifar else "cpu"
@@ -227,19 +240,54 @@ def choose_preset(args: argparse.Namespace) -> Dict[str, Any]:
     return read_preset(PRESETS[name])
 
 
+def load_idx(name: str, args: argparse.Namespace) -> Tuple[Data, Data]:
+    """Fashion-MNIST or MNIST: the IDX files in ``--data-dir`` (else the first default
+    directory holding them), then in /usr/share/datasets/<name>; else downloaded with
+    ``--download``, or when online and no ``--data-dir`` was given."""
+    dirs = [args.data_dir] if args.data_dir is not None else list(DEFAULT_DATA_DIRS)
+    roots = [str(Path(d).expanduser()) for d in dirs]
+    root = next((r for r in roots if find_mnist_like(name, r, system_dirs=())), roots[0])
+    mirror = IDX_RESOURCES[name]["mirror"]
+    url = urllib.parse.urlsplit(mirror)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    download = find_mnist_like(name, root) is None and (
+        args.download or (args.data_dir is None and online(url.hostname, port=port)))
+    if download:
+        print(f"[mlo_mae] downloading {name} from {mirror} into {search_places(name, root)[1]}", flush=True)
+    try:
+        d = load_mnist_like(name, root, download=download)
+    except FileNotFoundError as e:
+        places = search_places(name, root)
+        failed = f"; the download from {mirror} failed ({one_line(e.__cause__ or e, 120)})" if download else ""
+        hint = ["install it with `apt-get install dataset-fashion-mnist`"] if name == "fashion-mnist" else []
+        if not download:
+            hint.append(f"pass --download to fetch it from {mirror} into {places[1]}")
+        raise UsageError(f"no {name} IDX files in {', '.join(places)}{failed}"
+                         + (f"; {', or '.join(hint)}" if hint else "")) from None
+    except (IDXFormatError, ValueError, OSError) as e:   # corrupt files, MD5 mismatch, unreadable
+        raise UsageError(f"cannot read {name}: {one_line(e)}") from None
+    print(f"[mlo_mae] {name} read from {d.root}", flush=True)
+    return d.train, d.test
+
+
 def load_data(preset: Dict[str, Any], args: argparse.Namespace) -> Tuple[Dict[str, Any], Data, Data]:
-    """``(preset, train, test)``; the preset becomes ``cpu`` when CIFAR-10 is unavailable
-    and no ``--data-dir`` was given (an explicit one without CIFAR-10 is an error)."""
+    """``(preset, train, test)``, ``--data`` replacing the preset's data; the preset becomes
+    ``cpu`` when CIFAR-10 is unavailable and neither ``--data-dir`` nor ``--data cifar10`` was
+    given (then it is an error, as missing Fashion-MNIST/MNIST always is)."""
+    if args.data is not None and args.data != preset["data"]:
+        preset = {**preset, "data": args.data}
     if preset["data"] == "digits":
         d = load_digits(seed=0, fractions=(0.8, 0.0, 0.2))
         return preset, d.train.tensors, d.test.tensors
+    if preset["data"] in IDX_DATA:
+        return (preset, *load_idx(preset["data"], args))
     root = cifar_root(args)
     download = not has_cifar(root) and (args.download or (args.data_dir is None and online()))
     try:
         cifar = load_cifar(str(root), "cifar10", download=download)
     except FileNotFoundError as e:
-        if args.data_dir is not None:
-            raise UsageError(f"no CIFAR-10 in --data-dir {root} ({one_line(e, 200)}); "
+        if args.data_dir is not None or args.data is not None:
+            raise UsageError(f"no CIFAR-10 in {'--data-dir ' if args.data_dir else ''}{root} ({one_line(e, 200)}); "
                              f"pass --download to fetch it, or use --preset cpu") from None
         why = "download failed" if download else "offline"
         print(f"[mlo_mae] CIFAR-10 not found in {root} ({why}): running the cpu preset on "

@@ -1,7 +1,7 @@
 """examples/mlo_mae_cifar.py end to end: tiny runs of the cpu preset (mlo-mae, mae,
 blo-mae), resume from the written checkpoint, a fake CIFAR-10 in the official
-format through the paper preset shrunk with --set, and bad input (one ``error:``
-line, exit code 2)."""
+format through the paper preset shrunk with --set, fake Fashion-MNIST IDX files through
+``--data fashion-mnist``, and bad input (one ``error:`` line, exit code 2)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,7 @@ import torch
 
 import mlo.checkpoint
 from _helpers import load_example
-from problems.datasets import load_digits, write_cifar_like
+from problems.datasets import IDX_RESOURCES, idx, load_digits, write_cifar_like, write_mnist_like
 from problems.mlo_mae import MLOMAESettings, build
 
 LAST_LINE = re.compile(r"^linear-probe test accuracy: \d+\.\d\d%$")
@@ -196,3 +196,71 @@ def test_bad_input_is_one_error_line(script, capsys, tmp_path, case):
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert expected in err[0], err[0]
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------- Fashion-MNIST / MNIST (IDX files)
+IDX_TINY = {"image_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 32, "depth": 1,
+            "decoder_dim": 32, "mask_hidden": 16, "batch_size": 4}
+
+
+@pytest.fixture
+def no_idx_elsewhere(script, tmp_path, monkeypatch):
+    """Neither the machine's /usr/share/datasets nor the network: only --data-dir counts."""
+    for name in IDX_RESOURCES:
+        monkeypatch.setitem(idx.IDX_SYSTEM_DIRS, name, str(tmp_path / "system" / name))
+    monkeypatch.setattr(script, "online", lambda *a, **k: False)
+
+
+def test_fashion_mnist_from_data_dir(script, capsys, tmp_path, no_idx_elsewhere):
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"          # torchvision's layout
+    write_mnist_like(str(raw), n_train=40, n_test=10)
+    sets = [a for k, v in IDX_TINY.items() for a in ("--set", f"{k}={v}")]
+    acc, lines = run(script, capsys, tmp_path / "out", "--preset", "cpu", "--data", "fashion-mnist",
+                     "--data-dir", str(tmp_path / "data"), "--steps", "3", *sets)
+    assert f"[mlo_mae] fashion-mnist read from {raw}" in lines
+    assert any("(fashion-mnist: train 40, test 10)" in line for line in lines)
+    assert LAST_LINE.match(lines[-1])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["data"] == "fashion-mnist" and summary["steps"] == 3
+    assert (summary["settings"]["image_size"], summary["settings"]["in_chans"]) == (28, 1)
+    assert len(summary["mean_mask_probability"]) == 16        # (28 / 7)² patches
+
+
+def test_preset_data_fashion_mnist_is_accepted(script, tmp_path):
+    (tmp_path / "p.yaml").write_text("data: fashion-mnist\nsettings: {image_size: 28}\n")
+    assert script.read_preset(tmp_path / "p.yaml")["data"] == "fashion-mnist"
+    (tmp_path / "q.yaml").write_text("data: svhn\n")
+    with pytest.raises(script.UsageError, match="data must be one of cifar10, digits, fashion-mnist, mnist"):
+        script.read_preset(tmp_path / "q.yaml")
+
+
+@pytest.mark.parametrize("case", ["corrupt file", "missing", "mnist missing", "download fails"])
+def test_idx_bad_input_is_one_error_line(script, capsys, tmp_path, monkeypatch, no_idx_elsewhere, case):
+    data = tmp_path / "data"
+    write_mnist_like(str(data), n_train=8, n_test=4)
+    bad = data / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(b"not gzip")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv, expected = {
+        "corrupt file": (["--data", "fashion-mnist", "--data-dir", str(data)],
+                         f"cannot read fashion-mnist: {bad}: not a valid gzip stream"),
+        "missing": (["--data", "fashion-mnist", "--data-dir", str(empty)],
+                    "install it with `apt-get install dataset-fashion-mnist`, or pass --download to fetch it"),
+        "mnist missing": (["--data", "mnist", "--data-dir", str(empty)],
+                          f"no mnist IDX files in {empty}, {empty / 'MNIST' / 'raw'}, "),
+        "download fails": (["--data", "fashion-mnist", "--data-dir", str(empty), "--download"],
+                           "the download from http://fashion-mnist"),
+    }[case]
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(idx.urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--quick", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "out"),
+                     "--preset", "cpu", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+    assert not (tmp_path / "out").exists()
