@@ -26,7 +26,13 @@ Presets are YAML files ``examples/configs/meta_mae_<modality>.yaml`` with the
 paper's hyperparameters (Table 8: α, λ, decoder depth, mask ratio, batch; τ = 0.5,
 r = 0.1, one inner step) under ``paper`` (the paper's 256-d × 12 encoder: a GPU
 model) and CPU-sized overrides under ``cpu`` (the default). ``--config FILE`` reads
-your own.
+your own. The ``paper`` blocks also follow the official code (alinlab/MetaMAE) where the
+paper is silent: no dropout in the decoder (``decoder_dropout: 0``, also Table 7), no
+QKV bias (``qkv_bias: false``), dropout on the encoder's input tokens at the encoder's
+rate (``input_dropout``); the tabular preset embeds features with one shared
+``Linear(1, D)`` (``tokenizer: {embedding: shared}``; ``--tabular-embedding per_feature``
+for one embedding per feature). The ``cpu`` blocks keep ``qkv_bias: true`` and
+``input_dropout: 0`` (the settings of the measured README rows).
 
 Ablations (Table 4 / Table 6): ``--variant mae`` (no adaptation, no contrast: the
 MAE loss), ``--no-adapt``, ``--no-contrastive``, ``--decoder-depth 0`` (linear
@@ -70,7 +76,11 @@ SETTINGS = {"width": int, "depth": int, "heads": int, "mlp_ratio": float, "decod
             "decoder_depth": int, "decoder_heads": int, "dropout": float, "mask_ratio": float,
             "alpha": float, "lam": float, "tau": float, "support_ratio": float, "inner_steps": int,
             "projector_hidden": int, "projector_out": int, "batch_size": int, "lr": float,
-            "weight_decay": float, "cosine": bool, "steps": int, "probe_max_iter": int}
+            "weight_decay": float, "cosine": bool, "steps": int, "probe_max_iter": int,
+            "decoder_dropout": float, "input_dropout": float, "qkv_bias": bool}
+# settings a config may leave out (older configs): MaskedAutoencoder's defaults
+DEFAULTS = {"probe_max_iter": 500, "decoder_dropout": 0.0, "input_dropout": 0.0, "qkv_bias": True}
+TABULAR_EMBEDDINGS = ("shared", "per_feature")
 TOP_KEYS = {"modality", "tokenizer", "paper", "cpu", "quick"}
 Data = Tuple[Tensor, Tensor]
 
@@ -99,6 +109,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, help="inner step size α")
     p.add_argument("--lam", type=float, help="task-contrast weight λ")
     p.add_argument("--steps", type=int, help="pretraining iterations")
+    p.add_argument("--tabular-embedding", choices=TABULAR_EMBEDDINGS,
+                   help="tabular feature embedding: shared (one Linear(1, D), the official code's "
+                        "1x1 convolution) or per_feature; default: the config's tokenizer.embedding")
     p.add_argument("--seed", type=int, default=0, help="model / batch seed (the data split is fixed)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps")
     p.add_argument("--out", type=Path, help="output directory (default runs/meta_mae/<modality>)")
@@ -138,7 +151,8 @@ def make_settings(cfg: Dict[str, Any], args: argparse.Namespace) -> Dict[str, An
         s.update(cfg["cpu"])
     if args.quick:
         s.update(cfg["quick"])
-    s.setdefault("probe_max_iter", 500)
+    for key, value in DEFAULTS.items():
+        s.setdefault(key, value)
     missing = sorted(set(SETTINGS) - set(s))
     if missing:
         raise UsageError(f"config: missing setting(s) {missing}")
@@ -198,7 +212,7 @@ def load(modality: str, cfg: Dict[str, Any], s: Dict[str, Any], seed: int, quick
         raw = lambda x: x.flatten(1)  # noqa: E731
     elif modality == "tabular":
         d = load_breast_cancer(seed=0, fractions=(0.8, 0.0, 0.2))
-        tok = TabularTokenizer(30, width)
+        tok = TabularTokenizer(30, width, embedding=tabular_embedding(cfg))
         raw = lambda x: x  # noqa: E731
     elif modality == "timeseries":
         d = load_basic_motions()
@@ -219,12 +233,22 @@ def load(modality: str, cfg: Dict[str, Any], s: Dict[str, Any], seed: int, quick
     return train, test, tok, batches, raw
 
 
+def tabular_embedding(cfg: Dict[str, Any]) -> str:
+    """The config's ``tokenizer.embedding`` (``TabularTokenizer``'s default if absent)."""
+    value = cfg["tokenizer"].get("embedding", "per_feature")
+    if value not in TABULAR_EMBEDDINGS:
+        raise UsageError(f"config: tokenizer.embedding must be one of {list(TABULAR_EMBEDDINGS)}, "
+                         f"got {value!r}")
+    return value
+
+
 def build_mae(tok, s: Dict[str, Any], modality: str) -> MaskedAutoencoder:
     return MaskedAutoencoder(tok, depth=s["depth"], num_heads=s["heads"], mlp_ratio=s["mlp_ratio"],
                              decoder_dim=s["decoder_dim"], decoder_depth=s["decoder_depth"],
                              decoder_heads=s["decoder_heads"], mask_ratio=s["mask_ratio"],
-                             dropout=s["dropout"], attn_impl="math",
-                             tie_embeddings=modality == "tokens")
+                             dropout=s["dropout"], decoder_dropout=s["decoder_dropout"],
+                             input_dropout=s["input_dropout"], qkv_bias=s["qkv_bias"],
+                             attn_impl="math", tie_embeddings=modality == "tokens")
 
 
 class TimedCSV(CSVLogger):
@@ -261,6 +285,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if cfg.get("modality", args.modality) != args.modality:
         raise UsageError(f"config is for modality {cfg['modality']!r}, not {args.modality!r}")
     s = make_settings(cfg, args)
+    if args.tabular_embedding is not None:
+        cfg["tokenizer"]["embedding"] = args.tabular_embedding
     out = args.out or Path("runs/meta_mae") / args.modality
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -277,7 +303,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
           f"{decoder}; "
           f"{name}: adapt={opts.adapt} (alpha {opts.alpha}, r {opts.support_ratio}, "
           f"{'first' if opts.first_order else 'second'} order), lambda {opts.contrastive_weight}, "
-          f"mask {s['mask_ratio']}; {s['steps']} steps, batch {s['batch_size']}, seed {args.seed}",
+          f"mask {s['mask_ratio']}; {s['steps']} steps, batch {s['batch_size']}, seed {args.seed}"
+          + (f"; {tok.embedding} feature embedding" if args.modality == "tabular" else ""),
           flush=True)
 
     sched = {}
@@ -297,7 +324,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     result: Dict[str, Any] = {
         "modality": args.modality, "form": args.form, "variant": args.variant, "seed": args.seed,
-        "settings": s, "steps": s["steps"], "seconds": seconds,
+        "settings": s, "tokenizer": dict(cfg["tokenizer"]), "steps": s["steps"], "seconds": seconds,
         "seconds_per_iteration": step_seconds, "final_loss": float(problem.last_loss),
     }
     result["accuracy"] = probe(lambda x: mae.features(x, pool="mean"), train, test, s["probe_max_iter"])

@@ -4,7 +4,7 @@ Reads top to bottom like the MAE reference model::
 
     tokens = tokenizer.embed(x)                       # [N, L, D]   (+ positions)
     kept, mask, ids_restore = random_masking(tokens)  # [N, K, D], [N, L], [N, L]
-    latent = encoder([cls ; kept])                    # [N, 1+K, D]
+    latent = encoder(drop_in([cls ; kept]))           # [N, 1+K, D]
     pred = decoder(unshuffle([latent ; mask tokens])) # [N, L, patch_dim] per segment
     loss = Σ_s w_s · Σ_{i∈s} ℓ_i m_i a_i / #masked_s  # ℓ: MSE per token or CE
 
@@ -16,8 +16,12 @@ The encoder then sees the whole sequence, masked tokens replaced by a learned
 mask token at their position (BERT style), and the head reads every output::
 
     seq = where(mask, mask_token + P, tokens)         # [N, L, D]
-    latent = encoder([cls ; seq])                     # [N, 1+L, D]
+    latent = encoder(drop_in([cls ; seq]))            # [N, 1+L, D]
     pred = Linear(latent[:, 1:])                      # [N, L, patch_dim]
+
+``drop_in`` is dropout on the encoder's input tokens (``input_dropout``, default 0:
+the identity); the encoder's and the decoder's blocks have their own dropout rates
+(``dropout``, ``decoder_dropout``; MAE and MetaMAE use none in the decoder).
 
 ``m_i = 1`` for masked tokens, ``a_i`` optional per-token weights (MLO-MAE: the
 masking network's probability of token ``i``), ``w_s`` per-segment loss weights
@@ -192,7 +196,16 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: default ratio; used for segments without their own ratio.
         norm_pix: normalise each regression target token by its own mean and
             (unbiased) variance, ``(t − μ)/√(σ² + 1e-6)``, as in MAE.
-        dropout: dropout in encoder and decoder blocks.
+        dropout: dropout in the encoder blocks (MLP and attention output projection).
+        decoder_dropout: the same in the decoder blocks; default 0 (MAE; MetaMAE's
+            Table 7 and official code: no dropout in the decoder). Before this setting
+            existed the decoder used ``dropout``: pass ``decoder_dropout=dropout`` for that.
+        input_dropout: dropout on the encoder's input ``[CLS ; tokens]`` (positions
+            already added), in ``forward_encoder`` and ``features``; default 0 (the
+            identity). The official MetaMAE code applies ``nn.Dropout(dropout)`` there
+            with the encoder's rate (timm's ``pos_drop``).
+        qkv_bias: bias in the attention QKV projections of encoder and decoder
+            (default True; the official MetaMAE code's timm ``Block`` has none).
         attn_impl: ``"fused"``, ``"math"`` or None for every attention layer.
         learnable_decoder_pos: learnable decoder position table (unused with a
             linear decoder: mask tokens take the tokenizer's own positions).
@@ -220,6 +233,9 @@ class MaskedAutoencoder(nn.Module):
         learnable_decoder_pos: bool = False,
         tie_embeddings: bool = False,
         tied_bias: bool = True,
+        decoder_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        qkv_bias: bool = True,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -233,9 +249,14 @@ class MaskedAutoencoder(nn.Module):
                 raise ValueError(f"norm_pix needs >= 2 values per token ({seg.name})")
 
         # --- encoder -------------------------------------------------------------
+        for key, rate in (("dropout", dropout), ("decoder_dropout", decoder_dropout),
+                          ("input_dropout", input_dropout)):
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+                raise ValueError(f"MaskedAutoencoder: {key} must be a number in [0, 1), got {rate!r}")
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.input_drop = nn.Dropout(input_dropout)  # no parameters: state_dict unchanged
         self.encoder = Transformer(dim, depth, num_heads, mlp_ratio, dropout,
-                                   attn_impl=attn_impl)
+                                   attn_impl=attn_impl, qkv_bias=qkv_bias)
 
         # --- decoder -------------------------------------------------------------
         self.linear_decoder = decoder_depth == 0
@@ -246,8 +267,8 @@ class MaskedAutoencoder(nn.Module):
         else:
             self.decoder_embed = nn.Linear(dim, decoder_dim)
             self.decoder = Transformer(decoder_dim, decoder_depth, decoder_heads,
-                                       decoder_mlp_ratio or mlp_ratio, dropout,
-                                       attn_impl=attn_impl)
+                                       decoder_mlp_ratio or mlp_ratio, decoder_dropout,
+                                       attn_impl=attn_impl, qkv_bias=qkv_bias)
         self.decoder_dim = decoder_dim
         self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim) * 0.02)
         self.decoder_pos = None if self.linear_decoder else \
@@ -308,7 +329,7 @@ class MaskedAutoencoder(nn.Module):
             filler = self.tokenizer.add_position(self.mask_token.to(tokens.dtype).expand_as(tokens))
             kept = torch.where(mask.unsqueeze(-1) > 0, filler, tokens)  # [N, L, D]
         cls = self.cls_token.to(kept.dtype).expand(kept.shape[0], -1, -1)  # [N, 1, D]
-        latent = self.encoder(torch.cat([cls, kept], dim=1))  # [N, 1+K, D] (or [N, 1+L, D])
+        latent = self.encoder(self.input_drop(torch.cat([cls, kept], dim=1)))  # [N, 1+K, D] (or 1+L)
         return latent, mask, ids_restore
 
     # --- decoder -----------------------------------------------------------------
@@ -403,7 +424,7 @@ class MaskedAutoencoder(nn.Module):
         Pads are encoded and pooled here too (the encoder has no key-padding mask)."""
         tokens = self.patch_embeddings(x)  # [N, L, D]
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-        h = self.encoder(torch.cat([cls, tokens], dim=1))  # [N, 1+L, D]
+        h = self.encoder(self.input_drop(torch.cat([cls, tokens], dim=1)))  # [N, 1+L, D]
         if pool == "cls":
             return h[:, 0]
         if pool == "mean":

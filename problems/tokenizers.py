@@ -271,26 +271,50 @@ class SequenceTokenizer(Tokenizer):
 
 
 class TabularTokenizer(Tokenizer):
-    """One token per feature: ``token_f = x_f · w_f + b_f`` (``w_f, b_f ∈ R^D``).
+    """One token per feature, a linear embedding of its scalar value, plus position.
 
-    Each feature has its own linear embedding of its scalar value; a 1-D sin-cos
-    position over the feature index is added as well (it is what locates a mask
-    token in the decoder). Target: the scalar itself (``patch_dim = 1``).
+    Two forms (``embedding``):
+
+    - ``"per_feature"`` (default): ``token_f = x_f · w_f + b_f`` with its own
+      ``w_f, b_f ∈ R^D`` per feature (parameters ``weight``, ``bias`` ``[F, D]``;
+      ``w ~ N(0, 0.02²)``, ``b = 0``); ``2·F·D`` parameters.
+    - ``"shared"``: ``token_f = x_f · w + b``, one ``w, b ∈ R^D`` for every feature
+      (``proj = Linear(1, D)``, xavier-uniform ``w``, ``b = 0``); ``2·D``
+      parameters, whatever ``F``. The official MetaMAE code's form: a
+      ``Conv1d(1, D, kernel_size=1)`` over the ``[N, 1, F]`` row, xavier-initialised
+      (it keeps Conv1d's default bias init, ``U(−1, 1)``; ours is 0, as for the
+      image and sequence tokenizers).
+
+    A 1-D sin-cos position over the feature index is added in both (in the shared
+    form it is what tells features apart; it also locates a mask token in the
+    decoder). Target: the scalar itself (``patch_dim = 1``).
 
     Args:
         num_features: ``F``.
         embed_dim: ``D``.
         learnable_pos: learnable position table.
+        embedding: ``"per_feature"`` or ``"shared"``.
     """
 
     name = "tabular"
     target_kind = REGRESSION
+    EMBEDDINGS = ("per_feature", "shared")
 
-    def __init__(self, num_features: int, embed_dim: int, learnable_pos: bool = False):
+    def __init__(self, num_features: int, embed_dim: int, learnable_pos: bool = False,
+                 embedding: str = "per_feature"):
         _positive("TabularTokenizer", num_features=num_features, embed_dim=embed_dim)
+        if embedding not in self.EMBEDDINGS:
+            raise ValueError(f"TabularTokenizer: embedding must be one of {self.EMBEDDINGS}, "
+                             f"got {embedding!r}")
         super().__init__(embed_dim, (num_features,), 1, learnable_pos)
-        self.weight = nn.Parameter(torch.randn(num_features, embed_dim) * 0.02)  # [F, D]
-        self.bias = nn.Parameter(torch.zeros(num_features, embed_dim))  # [F, D]
+        self.embedding = embedding
+        if embedding == "shared":
+            self.proj = nn.Linear(1, embed_dim)  # weight [D, 1], bias [D]
+            nn.init.xavier_uniform_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        else:
+            self.weight = nn.Parameter(torch.randn(num_features, embed_dim) * 0.02)  # [F, D]
+            self.bias = nn.Parameter(torch.zeros(num_features, embed_dim))  # [F, D]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [N, F] -> [N, F, 1]``."""
@@ -302,6 +326,8 @@ class TabularTokenizer(Tokenizer):
         return patches.squeeze(-1)
 
     def _embed_patches(self, p: torch.Tensor) -> torch.Tensor:
+        if self.embedding == "shared":
+            return self.proj(p)  # [N, F, 1] -> [N, F, D]: x_f · w + b
         return p * self.weight + self.bias  # [N, F, 1] * [F, D] -> [N, F, D]
 
 

@@ -271,6 +271,69 @@ def test_linear_decoder_sees_every_token_and_trains_the_encoder(measured):
     assert mae.tokenizer.weight.grad.abs().sum() > 0
 
 
+def _dropout_rates(module):
+    return {m.p for m in module.modules() if isinstance(m, nn.Dropout)}
+
+
+def test_decoder_dropout_is_its_own_setting():
+    """The encoder's ``dropout`` does not reach the decoder: ``decoder_dropout`` (default 0,
+    MetaMAE Table 7 and its official code) sets the decoder blocks' rate."""
+    mae = _image_mae(depth=2, decoder_depth=2, dropout=0.3)
+    assert _dropout_rates(mae.encoder) == {0.3}
+    assert _dropout_rates(mae.decoder) == {0.0} and mae.input_drop.p == 0.0
+    mae.train()                               # a training-mode decoder is deterministic
+    latent, _, ids = mae.forward_encoder(torch.randn(2, 3, 8, 8))
+    assert torch.equal(mae.forward_decoder(latent, ids), mae.forward_decoder(latent, ids))
+    both = _image_mae(depth=2, decoder_depth=2, dropout=0.3, decoder_dropout=0.2)
+    assert _dropout_rates(both.encoder) == {0.3} and _dropout_rates(both.decoder) == {0.2}
+    assert not torch.equal(both.forward_decoder(latent, ids), both.forward_decoder(latent, ids))
+    assert _dropout_rates(_image_mae(decoder_dropout=0.1).encoder) == {0.0}
+    with pytest.raises(ValueError, match="decoder_dropout must be a number in"):
+        _image_mae(decoder_dropout=1.5)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_input_dropout_on_encoder_tokens(linear):
+    """``input_dropout`` drops entries of ``[CLS ; tokens]`` (positions added) before the
+    encoder, scaled by 1/(1-p) (the official MetaMAE code's ``nn.Dropout`` / timm's
+    ``pos_drop``); identity in eval mode and at the default 0; no parameters."""
+    depth = 0 if linear else 1
+    seen = []
+    mae = _image_mae(input_dropout=0.5, decoder_depth=depth)
+    plain = _image_mae(decoder_depth=depth)
+    assert mae.state_dict().keys() == plain.state_dict().keys()
+    mae.encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    plain.encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    x, scores = torch.randn(2, 3, 8, 8), torch.rand(2, 16)
+    mae.train(), plain.train()
+    mae.forward_encoder(x, scores=scores), plain.forward_encoder(x, scores=scores)
+    dropped, clean = seen[-2:]
+    assert dropped.shape == clean.shape == (2, 1 + (16 if linear else 4), D)
+    kept = dropped != 0
+    assert 0 < kept.float().mean() < 1
+    assert torch.allclose(dropped[kept], 2 * clean[kept])
+    mae.features(x)                           # features: the same input dropout
+    assert (seen[-1] == 0).any()
+    mae.eval(), plain.eval()
+    mae.forward_encoder(x, scores=scores), plain.forward_encoder(x, scores=scores)
+    assert torch.equal(seen[-2], seen[-1])
+
+
+def test_qkv_bias_setting():
+    """``qkv_bias=False`` (the official MetaMAE code's timm Block) removes the QKV bias
+    of every encoder and decoder block; the default keeps it."""
+    with_bias, without = _image_mae(depth=2, decoder_depth=2), _image_mae(depth=2, decoder_depth=2,
+                                                                          qkv_bias=False)
+    blocks = lambda m: [*m.encoder.blocks, *m.decoder.blocks]  # noqa: E731
+    assert all(b.attn.qkv.bias is not None for b in blocks(with_bias))
+    assert all(b.attn.qkv.bias is None for b in blocks(without))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(with_bias) - n(without) == 2 * 3 * D + 2 * 3 * 8
+    loss, _, _ = without(torch.randn(2, 3, 8, 8))
+    loss.backward()
+    assert without.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_features_cls_and_mean_pool():
     mae = _image_mae()
     x = torch.randn(2, 3, 8, 8)

@@ -136,8 +136,8 @@ def test_transformer_and_mae_sizes_are_configurable():
     torch.manual_seed(0)
     mae = MaskedAutoencoder(ImageTokenizer(8, 2, 3, 32), depth=2, num_heads=4, mlp_ratio=2.0,
                             decoder_dim=16, decoder_depth=3, decoder_heads=2,
-                            decoder_mlp_ratio=4.0, dropout=0.1)
+                            decoder_mlp_ratio=4.0, dropout=0.1, decoder_dropout=0.2)
     enc, dec = mae.encoder.blocks, mae.decoder.blocks
     assert (len(enc), enc[0].attn.num_heads, enc[0].mlp.fc1.out_features) == (2, 4, 64)
     assert (len(dec), dec[0].attn.num_heads, dec[0].mlp.fc1.out_features) == (3, 2, 64)
-    assert enc[0].mlp.drop.p == 0.1 and dec[0].attn.proj_drop.p == 0.1
+    assert enc[0].mlp.drop.p == 0.1 and dec[0].attn.proj_drop.p == 0.2

@@ -86,6 +86,52 @@ def test_switches(script):
     assert (paper["width"], paper["depth"], paper["heads"], paper["decoder_depth"]) == (256, 12, 8, 6)
 
 
+@pytest.mark.parametrize("modality", ["image", "tabular", "timeseries", "tokens"])
+def test_presets_follow_the_official_code(script, modality):
+    """paper: no decoder dropout, no QKV bias, input-token dropout at the encoder's rate
+    (alinlab/MetaMAE models.py); cpu: decoder dropout 0 too, QKV bias and no input
+    dropout kept; the built MAE has exactly those rates."""
+    from problems.tokenizers import ImageTokenizer
+    cfg = script.read_config(script.CONFIGS / f"meta_mae_{modality}.yaml")
+    for preset in ("paper", "cpu"):
+        s = script.make_settings(cfg, script.parse_args(["--modality", modality, "--preset", preset]))
+        assert s["decoder_dropout"] == 0.0
+        if preset == "paper":
+            assert s["qkv_bias"] is False and s["input_dropout"] == s["dropout"]
+        else:
+            assert s["qkv_bias"] is True and s["input_dropout"] == 0.0
+    s["width"], s["depth"], s["decoder_dim"] = 16, 1, 8
+    s["dropout"], s["input_dropout"] = 0.1, 0.2    # the time-series cpu preset inherits 0.1
+    mae = script.build_mae(ImageTokenizer(8, 2, 1, 16), s, "image")
+    drops = lambda m: {d.p for d in m.modules() if isinstance(d, torch.nn.Dropout)}  # noqa: E731
+    assert drops(mae.encoder) == {0.1} and drops(mae.decoder) == {0.0} and mae.input_drop.p == 0.2
+    assert mae.encoder.blocks[0].attn.qkv.bias is not None
+
+
+def test_tabular_embedding_setting(script, tmp_path):
+    """The tabular preset embeds features with one shared Linear(1, D) (the official
+    code's 1x1 convolution); --tabular-embedding per_feature restores one per feature;
+    a config without the new settings gets MaskedAutoencoder's defaults."""
+    cfg = script.read_config(script.CONFIGS / "meta_mae_tabular.yaml")
+    assert script.tabular_embedding(cfg) == "shared"
+    s = script.make_settings(cfg, script.parse_args(["--modality", "tabular", "--quick"]))
+    tok = script.load("tabular", cfg, s, 0)[2]
+    assert tok.embedding == "shared" and sum(p.numel() for p in tok.parameters()) == 2 * s["width"]
+    old = tmp_path / "old.yaml"
+    old.write_text("modality: tabular\npaper: {" + ", ".join(
+        f"{k}: {v}" for k, v in cfg["paper"].items()
+        if k not in ("decoder_dropout", "input_dropout", "qkv_bias")) + "}\n")
+    old_cfg = script.read_config(old)
+    s = script.make_settings(old_cfg, script.parse_args(["--modality", "tabular", "--preset", "paper"]))
+    assert (s["decoder_dropout"], s["input_dropout"], s["qkv_bias"]) == (0.0, 0.0, True)
+    assert script.tabular_embedding(old_cfg) == "per_feature"
+    r = script.main(["--modality", "tabular", "--quick", "--no-progress", "--no-floors", "--steps", "2",
+                     "--tabular-embedding", "per_feature", "--out", str(tmp_path / "run")])
+    assert r["tokenizer"]["embedding"] == "per_feature" and r["steps"] == 2
+    with pytest.raises(script.UsageError, match="tokenizer.embedding must be one of"):
+        script.tabular_embedding({"tokenizer": {"embedding": "conv"}})
+
+
 def test_bad_input(script, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("modality: image\npaper: {widht: 3}\n")

@@ -79,6 +79,35 @@ def test_tabular_tokenizer_per_feature_linear():
     assert torch.allclose(tokens[1, 4], expected)
 
 
+def test_tabular_tokenizer_shared_embedding():
+    """``embedding="shared"`` (the official MetaMAE code's 1x1 convolution): one
+    ``Linear(1, D)`` for every feature, ``token_f = x_f · w + b + P_f``; 2·D parameters
+    whatever F; xavier-uniform ``w``, zero ``b``."""
+    torch.manual_seed(0)
+    tok = TabularTokenizer(num_features=7, embed_dim=D, embedding="shared")
+    assert tok.embedding == "shared" and tok.proj.weight.shape == (D, 1)
+    with torch.no_grad():
+        tok.proj.bias.normal_()              # a non-zero b, so the test sees it
+    w, b = tok.proj.weight[:, 0], tok.proj.bias
+    x = torch.randn(3, 7)
+    assert torch.allclose(tok.embed(x), x[..., None] * w + b + tok.pos.table, atol=1e-6)
+    assert torch.allclose(tok._embed_patches(tok.patchify(x)), x[..., None] * w + b, atol=1e-6)
+    n_params = lambda t: sum(q.numel() for q in t.parameters())  # noqa: E731
+    for f in (1, 7, 50):
+        assert n_params(TabularTokenizer(f, D, embedding="shared")) == D + D
+        assert n_params(TabularTokenizer(f, D)) == 2 * f * D      # per_feature, the default
+    assert TabularTokenizer(7, D).embedding == "per_feature" and not hasattr(TabularTokenizer(7, D), "proj")
+    fresh = TabularTokenizer(7, 256, embedding="shared")
+    bound = math.sqrt(6.0 / (1 + 256))       # xavier-uniform of a [256, 1] weight
+    assert fresh.proj.weight.abs().max() <= bound and fresh.proj.weight.abs().max() > 0.5 * bound
+    assert torch.equal(fresh.proj.bias, torch.zeros(256))
+    # equal features at different positions differ only by their positions
+    t = tok.embed(torch.full((1, 7), 0.7))
+    assert torch.allclose(t[0, 2] - t[0, 5], tok.pos.table[2] - tok.pos.table[5], atol=1e-6)
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        TabularTokenizer(7, D, embedding="conv")
+
+
 def test_discrete_tokenizer():
     tok = DiscreteTokenizer(vocab_size=11, length=9, embed_dim=D)
     ids = torch.randint(0, 11, (2, 9))
@@ -153,6 +182,10 @@ def _tabular(learnable_pos=False):
     return TabularTokenizer(7, D, learnable_pos=learnable_pos)
 
 
+def _tabular_shared(learnable_pos=False):
+    return TabularTokenizer(7, D, learnable_pos=learnable_pos, embedding="shared")
+
+
 def _discrete(learnable_pos=False):
     return DiscreteTokenizer(11, 9, D, learnable_pos=learnable_pos)
 
@@ -201,7 +234,7 @@ def _equal(a, b):
     return a.shape == b.shape and torch.equal(a, b)
 
 
-ALL = [_image, _sequence, _tabular, _discrete, _mm]
+ALL = [_image, _sequence, _tabular, _tabular_shared, _discrete, _mm]
 
 
 @pytest.mark.parametrize("make", ALL, ids=lambda f: f.__name__.strip("_"))
