@@ -74,7 +74,8 @@ from problems.mae import num_masked
 from problems.mlo_mae import VARIANTS, MLOMAEGraph, MLOMAESettings, build
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-PRESETS = {"paper": CONFIGS / "mlo_mae_paper.yaml", "cpu": CONFIGS / "mlo_mae_cpu.yaml"}
+PRESETS = {"paper": CONFIGS / "mlo_mae_paper.yaml", "cpu": CONFIGS / "mlo_mae_cpu.yaml",
+           "fmnist": CONFIGS / "mlo_mae_fmnist.yaml"}
 METHODS = ("finite_difference", "cg", "neumann", "unrolled")
 DEFAULT_DATA_DIRS = ("~/data", "./data")
 DATA = ("cifar10", "digits", "fashion-mnist", "mnist")

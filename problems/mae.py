@@ -289,9 +289,10 @@ class MaskedAutoencoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # --- tokens ------------------------------------------------------------------
-    def patch_embeddings(self, x) -> torch.Tensor:
-        """Tokens + position (+ type) embeddings, no masking: ``[N, L, D]``."""
-        return self.tokenizer.embed(x)
+    def patch_embeddings(self, x, position: bool = True) -> torch.Tensor:
+        """Tokens + position (+ type) embeddings, no masking: ``[N, L, D]``; with
+        ``position=False`` the tokens' content part alone (no position or type)."""
+        return self.tokenizer.embed(x) if position else self.tokenizer.embed_tokens(x)
 
     def padding(self, x) -> Optional[torch.Tensor]:
         """``[N, L]`` bool, True at padding tokens (``tokenizer.padding``), or None."""

@@ -27,6 +27,29 @@ Variants (one argument of :func:`build`, same models, splits and budgets):
 * ``"frozen-mask"`` — a control: the untrained masking network's top-k and weights,
   held fixed (no hypergradient).
 
+Hypergradient weighting (``hypergrad_weighting``). With finite differences (DARTS,
+``H⁻¹ ≈ s·I`` per level) the mask hypergradient is, writing ``B_θ = ∂²_{φθ} L_pre`` and
+``B_ψ = ∂²_{θψ} L_ft``::
+
+    "paper"     g = −η_θ B_θ ∇_θ L_val + η_θ η_ψ B_θ B_ψ ∇_ψ L_val       (s = η per level)
+    "official"  g = −    B_θ ∇_θ L_val +         B_θ B_ψ ∇_ψ L_val       (s = 1)
+
+``"paper"`` is the one-step unrolled derivation of the paper's Appendix A
+(``θ' = θ − η_θ ∇_θ L_pre``, ``ψ' = ψ − η_ψ ∇_ψ L_ft``): each level's best-response
+Jacobian carries its learning rate. ``"official"`` is what the official code runs
+(Betty ``darts`` without a learning-rate factor): the path through the head is weighted
+``1/η_ψ`` (≈ 1000×) more, relative to the direct path, than in the paper. On digits and
+Fashion-MNIST the official form collapses the masking network (every masked patch's
+``p → 0``: reconstruction switched off); the paper's form does not, which is why it is
+the default (README, "MLO-MAE on Fashion-MNIST"). The setting selects
+``scale_by_lr`` of the ``finite_difference``/``darts``/``sama`` methods; the other
+methods (``cg``, ``neumann``, ``unrolled``) have no ``H⁻¹ ≈ s·I`` to choose and accept
+only ``"paper"`` (unrolled *is* the η-weighted form at one step).
+
+Masking-network input (``mask_input_position``, ``mask_input_norm``): the paper feeds
+the MAE's patch + position embeddings; position-free input (patch part only) and a
+LayerNorm per token are offered so masks can depend on the image.
+
 Every problem uses AdamW with betas (0.9, 0.95) and weight decay 1e-3 as in the
 official code (lr 1e-4 encoder, 1e-3 head and masking network), optionally with a
 cosine schedule over the run. The best-response method of the lower levels is
@@ -50,10 +73,13 @@ from problems.masking_net import MaskingNetwork
 from problems.pretrain import MAEPretrain
 from problems.tokenizers import ImageTokenizer
 
-__all__ = ["VARIANTS", "MLOMAESettings", "MLOMAEGraph", "ClassifierHead", "build",
+__all__ = ["VARIANTS", "WEIGHTINGS", "MLOMAESettings", "MLOMAEGraph", "ClassifierHead", "build",
            "build_mae_model", "mask_split"]
 
 VARIANTS = ("mlo-mae", "blo-mae", "mae", "frozen-mask")
+WEIGHTINGS = ("paper", "official")
+# methods whose best-response Jacobian uses H⁻¹ ≈ s·I, s chosen by the weighting
+SCALED_METHODS = ("finite_difference", "darts", "sama")
 
 
 @dataclass
@@ -76,6 +102,8 @@ class MLOMAESettings:
     norm_pix: bool = True
     mask_hidden: int = 512
     detach_mask_input: bool = False  # ablation: the official code does NOT detach E_θ(x)
+    mask_input_position: bool = True  # masker reads patch + position embeddings (paper); False: patch part only
+    mask_input_norm: bool = False     # LayerNorm each token before the masker (not in the paper)
     normalize_weights: bool = False  # ablation: weights p / mean_masked(p) (loss scale fixed)
     num_classes: int = 10
     head_dropout: float = 0.1
@@ -91,6 +119,7 @@ class MLOMAESettings:
     unroll_steps: int = 2            # pretrain steps per finetune/mask update
     method: str = "finite_difference"
     method_options: Dict[str, Any] = field(default_factory=dict)
+    hypergrad_weighting: str = "paper"  # "paper" (η-weighted, Appendix A) or "official" (unscaled)
     mask_every: int = 1              # update the masking network once per N iterations
     blo_weight: float = 1.0          # BLO-MAE: weight of the CE term in the merged lower
     finetune_fraction: float = 0.8   # finetune / mask split of the training set
@@ -115,6 +144,9 @@ class MLOMAESettings:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"MLOMAESettings: {k} must be an integer >= 1, got {v!r}")
+        if self.hypergrad_weighting not in WEIGHTINGS:
+            raise ValueError(f"MLOMAESettings: hypergrad_weighting must be one of {list(WEIGHTINGS)}, "
+                             f"got {self.hypergrad_weighting!r}")
         unknown = set(self.configs) - {"pretrain", "finetune", "mask"}
         if unknown:
             raise ValueError(f"MLOMAESettings.configs: unknown problem(s) {sorted(unknown)}; "
@@ -176,8 +208,8 @@ class MAEWithHead(nn.Module):
     def forward(self, x, mask_ratio=None, scores=None, token_weights=None):
         return self.mae(x, mask_ratio=mask_ratio, scores=scores, token_weights=token_weights)
 
-    def patch_embeddings(self, x: Tensor) -> Tensor:
-        return self.mae.patch_embeddings(x)
+    def patch_embeddings(self, x: Tensor, position: bool = True) -> Tensor:
+        return self.mae.patch_embeddings(x, position=position)
 
     def features(self, x: Tensor, pool: str = "cls") -> Tensor:
         return self.mae.features(x, pool=pool)
@@ -203,16 +235,18 @@ def mask_split(n: int, finetune_fraction: float = 0.8, seed: int = 0) -> Tuple[T
 
 
 # --------------------------------------------------------------------- problems
-def _probability_masker(net, detach: bool = False, normalize: bool = False, ratio: float = 0.75):
+def _probability_masker(net, detach: bool = False, normalize: bool = False, ratio: float = 0.75,
+                        position: bool = True):
     """``masker(x, pretrain) -> (scores, weights)``: top-k of ``p`` masked, losses × ``p``.
 
     ``net`` is the mask problem (its current state) or a fixed module. Ablations:
     ``detach`` feeds the embeddings to the masking network as constants (by default
     the pretraining gradient also flows through ``p`` into them); ``normalize``
     weights the masked losses by ``p_i / mean_{j masked} p_j`` per sample, so the
-    masking network can move weight between patches but not scale the loss down."""
+    masking network can move weight between patches but not scale the loss down;
+    ``position=False`` feeds the embeddings' patch part alone (no position)."""
     def masker(x: Tensor, pre: MAEPretrain):
-        emb = pre.patch_embeddings(x)  # [N, L, D]
+        emb = pre.patch_embeddings(x, position=position)  # [N, L, D]
         p = net(emb.detach() if detach else emb)  # [N, L]
         if not normalize:
             return p, p
@@ -292,7 +326,26 @@ def _schedule(s: MLOMAESettings, updates: int) -> Dict[str, Any]:
 def _config(name: str, s: MLOMAESettings, **fixed) -> mlo.ProblemConfig:
     d = {"method": s.method, "method_options": dict(s.method_options), **fixed}
     d.update(s.configs.get(name, {}))
+    d["method_options"] = _weighted(name, d.get("method", "finite_difference"),
+                                    dict(d.get("method_options") or {}), s.hypergrad_weighting)
     return mlo.ProblemConfig.from_dict(d)
+
+
+def _weighted(name: str, method: str, options: Dict[str, Any], weighting: str) -> Dict[str, Any]:
+    """``options`` with ``scale_by_lr`` set by the weighting (module docstring)."""
+    if method not in SCALED_METHODS:
+        if weighting != "paper":
+            raise ValueError(f"MLOMAESettings.hypergrad_weighting={weighting!r} selects H⁻¹ ≈ I of "
+                             f"the finite-difference methods {list(SCALED_METHODS)}; problem {name!r} "
+                             f"uses {method!r}, which has no such choice: use 'paper'")
+        return options
+    scaled = weighting == "paper"
+    if options.get("scale_by_lr", scaled) != scaled:
+        raise ValueError(f"problem {name!r}: method_options scale_by_lr={options['scale_by_lr']!r} "
+                         f"contradicts hypergrad_weighting={weighting!r} (which means "
+                         f"scale_by_lr={scaled}); set one of them")
+    options["scale_by_lr"] = scaled
+    return options
 
 
 def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed: int = 0,
@@ -322,7 +375,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     torch.manual_seed(seed)
     mae = build_mae_model(s)
     head = ClassifierHead(s.embed_dim, s.num_classes, s.head_dropout)
-    net = MaskingNetwork(mae.num_tokens, s.embed_dim, s.mask_hidden)
+    net = MaskingNetwork(mae.num_tokens, s.embed_dim, s.mask_hidden, input_norm=s.mask_input_norm)
     ft_idx, mk_idx = mask_split(len(x), s.finetune_fraction, seed if split_seed is None else split_seed)
     bs = s.batch_size
     pre_data = infinite_loader((x,), bs, seed=seed)
@@ -336,7 +389,8 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         masker = None
         if variant == "frozen-mask":
             net.requires_grad_(False)
-            masker = _probability_masker(net, s.detach_mask_input, s.normalize_weights, s.mask_ratio)
+            masker = _probability_masker(net, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
+                                         s.mask_input_position)
         pre = MAEPretrain(mae, pre_data, masker=masker, **_adamw(s.pretrain_lr, s),
                           **_schedule(s, s.steps), config=_config("pretrain", s, **hold))
         engine = mlo.Engine([pre], config=engine_config)
@@ -353,7 +407,8 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         mask = MaskLevel(net, lambda xb: fin(pre.call("features", xb, pool="cls")), mk_data,
                          **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
                          config=mlo.ProblemConfig.from_dict(mask_cfg))
-        pre.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio)
+        pre.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
+                                         s.mask_input_position)
         engine = mlo.Engine([pre, fin, mask], dependencies={
             "u2l": {mask: [pre]}, "l2u": {pre: [fin, mask], fin: [mask]}}, config=engine_config)
         return MLOMAEGraph(variant, engine, {"pretrain": pre, "finetune": fin, "mask": mask},
@@ -369,7 +424,8 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     mask = MaskLevel(net, lambda xb: lower.call("classify", xb), mk_data,
                      **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
                      config=mlo.ProblemConfig.from_dict(mask_cfg))
-    lower.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio)
+    lower.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
+                                         s.mask_input_position)
     engine = mlo.Engine([lower, mask], dependencies={"u2l": {mask: [lower]}, "l2u": {lower: [mask]}},
                         config=engine_config)
     return MLOMAEGraph(variant, engine, {"pretrain": lower, "mask": mask}, mae, head, net, s)

@@ -97,6 +97,11 @@ class MultimodalTokenizer(nn.Module):
         return torch.cat([self.image.embed(image) + self.types[0],
                           self.text.embed(text) + self.types[1]], dim=1)
 
+    def embed_tokens(self, x) -> torch.Tensor:
+        """``x -> [N, L_img + T, D]`` without positions or type vectors (content only)."""
+        image, text = self.split(x)
+        return torch.cat([self.image.embed_tokens(image), self.text.embed_tokens(text)], dim=1)
+
     def add_position(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[N, L_img + T, D]`` → each part + its sub-tokenizer's positions + its type."""
         image, text = tokens.split([self.image.num_tokens, self.text.num_tokens], dim=1)

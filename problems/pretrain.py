@@ -53,9 +53,12 @@ class MAEPretrain(mlo.Problem):
         self.mask_ratio = mask_ratio
         self.masker = masker
 
-    def patch_embeddings(self, x: Tensor) -> Tensor:
-        """The MAE's token + position embeddings ``[N, L, D]`` at the problem's current state."""
-        return self.call("patch_embeddings", x)
+    def patch_embeddings(self, x: Tensor, position: bool = True) -> Tensor:
+        """The MAE's token + position embeddings ``[N, L, D]`` at the problem's current state
+        (``position=False``: the tokens' content part alone)."""
+        if position:
+            return self.call("patch_embeddings", x)
+        return self.call("patch_embeddings", x, position=False)
 
     def training_step(self, batch) -> Dict[str, Tensor]:
         x = batch if isinstance(batch, Tensor) else batch[0]

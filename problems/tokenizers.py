@@ -110,7 +110,11 @@ class Tokenizer(nn.Module):
 
     def embed(self, x) -> torch.Tensor:
         """Tokens with position embedding: ``x -> [N, L, D]``."""
-        return self.add_position(self._embed_patches(self.patchify(x)))
+        return self.add_position(self.embed_tokens(x))
+
+    def embed_tokens(self, x) -> torch.Tensor:
+        """Tokens without position embedding: ``x -> [N, L, D]`` (content only)."""
+        return self._embed_patches(self.patchify(x))
 
     def add_position(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [N, L, D] -> tokens + P`` with this tokenizer's own position table."""
