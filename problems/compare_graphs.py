@@ -102,9 +102,9 @@ def tiny_data(s: MLOMAESettings, n: int = 12, noise: float = 0.5, seed: int = 0)
     ``y [n]``, and the finetune / mask index split."""
     gen = torch.Generator().manual_seed(seed)
     shape = (s.in_chans, s.image_size, s.image_size)
-    protos = torch.randn(s.num_classes, *shape, generator=gen, dtype=DT)
-    y = torch.arange(n) % s.num_classes
-    x = protos[y] + noise * torch.randn(n, *shape, generator=gen, dtype=DT)
+    protos = torch.randn(s.num_classes, *shape, generator=gen, dtype=DT, device="cpu")   # host data
+    y = torch.arange(n, device="cpu") % s.num_classes
+    x = protos[y] + noise * torch.randn(n, *shape, generator=gen, dtype=DT, device="cpu")
     ft, mk = mask_split(n, s.finetune_fraction, seed)
     return x, y, ft, mk
 
@@ -235,7 +235,7 @@ def _jacobian(fn: Callable[[Tensor], Tensor], at: Tensor, chunk: Optional[int] =
     """``∂fn/∂at`` as a dense ``[out, in]`` matrix: one vector-Jacobian product per
     output (basis cotangents), batched with ``vmap``."""
     out, pull = vjp(fn, at)
-    return vmap(pull, chunk_size=chunk)(torch.eye(out.numel(), dtype=out.dtype))[0]
+    return vmap(pull, chunk_size=chunk)(torch.eye(out.numel(), dtype=out.dtype, device=out.device))[0]
 
 
 class _Functions:

@@ -67,6 +67,17 @@ def _owner(fn) -> Optional[nn.Module]:
     return owner if isinstance(owner, nn.Module) else None
 
 
+def _device_of(module: Optional[nn.Module]) -> Optional[torch.device]:
+    """The device of ``module``'s first parameter or buffer (``None``: no module, or none)."""
+    if module is None:
+        return None
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
 @contextlib.contextmanager
 def _eval_mode(module: Optional[nn.Module]):
     if module is None:
@@ -82,9 +93,17 @@ def _eval_mode(module: Optional[nn.Module]):
 
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 512) -> Tensor:
-    """``feature_fn`` over ``x`` in batches, without gradients and in eval mode → ``[N, D]``."""
-    with _eval_mode(_owner(feature_fn)):
-        out = [feature_fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    """``feature_fn`` over ``x`` in batches, without gradients and in eval mode → ``[N, D]``.
+
+    When ``feature_fn`` is (a method of) an ``nn.Module`` with parameters, each batch is
+    moved to that module's device first (images may stay on the CPU while the model is
+    on a GPU); the features are returned where ``feature_fn`` put them.
+    """
+    owner = _owner(feature_fn)
+    dev = _device_of(owner)
+    with _eval_mode(owner):
+        out = [feature_fn(x[i:i + batch_size] if dev is None else x[i:i + batch_size].to(dev))
+               for i in range(0, len(x), batch_size)]
         out = [h.reshape(h.shape[0], -1) for h in out]
     return torch.cat(out).detach()
 
@@ -102,6 +121,10 @@ def linear_probe(feature_fn: Callable[[Tensor], Tensor], train, test, *, num_cla
         weight_decay: ``λ`` of the L2 penalty on ``W`` (mean loss scale).
         max_iter: L-BFGS iteration budget.
         batch_size: feature-extraction batch size.
+
+    The probe runs on the device of the features (``feature_fn``'s outputs; batches of
+    ``x`` are moved to ``feature_fn``'s module first, see :func:`extract_features`): its
+    weights, labels and L-BFGS state are created there, in float64.
     """
     x_tr, y_tr = as_tensors(train)[:2]
     x_te, y_te = as_tensors(test)[:2]
@@ -109,11 +132,12 @@ def linear_probe(feature_fn: Callable[[Tensor], Tensor], train, test, *, num_cla
     h_te = extract_features(feature_fn, x_te, batch_size).double()
     mu, sd = h_tr.mean(0), h_tr.std(0).clamp_min(1e-6)
     z_tr, z_te = (h_tr - mu) / sd, (h_te - mu) / sd
-    y_tr, y_te = y_tr.long(), y_te.long()
+    # Everything below lives where the features are (labels included).
+    y_tr, y_te = y_tr.to(z_tr.device, torch.long), y_te.to(z_tr.device, torch.long)
     k = int(num_classes or int(max(y_tr.max(), y_te.max())) + 1)
 
-    w = torch.zeros(z_tr.shape[1], k, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(z_tr.shape[1], k, dtype=torch.float64, device=z_tr.device, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, device=z_tr.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
@@ -134,8 +158,13 @@ def linear_probe(feature_fn: Callable[[Tensor], Tensor], train, test, *, num_cla
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+    dev = _device_of(model)
+
+    def to(t: Tensor) -> Tensor:
+        return t if dev is None else t.to(dev)
+
     with _eval_mode(model):
-        correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+        correct = sum((model(to(x[i:i + batch_size])).argmax(1) == to(y[i:i + batch_size])).sum().item()
                       for i in range(0, len(x), batch_size))
     return correct / max(len(x), 1)
 
@@ -147,7 +176,8 @@ def finetune(model: nn.Module, head: Optional[nn.Module], train, test, epochs: i
 
     All parameters of ``model`` and ``head`` are trained with AdamW and
     cross-entropy for ``epochs`` passes over ``train`` (shuffled by ``seed``);
-    the modules are modified in place. Returns the test accuracy.
+    the modules are modified in place. Batches are moved to the device of the
+    model's parameters. Returns the test accuracy.
     """
     net = model if head is None else nn.Sequential(model, head)
     x_tr, y_tr = as_tensors(train)[:2]
@@ -157,12 +187,15 @@ def finetune(model: nn.Module, head: Optional[nn.Module], train, test, epochs: i
     bs = min(batch_size, len(x_tr))
     steps_per_epoch = max(len(x_tr) // bs, 1)
     batches = infinite_loader((x_tr, y_tr), bs, seed=seed)
+    dev = _device_of(net)
     net.train()
     steps, last = 0, []
     for epoch in range(epochs):
         last = []
         for _ in range(steps_per_epoch):
             xb, yb = next(batches)
+            if dev is not None:
+                xb, yb = xb.to(dev), yb.to(dev)
             loss = F.cross_entropy(net(xb), yb, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -72,7 +72,8 @@ def nearby_support(mask: Tensor, grid: Sequence[int], ratio: float = 0.1,
         grid: ``(L,)`` or ``(H, W)``.
         ratio: ``r``, probability that an adjacent masked token joins the support.
         padding: optional ``[N, L]`` bool, True at padding tokens.
-        generator: optional ``torch.Generator`` for the Bernoulli draws.
+        generator: optional ``torch.Generator`` for the Bernoulli draws; they are drawn
+            on its device and moved to ``mask``'s (a CPU generator works for CUDA masks).
 
     Returns:
         ``visible ∪ (adjacent ∩ Bernoulli(r))``. The query is ``mask`` itself.
@@ -83,5 +84,8 @@ def nearby_support(mask: Tensor, grid: Sequence[int], ratio: float = 0.1,
     visible = mask <= 0
     if padding is not None:
         visible = visible & ~padding
-    draw = torch.rand(mask.shape, generator=generator, device=mask.device) < float(ratio)
+    # Drawn on the generator's device (a CPU generator gives the same supports on any
+    # device; torch.rand refuses a CPU generator for CUDA output), then moved to mask's.
+    where = mask.device if generator is None else generator.device
+    draw = (torch.rand(mask.shape, generator=generator, device=where) < float(ratio)).to(mask.device)
     return (visible | (adj & draw)).to(mask.dtype)

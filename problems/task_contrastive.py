@@ -63,7 +63,7 @@ def info_nce(a: Tensor, b: Tensor, tau: float = 0.5) -> Tensor:
     sim = w @ w.T / tau                                      # [2B, 2B]
     eye = torch.eye(2 * n, dtype=torch.bool, device=w.device)
     sim = sim.masked_fill(eye, float("-inf"))                # j ≠ i
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(w.device)
+    target = torch.cat([torch.arange(n, 2 * n, device=w.device), torch.arange(0, n, device=w.device)])
     return F.cross_entropy(sim, target)
 
 

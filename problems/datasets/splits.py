@@ -59,7 +59,7 @@ def split(n: int, fractions: Sequence[float], seed: int = 0) -> List[Tensor]:
     for i in range(n - sum(sizes)):  # leftover items, at most len(fractions) - 1 of them
         sizes[i % len(sizes)] += 1
     g = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(n, generator=g)
+    perm = torch.randperm(n, generator=g, device="cpu")   # host indices, whatever the default device
     return list(torch.split(perm, sizes))
 
 
@@ -93,7 +93,9 @@ def infinite_loader(data, batch_size: int, seed: int = 0, shuffle: bool = True,
     """Endless stream of batches (tuples of tensors) from in-memory tensors.
 
     Epoch ``e`` uses the permutation seeded by ``seed + e``; with ``drop_last`` every
-    batch has exactly ``batch_size`` rows (unless the data is smaller than that).
+    batch has exactly ``batch_size`` rows (unless the data is smaller than that). The
+    permutation is drawn on the CPU (the same batches on any device); batches are
+    gathered on each tensor's own device.
     """
     tensors = as_tensors(data)
     n = len(tensors[0])
@@ -103,13 +105,16 @@ def infinite_loader(data, batch_size: int, seed: int = 0, shuffle: bool = True,
     epoch = 0
     while True:
         if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + epoch),
+                                   device="cpu")
         else:
-            order = torch.arange(n)
+            order = torch.arange(n, device="cpu")
+        # The (seeded, host) order once per epoch on each tensor's device: batches are
+        # gathered where the data lives, without a host index copy per batch.
+        on = {t.device: order.to(t.device) for t in tensors}
         stop = n - n % bs if drop_last else n
         for i in range(0, stop, bs):
-            idx = order[i:i + bs]
-            yield tuple(t[idx] for t in tensors)
+            yield tuple(t[on[t.device][i:i + bs]] for t in tensors)
         epoch += 1
 
 
