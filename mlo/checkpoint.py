@@ -168,7 +168,9 @@ def save(engine, path: PathLike) -> None:
 
     Data parallel (``torch.distributed`` initialised with more than one rank): call it
     on every rank. Only rank 0 writes (every rank holds the same state); all ranks
-    then wait for the file, and an error on rank 0 is raised on every rank. Load with
+    then wait for the file, and an error on rank 0 is raised on every rank (one
+    all-reduce of a flag on :func:`mlo.distributed.collective_device`: CUDA under NCCL,
+    CPU under gloo). Load with
     :func:`load` on every rank (the file must be visible to all of them).
     """
     from . import distributed as _dist
@@ -181,7 +183,8 @@ def save(engine, path: PathLike) -> None:
             _save(engine, path)
         except BaseException as e:   # re-raised below, after telling the other ranks
             error = e
-    failed = torch.tensor([0.0 if error is None else 1.0])
+    # On the process group's device (NCCL takes no CPU tensor: cuda:LOCAL_RANK there).
+    failed = torch.tensor([0.0 if error is None else 1.0], device=_dist.collective_device("cpu"))
     torch.distributed.all_reduce(failed)      # also the barrier: the file exists after this
     if error is not None:
         raise error

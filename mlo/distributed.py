@@ -29,6 +29,15 @@ Collectives run in the same order on every rank because every rank runs the same
 program on the same graph; a loss whose graph depends on the data (a branch taken
 on one rank only) is not supported.
 
+Devices. A collective takes its tensors on the devices its backend supports: NCCL only
+CUDA tensors, gloo CPU (and CUDA) tensors. Every collective here runs on
+:func:`collective_device` of its tensors — a CPU tensor under NCCL is copied to
+``cuda:<current device>`` (``cuda:LOCAL_RANK`` after :func:`init_from_env`), reduced or
+broadcast there and copied back into the original tensor — so an engine built while
+its models are still on the CPU (the parameter broadcast at construction), a checkpoint
+save's status flag, or a CPU variable in a CUDA run work under NCCL as under gloo.
+Tensors already on a supported device are used in place (no copy).
+
 Setup (what the engine does not do for you): ``torch.distributed.init_process_group``
 (``torchrun`` sets the environment), the same seed on every rank for the models'
 construction (the engine then broadcasts all parameters and buffers from rank 0
@@ -46,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "barrier", "init_from_env",
-           "enabled", "broadcast_parameters", "average_", "average", "average_optional",
+           "enabled", "collective_device", "broadcast_parameters", "average_", "average", "average_optional",
            "grad_average", "reading_views", "shard", "shard_batches"]
 
 
@@ -125,6 +134,61 @@ def enabled(setting: Any = "auto") -> bool:
 
 
 # ------------------------------------------------------------------- collectives
+def _backend_kinds(backend: str, device_type: str) -> List[str]:
+    """The device types ``backend`` takes tensors of, for a tensor of ``device_type``:
+    ``[device_type]`` when it takes those, else its list (``"nccl"`` → ``["cuda"]``).
+    A per-device backend string (``"cpu:gloo,cuda:nccl"``) lists its device types."""
+    backend = str(backend).lower()
+    if ":" in backend:
+        kinds = [part.split(":", 1)[0].strip() for part in backend.split(",")]
+    else:
+        kinds = list(dist.Backend.backend_capability.get(backend, [device_type]))
+    return [device_type] if device_type in kinds else kinds
+
+
+def collective_device(device: Any = "cpu", backend: Optional[str] = None) -> torch.device:
+    """The device a tensor on ``device`` must be on for a collective of ``backend``.
+
+    ``device`` itself when the backend takes tensors there (gloo: CPU and CUDA; NCCL:
+    CUDA); otherwise the CPU if the backend takes CPU tensors, else CUDA's current
+    device (NCCL: a CPU tensor goes to ``cuda:<torch.cuda.current_device()>``, which is
+    ``cuda:LOCAL_RANK`` after :func:`init_from_env`).
+
+    Args:
+        device: where the tensor is (a ``torch.device`` or a string).
+        backend: a backend name (``"nccl"``, ``"gloo"``, ``"cpu:gloo,cuda:nccl"``);
+            default: the default process group's.
+
+    Raises:
+        RuntimeError: the backend takes neither this device's tensors, nor CUDA nor
+            CPU ones.
+    """
+    device = torch.device(device)
+    if backend is None:
+        backend = dist.get_backend()
+    kinds = _backend_kinds(backend, device.type)
+    if device.type in kinds:
+        return device
+    if "cpu" in kinds:
+        return torch.device("cpu")
+    if "cuda" in kinds:
+        return torch.device("cuda", torch.cuda.current_device())
+    raise RuntimeError(f"torch.distributed backend {backend!r} takes {kinds} tensors; a collective "
+                       f"cannot use a tensor on {device}")
+
+
+def _all_reduce_sum_(t: Tensor) -> Tensor:
+    """All-reduce (sum) of ``t``, on :func:`collective_device` and copied back: ``t``
+    holds the sum afterwards and is returned."""
+    dev = collective_device(t.device)
+    if dev == t.device:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+    moved = t.to(dev)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return t.copy_(moved)
+
+
 def _flat(tensors: Sequence[Tensor]):
     """Groups ``tensors`` by (dtype, device) and flattens each group into one buffer."""
     groups = {}
@@ -139,8 +203,7 @@ def _all_reduce_mean(tensors: Sequence[Tensor]) -> List[Tensor]:
     W = world_size()
     for idx in _flat(tensors).values():
         buf = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        buf.div_(W)
+        _all_reduce_sum_(buf).div_(W)
         offset = 0
         for i in idx:
             n = tensors[i].numel()
@@ -205,7 +268,7 @@ def average_optional(tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor]
         return list(tensors)
     filled = [torch.zeros_like(l) if t is None else t.detach() for t, l in zip(tensors, like)]
     used = torch.tensor([t is not None for t in tensors], dtype=torch.float32, device=filled[0].device)
-    dist.all_reduce(used, op=dist.ReduceOp.SUM)
+    _all_reduce_sum_(used)
     return [m if u > 0 else None for m, u in zip(_all_reduce_mean(filled), used.tolist())]
 
 
@@ -241,7 +304,11 @@ def reading_views(resolve, own_state, names):
 
 def broadcast_parameters(problems: Iterable[Any], src: int = 0) -> None:
     """Copies every problem's parameters and buffers from rank ``src`` to all ranks
-    (shared tensors once). Nothing without a process group."""
+    (shared tensors once). Nothing without a process group.
+
+    A tensor on a device the backend does not take (a CPU parameter under NCCL: the
+    engine built before the models moved to the GPU) is broadcast through a copy on
+    :func:`collective_device` and copied back; it stays where it was."""
     if not is_distributed() or world_size() == 1:
         return
     seen, tensors = set(), []
@@ -252,7 +319,13 @@ def broadcast_parameters(problems: Iterable[Any], src: int = 0) -> None:
                 tensors.append(t)
     with torch.no_grad():
         for t in tensors:
-            dist.broadcast(t.data, src)
+            dev = collective_device(t.device)
+            if dev == t.device:
+                dist.broadcast(t.data, src)
+            else:
+                moved = t.detach().to(dev)
+                dist.broadcast(moved, src)
+                t.data.copy_(moved)
 
 
 # ------------------------------------------------------------------------ data
@@ -283,7 +356,7 @@ def shard(items: Any, rank_: Optional[int] = None, world: Optional[int] = None,
         idx = [i % n for i in range(total)]
     mine = idx[r:total:W]
     if isinstance(items, Tensor):
-        return items[torch.tensor(mine, dtype=torch.long)]
+        return items[torch.tensor(mine, dtype=torch.long, device=items.device)]
     if isinstance(items, (list, tuple)):
         return type(items)(items[i] for i in mine)
     return torch.utils.data.Subset(items, mine)

@@ -151,6 +151,8 @@ class Engine(UpdateMixin, ReadsMixin, GuardMixin, EventsMixin):
         self._fused = bool(top_nodes) and not self._dist and all(
             n in self._windowed and not self.graph.lowers(n) and self._plain(n) for n in top_nodes)
         if self._dist:
+            # Modules may still be on the CPU under NCCL (built before .to("cuda")): the
+            # broadcast goes through copies on the group's device (collective_device).
             _dist.broadcast_parameters(problems)
             if not _dist.is_main():   # rank 0 alone prints, logs and shows progress
                 self.config = dataclasses.replace(self.config, progress=False, loggers=[], log_every=None)

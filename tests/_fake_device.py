@@ -11,7 +11,9 @@ a CPU tensor next to a CUDA one (0-dim host tensors are allowed there too). Host
 (``.item()``, ``float(t)``, ``.tolist()``) work, as they do on a GPU, and so do host
 index tensors in advanced indexing (``x[idx]``, ``x[idx] = v``), which CUDA accepts.
 A CPU ``torch.Generator`` for a random draw on the device raises, as CUDA does;
-``device_tensor.copy_(host_tensor)`` is a transfer and allowed.
+``device_tensor.copy_(host_tensor)`` is a transfer and allowed. A ``torch.distributed``
+collective on an ``OnDevice`` tensor raises: no backend takes this device, as NCCL
+takes no CPU tensor (collectives must copy through ``collective_device``).
 
 Inside ``with fake_device():`` a factory call or ``.to()`` that names the ``meta``
 device (``FAKE``) makes an ``OnDevice`` tensor instead of a data-less meta tensor;
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -74,6 +77,9 @@ class OnDevice(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "c10d":
+            raise RuntimeError(f"{func}: a collective on a tensor of the simulated device, which "
+                               f"no process group backend takes (as NCCL takes no CPU tensor)")
 
         def unwrap(x, index=False):
             _check_generator(x, func)
@@ -129,8 +135,21 @@ class _Mode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class _FromData(TorchFunctionMode):
+    """``torch.tensor(data, device=FAKE)`` / ``torch.as_tensor``: built from Python data
+    below the dispatcher (no aten factory to intercept), so caught here."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and _is_fake(kwargs.get("device")):
+            grad = bool(kwargs.get("requires_grad", False))
+            out = func(*args, **dict(kwargs, device="cpu", requires_grad=False))
+            return to_fake(out).requires_grad_(grad)
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def fake_device():
     """Factory calls and ``.to()`` naming ``FAKE`` make :class:`OnDevice` tensors inside."""
-    with _Mode():
+    with _FromData(), _Mode():
         yield FAKE
