@@ -123,6 +123,9 @@ class EngineConfig:
             print, log and show progress nothing.
         device: a torch device (``"cuda:0"``, ``"cpu"``) every problem's module and
             every batch are moved to; ``None`` (default): leave them where they are.
+            A device this process cannot use (``"cuda"`` on a CPU-only torch or without
+            a visible GPU, ``"cuda:3"`` with two GPUs) is a ``ValueError`` naming this
+            field and the available devices (``mlo.precision.available_devices()``).
         precision: ``"fp32"`` (default) or ``"bf16"``: every loss runs under
             ``torch.autocast`` in bfloat16 while variables, gradients and hypergradient
             vectors stay float32 (:mod:`mlo.precision`). ``"fp16"`` is rejected (it

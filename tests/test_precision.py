@@ -138,3 +138,28 @@ def test_device_and_precision_options():
     e = quickstart("cg", "fp32", device="cpu")      # batches and modules moved (a no-op here)
     e.run(10)
     assert e.records["hyper"]["updates"] == 2
+
+
+def test_unusable_device_is_a_named_error_at_config_time(monkeypatch):
+    """EngineConfig(device="cuda") on a CPU-only torch used to end in torch's raw
+    ``AssertionError: Torch not compiled with CUDA enabled`` when the engine moved the
+    modules; now the config names the field and what is available."""
+    from mlo.precision import available_devices
+
+    assert available_devices()[0] == "cpu"
+    if torch.version.cuda is None:                     # this machine: a CPU-only torch
+        with pytest.raises(ValueError, match=r"EngineConfig\.device='cuda': this torch .* is built "
+                                             r"without CUDA; available devices: \['cpu'"):
+            mlo.EngineConfig(device="cuda")
+    # A CUDA build: no visible GPU, an index past the last GPU, a valid one.
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda:0': no CUDA device is visible .*CUDA_VISIBLE_DEVICES"):
+        mlo.EngineConfig(device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device='cuda:3': there are 2 CUDA device\(s\) \(cuda:0 … cuda:1\); "
+                                         r"available devices: \['cpu', 'cuda:0', 'cuda:1'"):
+        mlo.EngineConfig(device="cuda:3")
+    assert mlo.EngineConfig(device="cuda:1").device == "cuda:1"
+    assert mlo.EngineConfig(device="cpu", precision="bf16").device == "cpu"
