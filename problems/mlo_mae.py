@@ -50,11 +50,35 @@ Masking-network input (``mask_input_position``, ``mask_input_norm``): the paper 
 the MAE's patch + position embeddings; position-free input (patch part only) and a
 LayerNorm per token are offered so masks can depend on the image.
 
-Every problem uses AdamW with betas (0.9, 0.95) and weight decay 1e-3 as in the
-official code (lr 1e-4 encoder, 1e-3 head and masking network), optionally with a
-cosine schedule over the run. The best-response method of the lower levels is
-finite differences (DARTS) by default as in the paper; any registered method is
-selectable, per problem through ``configs``.
+Every problem uses AdamW with betas (0.9, 0.95) and weight decay 1e-3 (lr 1e-4
+encoder, 1e-3 head and masking network), optionally with a cosine schedule over the
+run. The best-response method of the lower levels is finite differences (DARTS) by
+default as in the paper; any registered method is selectable, per problem through
+``configs``.
+
+The official code's CIFAR-10 choices (Alexiland/MLO-MAE ``main_cifar10.py``), each a
+setting whose default keeps the behaviour above (the ``paper`` preset turns them on):
+
+* ``normalize = (mean, std)``: per-channel normalization *inside the model* (the image
+  tokenizer normalizes before patching, :class:`NormalizedImageTokenizer`), so the
+  encoder, the masking network's embeddings and the reconstruction targets see
+  normalized pixels as in the official code, while every caller — training streams,
+  linear probe, head accuracy, mask statistics, plots — passes ``[0, 1]`` pixels.
+* ``augment = [levels]``: RandomCrop(H, padding ``augment_padding``) + horizontal flip
+  on the named levels' batches (:mod:`problems.datasets.augment`, one seeded generator
+  per stream, black padding as torchvision's before Normalize).
+* ``pretrain_weight_decay`` / ``finetune_weight_decay`` / ``mask_weight_decay``
+  (default ``weight_decay``) and ``no_decay_1d``: weight decay 0 on the pretrain
+  level's parameters with ``ndim <= 1`` or a name ending in ``.bias`` — timm's
+  ``param_groups_weight_decay`` as the official code calls it: norms and biases; the
+  ``[1, 1, D]`` CLS/mask tokens and the position tables are decayed there and here.
+* ``cosine_final = {level: f}``: the level's cosine ends at ``f``·lr. The official code
+  gives all three schedulers ``T_max`` = the pretrain step count while the head and the
+  masker update every ``unroll_steps`` = 2 steps, so theirs stop halfway down the
+  cosine, at lr/2; ``f`` reproduces that shape: ``T_max = updates · π / arccos(2f − 1)``
+  (``f = 0``: ``T_max = updates``, today's; ``f = 0.5``: ``2 · updates``).
+* ``learnable_pos``: the encoder's and the decoder's position tables are parameters
+  initialised with sin-cos (the official ``pos_embed`` / ``decoder_pos_embed``).
 """
 from __future__ import annotations
 
@@ -67,19 +91,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mlo
+from problems.datasets.augment import augment_stream
 from problems.datasets.splits import infinite_loader, split
 from problems.mae import MaskedAutoencoder, num_masked
 from problems.masking_net import MaskingNetwork
 from problems.pretrain import MAEPretrain
 from problems.tokenizers import ImageTokenizer
 
-__all__ = ["VARIANTS", "WEIGHTINGS", "MLOMAESettings", "MLOMAEGraph", "ClassifierHead", "build",
-           "build_mae_model", "mask_split"]
+__all__ = ["VARIANTS", "WEIGHTINGS", "LEVELS", "MLOMAESettings", "MLOMAEGraph", "ClassifierHead",
+           "NormalizedImageTokenizer", "build", "build_mae_model", "head_accuracy", "mask_split",
+           "no_decay_names"]
 
 VARIANTS = ("mlo-mae", "blo-mae", "mae", "frozen-mask")
 WEIGHTINGS = ("paper", "official")
 # methods whose best-response Jacobian uses H⁻¹ ≈ s·I, s chosen by the weighting
 SCALED_METHODS = ("finite_difference", "darts", "sama")
+LEVELS = ("pretrain", "finetune", "mask")   # names of augment / cosine_final / *_weight_decay
 
 
 @dataclass
@@ -107,6 +134,11 @@ class MLOMAESettings:
     normalize_weights: bool = False  # ablation: weights p / mean_masked(p) (loss scale fixed)
     num_classes: int = 10
     head_dropout: float = 0.1
+    learnable_pos: bool = False      # encoder + decoder position tables learnable (sin-cos init)
+    # input pipeline (module docstring)
+    normalize: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None  # (mean, std) per channel
+    augment: Tuple[str, ...] = ()    # levels whose batches get random crop + flip
+    augment_padding: int = 4         # RandomCrop's padding (0: flip only)
     # optimization
     batch_size: int = 128
     pretrain_lr: float = 1e-4
@@ -114,7 +146,12 @@ class MLOMAESettings:
     mask_lr: float = 1e-3
     betas: Tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 1e-3
+    pretrain_weight_decay: Optional[float] = None   # None: weight_decay
+    finetune_weight_decay: Optional[float] = None   # None: weight_decay
+    mask_weight_decay: Optional[float] = None       # None: weight_decay
+    no_decay_1d: bool = False        # pretrain: no decay on ndim<=1 / *.bias (timm's rule)
     cosine: bool = True              # cosine annealing over `steps` iterations
+    cosine_final: Dict[str, float] = field(default_factory=dict)  # level -> lr fraction at the end (0)
     steps: int = 1000                # pretraining iterations (the schedule's length)
     unroll_steps: int = 2            # pretrain steps per finetune/mask update
     method: str = "finite_difference"
@@ -151,6 +188,74 @@ class MLOMAESettings:
         if unknown:
             raise ValueError(f"MLOMAESettings.configs: unknown problem(s) {sorted(unknown)}; "
                              f"problems: pretrain, finetune, mask")
+        self._check_pipeline()
+
+    def _check_pipeline(self) -> None:
+        """``normalize``, ``augment``, ``*_weight_decay``, ``cosine_final``."""
+        if self.normalize is not None:
+            pair = self.normalize
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError("MLOMAESettings.normalize must be null or [mean, std], two lists of "
+                                 f"{self.in_chans} numbers, got {pair!r}")
+            out = []
+            for what, v in zip(("mean", "std"), pair):
+                if (isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or len(v) != self.in_chans
+                        or not all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                   and math.isfinite(e) for e in v)):
+                    raise ValueError(f"MLOMAESettings.normalize: {what} must be {self.in_chans} finite "
+                                     f"numbers (one per channel), got {v!r}")
+                out.append(tuple(float(e) for e in v))
+            if any(e <= 0 for e in out[1]):
+                raise ValueError(f"MLOMAESettings.normalize: std must be > 0, got {list(out[1])}")
+            self.normalize = tuple(out)
+        aug = self.augment
+        if isinstance(aug, (str, bytes)) or not isinstance(aug, (list, tuple)) \
+                or not all(isinstance(a, str) for a in aug):
+            raise ValueError(f"MLOMAESettings.augment must be a list of level names {list(LEVELS)}, "
+                             f"got {aug!r}")
+        bad = sorted(set(aug) - set(LEVELS))
+        if bad:
+            raise ValueError(f"MLOMAESettings.augment: unknown level(s) {bad}; levels: {list(LEVELS)}")
+        self.augment = tuple(a for a in LEVELS if a in aug)
+        if self.augment_padding < 0:
+            raise ValueError(f"MLOMAESettings.augment_padding must be >= 0, got {self.augment_padding}")
+        for level in LEVELS:
+            key = f"{level}_weight_decay"
+            v = getattr(self, key)
+            if isinstance(v, str):
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise TypeError(f"MLOMAESettings.{key} must be null or a number, got {v!r}") from None
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v < 0):
+                raise ValueError(f"MLOMAESettings.{key} must be null or a number >= 0, got {v!r}")
+            setattr(self, key, None if v is None else float(v))
+        cf = self.cosine_final
+        if not isinstance(cf, dict):
+            raise ValueError(f"MLOMAESettings.cosine_final must be a mapping level -> fraction, got {cf!r}")
+        bad = sorted(set(cf) - set(LEVELS), key=str)
+        if bad:
+            raise ValueError(f"MLOMAESettings.cosine_final: unknown level(s) {bad}; levels: {list(LEVELS)}")
+        out = {}
+        for level, f in cf.items():
+            if isinstance(f, str):
+                try:
+                    f = float(f)
+                except ValueError:
+                    pass
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+                raise ValueError(f"MLOMAESettings.cosine_final[{level!r}] must be a number in [0, 1) "
+                                 f"(the fraction of the lr reached at the end), got {f!r}")
+            out[level] = float(f)
+        if any(out.values()) and not self.cosine:
+            raise ValueError("MLOMAESettings.cosine_final needs cosine: true")
+        self.cosine_final = out
+
+    def level_weight_decay(self, level: str) -> float:
+        """The weight decay of ``level`` (``pretrain``/``finetune``/``mask``)."""
+        v = getattr(self, f"{level}_weight_decay")
+        return self.weight_decay if v is None else v
 
     def _check_types(self) -> None:
         """Numbers must be numbers, flags bools. YAML 1.1 reads ``1e-3`` (no dot) as a
@@ -219,13 +324,68 @@ class MAEWithHead(nn.Module):
         return self.head(self.mae.features(x, pool="cls"))
 
 
+class NormalizedImageTokenizer(ImageTokenizer):
+    """An :class:`ImageTokenizer` fed ``[0, 1]`` pixels that works on ``(x − mean) / std``
+    per channel: ``patchify`` (hence the token embeddings and the reconstruction targets)
+    returns normalized patches; ``unpatchify`` gives normalized images back.
+
+    The statistics are non-persistent buffers (not in a checkpoint, moved by ``.to``),
+    repeated to the patch layout ``(row, col, c)``: ``[p·p·C]``, channel fastest."""
+
+    def __init__(self, image_size, patch_size: int, in_chans: int, embed_dim: int,
+                 mean: Sequence[float], std: Sequence[float], learnable_pos: bool = False):
+        super().__init__(image_size, patch_size, in_chans, embed_dim, learnable_pos=learnable_pos)
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"NormalizedImageTokenizer: mean and std need {in_chans} values, got "
+                             f"{list(mean)} and {list(std)}")
+        pp = patch_size * patch_size
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).repeat(pp),
+                             persistent=False)  # [p·p·C]
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).repeat(pp),
+                             persistent=False)  # [p·p·C]
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """``x: [N, C, H, W]`` in [0, 1] ``-> [N, L, p·p·C]`` normalized."""
+        p = super().patchify(x)  # [N, L, p·p·C]
+        return (p - self.pixel_mean.to(p.dtype)) / self.pixel_std.to(p.dtype)
+
+
 def build_mae_model(s: MLOMAESettings) -> MaskedAutoencoder:
-    """The MAE of the settings (image tokenizer, CLS token, transformer decoder)."""
-    tok = ImageTokenizer(s.image_size, s.patch_size, s.in_chans, s.embed_dim)
+    """The MAE of the settings (image tokenizer, CLS token, transformer decoder); with
+    ``s.normalize`` its tokenizer normalizes the ``[0, 1]`` input pixels."""
+    if s.normalize is None:
+        tok = ImageTokenizer(s.image_size, s.patch_size, s.in_chans, s.embed_dim,
+                             learnable_pos=s.learnable_pos)
+    else:
+        tok = NormalizedImageTokenizer(s.image_size, s.patch_size, s.in_chans, s.embed_dim,
+                                       *s.normalize, learnable_pos=s.learnable_pos)
     return MaskedAutoencoder(tok, depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio,
                              decoder_dim=s.decoder_dim, decoder_depth=s.decoder_depth,
                              decoder_heads=s.decoder_heads, mask_ratio=s.mask_ratio,
-                             norm_pix=s.norm_pix)
+                             norm_pix=s.norm_pix, learnable_decoder_pos=s.learnable_pos)
+
+
+@torch.no_grad()
+def head_accuracy(graph: "MLOMAEGraph", x: Tensor, y: Tensor, batch_size: int = 512) -> Optional[float]:
+    """Accuracy of the trained classifier head on the encoder's unmasked CLS feature
+    (eval mode, restored after): for ``mlo-mae`` the stage-II head — the official code's
+    test accuracy, the paper's CIFAR "linear probing" numbers; for ``blo-mae`` the merged
+    lower's head. ``None`` for variants without a head (``mae``, ``frozen-mask``)."""
+    if graph.head is None:
+        return None
+    modules = (graph.mae, graph.head)
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        correct = 0
+        for i in range(0, len(x), batch_size):
+            logits = graph.head(graph.mae.features(x[i:i + batch_size], pool="cls"))  # [B, C]
+            correct += int((logits.argmax(-1) == y[i:i + batch_size].to(logits.device)).sum())
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)
+    return correct / max(1, len(x))
 
 
 def mask_split(n: int, finetune_fraction: float = 0.8, seed: int = 0) -> Tuple[Tensor, Tensor]:
@@ -311,16 +471,42 @@ class MLOMAEGraph:
     settings: MLOMAESettings
 
 
-def _adamw(lr: float, s: MLOMAESettings) -> Dict[str, Any]:
+def _adamw(lr: float, s: MLOMAESettings, level: str) -> Dict[str, Any]:
     return {"optimizer": torch.optim.AdamW,
-            "optimizer_kwargs": {"lr": lr, "betas": tuple(s.betas), "weight_decay": s.weight_decay}}
+            "optimizer_kwargs": {"lr": lr, "betas": tuple(s.betas),
+                                 "weight_decay": s.level_weight_decay(level)}}
 
 
-def _schedule(s: MLOMAESettings, updates: int) -> Dict[str, Any]:
+def _schedule(s: MLOMAESettings, updates: int, level: str) -> Dict[str, Any]:
+    """Cosine over ``updates`` of ``level``, ending at ``cosine_final[level]`` · lr: the
+    first ``arccos(2f − 1)/π`` of a cosine to 0 (the official code's shape, module docstring)."""
     if not s.cosine:
         return {}
+    t_max = max(1, updates)
+    final = s.cosine_final.get(level, 0.0)
+    if final:
+        t_max = t_max * math.pi / math.acos(2.0 * final - 1.0)
+        t_max = int(t_max) if t_max.is_integer() else t_max
     return {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR,
-            "scheduler_kwargs": {"T_max": max(1, updates)}}
+            "scheduler_kwargs": {"T_max": t_max}}
+
+
+def no_decay_names(module: nn.Module, prefix: str = "") -> list:
+    """Names (with ``prefix``) of the trainable parameters timm's
+    ``param_groups_weight_decay`` exempts from weight decay, as the official code's
+    pretrain optimizer: ``ndim <= 1`` or a name ending in ``.bias``."""
+    return [prefix + n for n, p in module.named_parameters()
+            if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))]
+
+
+def _stream(s: MLOMAESettings, level: str, tensors: Tuple[Tensor, ...], seed: int):
+    """The endless batches of ``level``; random crop + flip when ``level in s.augment``
+    (the stream's own generator, seeded from ``seed`` and the level)."""
+    data = infinite_loader(tensors, s.batch_size, seed=seed)
+    if level in s.augment:
+        data = augment_stream(data, seed=seed + 1000 * (1 + LEVELS.index(level)),
+                              padding=s.augment_padding)
+    return data
 
 
 def _config(name: str, s: MLOMAESettings, **fixed) -> mlo.ProblemConfig:
@@ -377,10 +563,10 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     head = ClassifierHead(s.embed_dim, s.num_classes, s.head_dropout)
     net = MaskingNetwork(mae.num_tokens, s.embed_dim, s.mask_hidden, input_norm=s.mask_input_norm)
     ft_idx, mk_idx = mask_split(len(x), s.finetune_fraction, seed if split_seed is None else split_seed)
-    bs = s.batch_size
-    pre_data = infinite_loader((x,), bs, seed=seed)
-    ft_data = infinite_loader((x[ft_idx], y[ft_idx]), bs, seed=seed + 1)
-    mk_data = infinite_loader((x[mk_idx], y[mk_idx]), bs, seed=seed + 2)
+    pre_data = _stream(s, "pretrain", (x,), seed)
+    ft_data = _stream(s, "finetune", (x[ft_idx], y[ft_idx]), seed + 1)
+    mk_data = _stream(s, "mask", (x[mk_idx], y[mk_idx]), seed + 2)
+    no_decay = [{"params": no_decay_names(mae), "weight_decay": 0.0}] if s.no_decay_1d else None
     upper_updates = math.ceil(s.steps / s.unroll_steps)
     mask_updates = max(1, s.steps // max(s.mask_every, s.unroll_steps))
     hold = {"unroll_steps": s.unroll_steps}
@@ -391,8 +577,9 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
             net.requires_grad_(False)
             masker = _probability_masker(net, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
                                          s.mask_input_position)
-        pre = MAEPretrain(mae, pre_data, masker=masker, **_adamw(s.pretrain_lr, s),
-                          **_schedule(s, s.steps), config=_config("pretrain", s, **hold))
+        pre = MAEPretrain(mae, pre_data, masker=masker, **_adamw(s.pretrain_lr, s, "pretrain"),
+                          param_groups=no_decay, **_schedule(s, s.steps, "pretrain"),
+                          config=_config("pretrain", s, **hold))
         engine = mlo.Engine([pre], config=engine_config)
         return MLOMAEGraph(variant, engine, {"pretrain": pre}, mae, None,
                            net if variant == "frozen-mask" else None, s)
@@ -400,12 +587,12 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     mask_cfg = dict(s.configs.get("mask", {}))
     mask_cfg.setdefault("update_every_iterations", s.mask_every if s.mask_every > 1 else None)
     if variant == "mlo-mae":
-        pre = MAEPretrain(mae, pre_data, **_adamw(s.pretrain_lr, s), **_schedule(s, s.steps),
-                          config=_config("pretrain", s, **hold))
-        fin = Finetune(head, pre, ft_data, **_adamw(s.finetune_lr, s),
-                       **_schedule(s, upper_updates), config=_config("finetune", s))
+        pre = MAEPretrain(mae, pre_data, **_adamw(s.pretrain_lr, s, "pretrain"), param_groups=no_decay,
+                          **_schedule(s, s.steps, "pretrain"), config=_config("pretrain", s, **hold))
+        fin = Finetune(head, pre, ft_data, **_adamw(s.finetune_lr, s, "finetune"),
+                       **_schedule(s, upper_updates, "finetune"), config=_config("finetune", s))
         mask = MaskLevel(net, lambda xb: fin(pre.call("features", xb, pool="cls")), mk_data,
-                         **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
+                         **_adamw(s.mask_lr, s, "mask"), **_schedule(s, mask_updates, "mask"),
                          config=mlo.ProblemConfig.from_dict(mask_cfg))
         pre.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
                                          s.mask_input_position)
@@ -417,12 +604,15 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     # blo-mae: one lower (MAE + head), masking network above.
     merged = MAEWithHead(mae, head)
     head_names = ["head." + k for k, _ in head.named_parameters()]
+    groups = [{"params": head_names, "lr": s.finetune_lr,
+               "weight_decay": s.level_weight_decay("finetune")}]
+    if s.no_decay_1d:   # the MAE's part; the head keeps its decay on every parameter
+        groups.append({"params": no_decay_names(mae, "mae."), "weight_decay": 0.0})
     lower = MergedLower(merged, zip_batches(pre_data, ft_data), s.blo_weight,
-                        **_adamw(s.pretrain_lr, s), **_schedule(s, s.steps),
-                        param_groups=[{"params": head_names, "lr": s.finetune_lr}],
-                        config=_config("pretrain", s, **hold))
+                        **_adamw(s.pretrain_lr, s, "pretrain"), **_schedule(s, s.steps, "pretrain"),
+                        param_groups=groups, config=_config("pretrain", s, **hold))
     mask = MaskLevel(net, lambda xb: lower.call("classify", xb), mk_data,
-                     **_adamw(s.mask_lr, s), **_schedule(s, mask_updates),
+                     **_adamw(s.mask_lr, s, "mask"), **_schedule(s, mask_updates, "mask"),
                      config=mlo.ProblemConfig.from_dict(mask_cfg))
     lower.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
                                          s.mask_input_position)

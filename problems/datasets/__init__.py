@@ -1,9 +1,10 @@
 """Datasets for the MAE-family problems: CIFAR, Fashion-MNIST/MNIST (IDX files), small packaged
-datasets, splits.
+datasets, splits, batched augmentation (random crop + flip).
 
 Every loader is deterministic in its ``seed`` and returns tensors (``TensorDataset``),
 so problems and evaluations can be fed without worker processes.
 """
+from .augment import augment_stream, random_crop_flip
 from .cifar import (CIFAR_MEAN, CIFAR_RESOURCES, CIFAR_STD, CifarData, download_and_extract,
                     images_to_tensor, load_cifar, md5sum, safe_extract, write_cifar_like)
 from .idx import (IDX_FILES, IDX_RESOURCES, IDX_SYSTEM_DIRS, IDXFormatError, MnistData,
@@ -14,6 +15,7 @@ from .small import (CMUDICT_VOCAB, encode_word, load_basic_motions, load_breast_
 from .splits import Splits, as_tensors, infinite_loader, loader, split, split_tensors, take
 
 __all__ = [
+    "random_crop_flip", "augment_stream",
     "load_cifar", "CifarData", "CIFAR_RESOURCES", "CIFAR_MEAN", "CIFAR_STD", "images_to_tensor",
     "download_and_extract", "safe_extract", "md5sum", "write_cifar_like",
     "load_mnist_like", "MnistData", "IDXFormatError", "IDX_RESOURCES", "IDX_FILES",
