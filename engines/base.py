@@ -70,6 +70,10 @@ class Lower:
         lr: the inner learning rate ``η`` (finite differences may scale by it):
             a float, or one float per tensor of ``params`` (per-group rates).
         label: who this lower is, for warnings (e.g. ``"problem 'inner'"``).
+        compute_dtype: the floating dtype the loss computes in when lower than the
+            variables' (autocast: ``torch.bfloat16`` under ``EngineConfig(precision="bf16")``);
+            ``None``: the variables' own dtype. Finite differences warn when their
+            perturbation is below what it resolves.
         optimizer: for methods registered with ``needs=("optimizer",)``: the lower
             optimizer as the last update left it, one read-only mapping per tensor of
             ``params`` with its group's hyperparameters (``"lr"``, ``"betas"``,
@@ -86,6 +90,7 @@ class Lower:
     lr: Union[float, Sequence[float]] = 1.0
     label: str = ""
     optimizer: Optional[Sequence[Mapping[str, Any]]] = None
+    compute_dtype: Optional[torch.dtype] = None
 
 
 def check_bool(method: str, name: str, value: Any) -> None:

@@ -39,6 +39,7 @@ import engines.base as eb
 
 from .distributed import grad_average
 from .isolation import no_side_effects, rng_state, set_rng_state
+from .precision import compute_dtype
 from .state import ReadContext, reading
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,7 +222,7 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
             return engine.loss(P, P.last_batch)
 
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine.inner_lr(name),
-                     label=f"problem {name!r}",
+                     label=f"problem {name!r}", compute_dtype=compute_dtype(engine.config.precision),
                      optimizer=engine.optimizer_view(name) if "optimizer" in entry.needs else None)
     with no_side_effects(engine.problems.values(), rng):
         grads = _run_method(method, name, P, lower, vv, opts)

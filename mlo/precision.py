@@ -23,7 +23,7 @@ from typing import Any, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["PRECISIONS", "available_devices", "check", "autocast", "to_device"]
+__all__ = ["PRECISIONS", "available_devices", "check", "compute_dtype", "autocast", "to_device"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -86,6 +86,11 @@ def check(precision: str, device: Any) -> None:
         raise ValueError(f"EngineConfig.precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if device is not None:
         _check_device(device)
+
+
+def compute_dtype(precision: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes a loss in for ``precision`` (``None`` for fp32)."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def autocast(precision: str, device: Optional[torch.device]):
