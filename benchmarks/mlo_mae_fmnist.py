@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from mlo.config import load_yaml  # noqa: E402
 from problems.datasets import load_mnist_like, split  # noqa: E402
-from problems.evaluation import extract_features, linear_probe  # noqa: E402
-from problems.mae import num_masked  # noqa: E402
+from problems.evaluation import linear_probe  # noqa: E402
+from problems.mask_statistics import mask_probabilities, mask_statistics  # noqa: E402
 from problems.mlo_mae import MLOMAESettings, build  # noqa: E402
 
 PRESET = ROOT / "examples" / "configs" / "mlo_mae_fmnist.yaml"
@@ -87,36 +87,23 @@ def scarce_indices(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:N_SCARCE]
 
 
-def probes(mae, train, val, test) -> dict:
-    """CLS probes with 1 000 and with all training labels, on val and test; mean-pool too."""
+def probes(feature, train, val, test, pools=("cls", "mean")) -> dict:
+    """Probes trained on 1 000 and on all training labels (each once), scored on val and test."""
     out = {}
     sub = scarce_indices(len(train[0]))
-    for pool in ("cls", "mean"):
-        f = lambda t: mae.features(t, pool=pool)  # noqa: E731
+    for pool in pools:
+        f = feature if pool is None else (lambda t, pool=pool: feature.features(t, pool=pool))
+        suffix = "" if pool in ("cls", None) else f"_{pool}"
         for tag, tr in (("1k", (train[0][sub], train[1][sub])), ("all", train)):
-            for split_name, ev in (("val", val), ("test", test)):
-                key = f"probe_{tag}_{split_name}" + ("" if pool == "cls" else "_mean")
-                out[key] = linear_probe(f, tr, ev, num_classes=10).accuracy
+            r = linear_probe(f, tr, test, num_classes=10, also={"val": val})
+            out[f"probe_{tag}_test{suffix}"], out[f"probe_{tag}_val{suffix}"] = r.accuracy, r.others["val"]
     return out
 
 
-@torch.no_grad()
 def mask_stats(g, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """The masking network's probabilities on ``x``: masked-patch statistics, spreads, per-class maps."""
-    g.masker.eval()
-    s = g.settings
-    emb = lambda t: g.mae.patch_embeddings(t, position=s.mask_input_position)  # noqa: E731
-    p = torch.cat([g.masker(emb(x[i:i + 500])) for i in range(0, len(x), 500)])   # [N, L]
-    k = num_masked(p.shape[1], s.mask_ratio)
-    top = p.topk(k, dim=1).values                                                # [N, k]
-    per_pos = p.mean(0)                                                          # [L]
-    return {"masked_p_mean": float(top.mean()),
-            "masked_p_below_0.1": float((top < 0.1).float().mean()),
-            "std_across_images": float(p.std(0).mean()),
-            "std_across_positions": float(per_pos.std()),
-            "mean_p_per_position": per_pos.tolist(),
-            "mean_p_per_class": [p[y == c].mean(0).tolist() for c in range(10)],
-            "examples_p": p[:8].tolist()}
+    """:func:`problems.mask_statistics.mask_statistics` of the test images, plus 8 examples' ``p``."""
+    p = mask_probabilities(g, x)                                                 # [N, L]
+    return {**mask_statistics(p, g.settings.mask_ratio, y, 10), "examples_p": p[:8].tolist()}
 
 
 @torch.no_grad()
@@ -154,12 +141,10 @@ def floors(seed: int, splits) -> dict:
     init = copy.deepcopy(g.mae).eval()
     row = {"variant": "untrained", "seed": seed}
     row.update(probes(init, train, val, test))
-    raw = {"variant": "raw", "seed": seed}
-    sub = scarce_indices(len(train[0]))
-    for tag, tr in (("1k", (train[0][sub], train[1][sub])), ("all", train)):
-        for split_name, ev in (("val", val), ("test", test)):
-            raw[f"probe_{tag}_{split_name}"] = linear_probe(lambda t: t.flatten(1), tr, ev, num_classes=10).accuracy
-    return {"untrained": row, "raw": raw}
+    out = {"untrained": row}
+    if seed == 0:     # raw pixels do not depend on the seed
+        out["raw"] = {"variant": "raw", "seed": seed, **probes(lambda t: t.flatten(1), train, val, test, (None,))}
+    return out
 
 
 # ---------------------------------------------------------------- work queue
@@ -200,7 +185,7 @@ def cmd_run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = data()
-    jobs = [("floors", s) for s in args.seeds] + [(v, s) for s in args.seeds for v in args.variants]
+    jobs = [(v, s) for s in args.seeds for v in args.variants] + [("floors", s) for s in args.seeds]
     for name, seed in jobs:
         stem = f"{name.replace('/', '+')}__seed{seed}"
         done, lock = out / f"{stem}.json", out / f"{stem}.claim"
@@ -226,7 +211,7 @@ def load_rows(out: Path):
     for f in sorted(out.glob("*.json")):
         d = json.loads(f.read_text())
         if "untrained" in d:
-            fl += [d["untrained"], d["raw"]]
+            fl += [d["untrained"]] + ([d["raw"]] if "raw" in d else [])
         else:
             rows.append(d)
     return rows, fl

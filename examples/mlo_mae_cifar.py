@@ -75,6 +75,8 @@ from problems.datasets import (CIFAR_RESOURCES, IDX_RESOURCES, IDXFormatError, f
                                load_digits, load_mnist_like, search_places, take)
 from problems.evaluation import Features, linear_probe
 from problems.mae import num_masked
+from problems.mask_statistics import mask_probabilities
+from problems.mask_statistics import mask_statistics as masking_summary
 from problems.mlo_mae import VARIANTS, MLOMAEGraph, MLOMAESettings, build, head_accuracy
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -426,19 +428,6 @@ def train(graph: MLOMAEGraph, steps: int, out: Path, args: argparse.Namespace) -
 
 
 # ---------------------------------------------------------------- evaluation
-@torch.no_grad()
-def mask_probabilities(graph: MLOMAEGraph, x: Tensor, batch_size: int = 256) -> Optional[Tensor]:
-    """The masking network's per-patch probabilities ``[N, L]`` (None for ``mae``)."""
-    if graph.masker is None:
-        return None
-    was = graph.masker.training
-    graph.masker.eval()
-    p = torch.cat([graph.masker(graph.mae.patch_embeddings(x[i:i + batch_size]))
-                   for i in range(0, len(x), batch_size)])
-    graph.masker.train(was)
-    return p.cpu()
-
-
 def top_k_masks(scores: Tensor, ratio: float) -> Tensor:
     """``[N, L]`` bool, True at the ``num_masked(L, ratio)`` highest scores (as the MAE masks)."""
     k = num_masked(scores.shape[1], ratio)
@@ -446,17 +435,21 @@ def top_k_masks(scores: Tensor, ratio: float) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
 
 
-def mask_statistics(graph: MLOMAEGraph, x_test: Tensor) -> Dict[str, Any]:
-    """Probabilities and masks of the test images; random masks for ``mae``."""
+def mask_statistics(graph: MLOMAEGraph, x_test: Tensor, y_test: Optional[Tensor] = None) -> Dict[str, Any]:
+    """Probabilities and masks of the test images; random masks for ``mae``. With a masking
+    network, also :func:`problems.mask_statistics.mask_statistics` under ``"learned"``."""
     s = graph.settings
     probs = mask_probabilities(graph, x_test)
+    probs = None if probs is None else probs.cpu()
+    learned = None if probs is None else masking_summary(
+        probs, s.mask_ratio, None if y_test is None else y_test.cpu(), s.num_classes)
     if probs is None:
         gen = torch.Generator().manual_seed(0)
         scores = torch.rand(len(x_test), graph.mae.num_tokens, generator=gen)
     else:
         scores = probs
     masks = top_k_masks(scores, s.mask_ratio)
-    return {"probs": probs, "masks": masks,
+    return {"probs": probs, "masks": masks, "learned": learned,
             "mean_probability": None if probs is None else probs.mean(0).tolist(),
             "mask_frequency": masks.float().mean(0).tolist()}
 
@@ -491,6 +484,37 @@ def plot_masks(graph: MLOMAEGraph, x_test: Tensor, stats: Dict[str, Any], path: 
         kind = "untrained frozen" if graph.variant == "frozen-mask" else "learned"
         title = f"{graph.variant}: top-{k} of {g * g} patches by the {kind} masking network's probability"
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_class_masks(graph: MLOMAEGraph, x_test: Tensor, y_test: Tensor, stats: Dict[str, Any],
+                     path: Path) -> None:
+    """``masks_by_class.png``: per class, the mean image and the mean ``p(mask)`` of its test
+    images — whether the learned masks follow the object (nothing for ``mae``)."""
+    learned = stats.get("learned")
+    if not learned or "mean_p_per_class" not in learned:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = graph.settings
+    g = s.image_size // s.patch_size
+    maps = learned["mean_p_per_class"]
+    c = len(maps)
+    fig, axes = plt.subplots(2, c, figsize=(1.5 * c, 3.4), squeeze=False)
+    x, y = x_test.cpu(), y_test.cpu()
+    for i, m in enumerate(maps):
+        if m is None:
+            axes[0, i].axis("off"), axes[1, i].axis("off")
+            continue
+        imshow(axes[0, i], x[y == i].mean(0), f"class {i}")
+        heatmap(axes[1, i], torch.tensor(m).view(g, g), f"p̄ (std {torch.tensor(m).std():.2f})")
+    fig.suptitle(f"{graph.variant}: mean test image and mean p(mask) per class "
+                 f"(p varies across images by {learned['std_across_images']:.3f}, "
+                 f"across positions by {learned['std_across_positions']:.3f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -544,6 +568,10 @@ def write_summary(path: Path, graph: MLOMAEGraph, preset, args, seconds: float, 
         "problem_updates": {n: r["updates"] for n, r in rec.items()},
         "final_losses": {n: r.get("loss") for n, r in rec.items()},
         "mean_mask_probability": stats["mean_probability"],
+        # the learned masks on the test images (problems.mask_statistics); null for mae
+        **{k: (stats["learned"] or {}).get(k) for k in (
+            "masked_p_mean", "masked_p_below_0.1", "std_across_images", "std_across_positions",
+            "mean_p_per_class")},
         "mask_frequency": stats["mask_frequency"],
         "settings": asdict(graph.settings),
     }
@@ -586,14 +614,21 @@ def run(args: argparse.Namespace) -> float:
         torch.distributed.destroy_process_group()
         if not main_rank:
             return float("nan")
-    stats = mask_statistics(graph, test_data[0])
+    stats = mask_statistics(graph, test_data[0], test_data[1])
     plot_masks(graph, test_data[0], stats, args.out / "masks.png")
+    plot_class_masks(graph, test_data[0], test_data[1], stats, args.out / "masks_by_class.png")
+    if stats["learned"]:
+        m = stats["learned"]
+        print(f"[mlo_mae] learned masks (test): masked patches' mean p {m['masked_p_mean']:.3f}, "
+              f"share with p < 0.1 {m['masked_p_below_0.1']:.2f}; p varies across images by "
+              f"{m['std_across_images']:.3f}, across positions by {m['std_across_positions']:.3f}",
+              flush=True)
     accuracy = probe_accuracy(graph, train_data, test_data, preset, args.quick)
     head = head_test_accuracy(graph, test_data, preset, args.quick)
     write_summary(args.out / "summary.json", graph, preset, args, seconds, accuracy, stats, head)
     losses = ", ".join(f"{n} {r['loss']:.4f}" for n, r in graph.engine.records.items() if "loss" in r)
     print(f"[mlo_mae] {graph.engine.iteration} iterations in {seconds:.1f}s ({losses}); "
-          f"wrote {args.out}/{{metrics.csv,checkpoint.pt,masks.png,summary.json}}", flush=True)
+          f"wrote {args.out}/{{metrics.csv,checkpoint.pt,masks.png,masks_by_class.png,summary.json}}", flush=True)
     print(f"stage-II head test accuracy: {100 * head:.2f}%" if head is not None else
           f"stage-II head test accuracy: none (the {graph.variant} variant has no classifier head)", flush=True)
     print(f"linear-probe test accuracy: {100 * accuracy:.2f}%", flush=True)

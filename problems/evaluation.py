@@ -14,8 +14,8 @@ Fine-tuning trains ``head(model(x))`` end to end with AdamW and cross-entropy.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ class ProbeResult:
     train_accuracy: float
     num_features: int
     iterations: int        # L-BFGS function evaluations
+    others: Dict[str, float] = field(default_factory=dict)   # accuracy on each ``also`` set
 
 
 @dataclass
@@ -109,7 +110,8 @@ def extract_features(feature_fn: Callable[[Tensor], Tensor], x: Tensor, batch_si
 
 
 def linear_probe(feature_fn: Callable[[Tensor], Tensor], train, test, *, num_classes: Optional[int] = None,
-                 weight_decay: float = 1e-3, max_iter: int = 500, batch_size: int = 512) -> ProbeResult:
+                 weight_decay: float = 1e-3, max_iter: int = 500, batch_size: int = 512,
+                 also: Optional[Mapping[str, Any]] = None) -> ProbeResult:
     """Accuracy of a logistic-regression probe on frozen, standardized features.
 
     Args:
@@ -121,6 +123,8 @@ def linear_probe(feature_fn: Callable[[Tensor], Tensor], train, test, *, num_cla
         weight_decay: ``λ`` of the L2 penalty on ``W`` (mean loss scale).
         max_iter: L-BFGS iteration budget.
         batch_size: feature-extraction batch size.
+        also: more evaluation sets by name (e.g. ``{"val": val}``), scored by the same
+            probe (trained once) into ``ProbeResult.others``.
 
     The probe runs on the device of the features (``feature_fn``'s outputs; batches of
     ``x`` are moved to ``feature_fn``'s module first, see :func:`extract_features`): its
@@ -152,8 +156,14 @@ def linear_probe(feature_fn: Callable[[Tensor], Tensor], train, test, *, num_cla
     with torch.no_grad():
         train_acc = ((z_tr @ w + b).argmax(1) == y_tr).double().mean().item()
         acc = ((z_te @ w + b).argmax(1) == y_te).double().mean().item()
+        others = {}
+        for name, data in (also or {}).items():
+            x_o, y_o = as_tensors(data)[:2]
+            z_o = (extract_features(feature_fn, x_o, batch_size).double() - mu) / sd
+            others[name] = ((z_o @ w + b).argmax(1) == y_o.to(z_o.device, torch.long)).double().mean().item()
     n_eval = opt.state[opt._params[0]].get("func_evals", 0)
-    return ProbeResult(accuracy=acc, train_accuracy=train_acc, num_features=z_tr.shape[1], iterations=n_eval)
+    return ProbeResult(accuracy=acc, train_accuracy=train_acc, num_features=z_tr.shape[1], iterations=n_eval,
+                       others=others)
 
 
 @torch.no_grad()
