@@ -511,7 +511,8 @@ def plot_class_masks(graph: MLOMAEGraph, x_test: Tensor, y_test: Tensor, stats: 
             axes[0, i].axis("off"), axes[1, i].axis("off")
             continue
         imshow(axes[0, i], x[y == i].mean(0), f"class {i}")
-        heatmap(axes[1, i], torch.tensor(m).view(g, g), f"p̄ (std {torch.tensor(m).std():.2f})")
+        heatmap(axes[1, i], torch.tensor(m).view(g, g), "")
+    axes[1, 0].set_title("mean p(mask)", fontsize=8)
     fig.suptitle(f"{graph.variant}: mean test image and mean p(mask) per class "
                  f"(p varies across images by {learned['std_across_images']:.3f}, "
                  f"across positions by {learned['std_across_positions']:.3f})", fontsize=9)
