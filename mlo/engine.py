@@ -112,8 +112,9 @@ class Engine(UpdateMixin, ReadsMixin, GuardMixin, EventsMixin):
             if not FunctionalOptimizer.supports(opt):
                 raise GraphError(
                     f"problem {n!r}: method {self.problems[n].config.method!r} steps with a "
-                    f"differentiable twin of its optimizer, which exists for torch.optim.SGD, Adam "
-                    f"and AdamW; got {type(opt).__name__}. Use one of those, or an implicit / "
+                    f"differentiable twin of its optimizer, which exists for torch.optim "
+                    f"{FunctionalOptimizer.supported()} (exactly those classes, not subclasses); got "
+                    f"{type(opt).__name__}. Use one of those, or an implicit / "
                     f"finite-difference method (config.method='cg', 'neumann' or 'finite_difference')")
         #: The run state (mlo.state.RunState): iteration, windows, counters, last batches.
         self.state = RunState({n: self.graph.lowers(n) for n in self.problems})

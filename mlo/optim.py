@@ -1,10 +1,11 @@
 """Differentiable (functional) twins of ``torch.optim`` optimizers.
 
 Unrolled hypergradients take K optimizer steps whose result stays in the autograd
-graph. :class:`FunctionalOptimizer` reproduces ``torch.optim.SGD``, ``Adam`` and
-``AdamW`` operation by operation (the single-tensor, ``foreach=False`` arithmetic of
-torch 2.x), so the forward trajectory equals the torch one to rounding, while every
-update is out of place:
+graph. :class:`FunctionalOptimizer` reproduces ``torch.optim.SGD``, ``Adam``, ``AdamW``
+and — through the rules of :mod:`mlo.optim_rules` — ``RMSprop``, ``Adagrad``,
+``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta`` and ``ASGD`` operation by operation (the
+single-tensor, ``foreach=False`` arithmetic of torch 2.x), so the forward trajectory
+equals the torch one to rounding, while every update is out of place:
 
     params_{k+1}, state_{k+1} = U(params_k, grads_k, state_k)
 
@@ -24,29 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FunctionalOptimizer", "FunctionalSGD", "FunctionalAdam", "functional_optimizer"]
+from .optim_rules import RULES, _Number, _axpy, _sqrt  # noqa: F401  (_sqrt: mlo.optim._sqrt)
 
-_Number = (int, float)
-
-
-def _axpy(x: Tensor, y: Tensor, a) -> Tensor:
-    """``x + a * y`` with torch's rounding (``add(alpha=)`` for numbers, ``addcmul`` for tensors)."""
-    return x.add(y, alpha=a) if isinstance(a, _Number) else x.addcmul(y, a)
-
-
-def _sqrt(v: Tensor) -> Tensor:
-    """``v.sqrt()`` for ``v >= 0``, bitwise, whose derivative at ``v == 0`` is 0, not inf.
-
-    An element whose gradient is exactly 0 but graph-connected (e.g. a softmax key
-    bias) has ``v = m = 0``: autograd's ``∂sqrt(v) = 1/(2·0) = inf`` meets the
-    ``∂denom`` factor ``m = 0`` and ``inf·0`` turns every upstream derivative into NaN.
-    The derivative of ``m/(sqrt(v)+eps)`` there is ``∂m/eps`` — the sqrt
-    term contributes nothing — so take 0 for it. The inner ``where`` keeps ``sqrt``
-    away from 0 so no inf is ever formed; derivatives of every order stay finite.
-    (``v == 0`` and not ``v > 0``: a NaN ``v`` stays NaN, as in torch.)
-    """
-    zero = v == 0
-    return torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
+__all__ = ["FunctionalOptimizer", "FunctionalSGD", "FunctionalAdam", "FunctionalRule", "functional_optimizer"]
 
 
 def _copy(t):
@@ -75,11 +56,16 @@ class FunctionalOptimizer:
 
     @staticmethod
     def _twin(optimizer: torch.optim.Optimizer):
-        """The subclass that reproduces ``optimizer``'s class, or ``None``."""
+        """The subclass that reproduces ``optimizer``'s class (exactly: not a subclass), or ``None``."""
         for sub in (FunctionalSGD, FunctionalAdam):
             if type(optimizer) in sub.torch_types:
                 return sub
-        return None
+        return _RULE_TWINS.get(type(optimizer))
+
+    @staticmethod
+    def supported() -> str:
+        """The ``torch.optim`` classes with a twin, for messages: ``"SGD, Adam, AdamW, RMSprop, ..."``."""
+        return ", ".join(["SGD", "Adam", "AdamW"] + [c.__name__ for c in RULES])
 
     @staticmethod
     def supports(optimizer: torch.optim.Optimizer) -> bool:
@@ -91,12 +77,13 @@ class FunctionalOptimizer:
         """Take over a torch optimizer's hyperparameters and state.
 
         Args:
-            optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` instance.
+            optimizer: an instance of a class listed by :meth:`supported`.
             params: the real parameters (as in ``optimizer.param_groups``) in a fixed
                 order; :meth:`step` takes tensors in the same order.
 
         Returns:
-            A :class:`FunctionalSGD` or :class:`FunctionalAdam` holding cloned state.
+            A :class:`FunctionalSGD`, :class:`FunctionalAdam` or :class:`FunctionalRule`
+            subclass holding cloned state.
 
         Raises:
             TypeError: the optimizer class is not supported.
@@ -108,7 +95,7 @@ class FunctionalOptimizer:
         if sub is None:
             raise TypeError(
                 f"FunctionalOptimizer does not support {type(optimizer).__name__}; "
-                "supported: torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW")
+                f"supported (torch.optim): {cls.supported()}")
         tgroups = optimizer.param_groups
         first = tgroups[0]["params"] if len(tgroups) == 1 else ()
         if len(first) == len(params) and all(a is b for a, b in zip(first, params)):
@@ -142,7 +129,7 @@ class FunctionalOptimizer:
         if sub is None:
             raise TypeError(
                 f"FunctionalOptimizer does not support {type(optimizer).__name__}; "
-                "supported: torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW")
+                f"supported (torch.optim): {cls.supported()}")
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         return sub([group], [0] * n, [{} for _ in range(n)])
 
@@ -292,6 +279,27 @@ class FunctionalAdam(FunctionalOptimizer):
         if isinstance(step_size, _Number):
             return p.addcdiv(m, denom, value=-step_size), state
         return p + (-step_size) * m / denom, state  # addcdiv's kernel order: (value * t1) / t2
+
+
+class FunctionalRule(FunctionalOptimizer):
+    """A twin whose update is a rule of :mod:`mlo.optim_rules` (``RMSprop``, ``Adagrad``,
+    ``Adamax``, ``NAdam``, ``RAdam``, ``Adadelta``, ``ASGD``): one subclass per torch
+    class, e.g. ``FunctionalRMSprop``, with ``torch_types`` that class and ``rule`` its
+    update. Hyperparameters and state keys are torch's; any number hyperparameter
+    (``lr``, ``weight_decay``, ``eps``, ``alpha``, ``momentum``, ``betas`` entries,
+    ``lr_decay``, ``momentum_decay``, ``rho``, ``lambd``) may be a 0-dim tensor.
+    """
+
+    rule = None
+
+    def _update(self, p, g, state, group):
+        return self.rule(p, g, state, group)
+
+
+_RULE_TWINS = {cls: type(f"Functional{cls.__name__}", (FunctionalRule,), {
+    "torch_types": (cls,), "rule": staticmethod(fn), "__module__": __name__,
+    "__doc__": f"Differentiable ``torch.optim.{cls.__name__}`` (:func:`mlo.optim_rules.{fn.__name__}`)."})
+    for cls, fn in RULES.items()}
 
 
 def functional_optimizer(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> FunctionalOptimizer:

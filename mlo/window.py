@@ -45,7 +45,8 @@ What the engine guarantees (the semantics, tested against plain autograd):
 
 The method must step through a window (``config.method="unrolled"``; an implicit
 method has no iterate that outlives the window), the optimizer must have a
-differentiable twin (SGD, Adam, AdamW) and at least one problem must sit above.
+differentiable twin (:meth:`mlo.optim.FunctionalOptimizer.supported`: SGD, Adam, AdamW,
+RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD) and at least one problem must sit above.
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ class WindowProblem(Problem):
 
     Args:
         name: unique name within the engine.
-        optimizer: a ``torch.optim`` class with a differentiable twin (SGD, Adam, AdamW).
+        optimizer: a ``torch.optim`` class with a differentiable twin (SGD, Adam,
+            AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD).
         optimizer_kwargs: its hyperparameters (e.g. ``{"lr": 0.5}``), the same every window.
         data: batches; one is taken per window.
         config: a :class:`ProblemConfig` (``method`` must step through a window).
