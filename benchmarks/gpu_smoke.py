@@ -38,8 +38,9 @@ line says so: CI exercises the path (``tests/test_gpu_smoke.py``)::
     python benchmarks/gpu_smoke.py --mlo-mae-batch-size 48        # a 24 GB GPU
 
 MLO-MAE at the preset's batch 128 needs an estimated 43–46 GB (docs/benchmarks.md,
-"MLO-MAE paper preset: peak memory"): 48 and 80 GB GPUs; ``--mlo-mae-batch-size`` 96 on
-40 GB, 48 on 24 GB. An out-of-memory run is reported as a failure with that advice.
+"MLO-MAE paper preset: peak memory"): an 80 GB GPU, a 48 GB one borderline;
+``--mlo-mae-batch-size`` 96 on 40 GB, 48 on 24 GB. An out-of-memory run is reported as a
+failure with that advice.
 """
 from __future__ import annotations
 
