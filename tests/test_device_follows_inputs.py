@@ -246,6 +246,10 @@ MODULES = sorted([*ROOT.glob("mlo/*.py"), *ROOT.glob("engines/*.py"), *ROOT.glob
 HOST_BY_DESIGN = {
     ("mlo/optim.py", "_update", "tensor"):
         "Adam's step count of an old checkpoint: torch.optim keeps it on the CPU too",
+    ("mlo/optim_rules.py", "_step", "tensor"):
+        "the step count of an old checkpoint: torch.optim keeps it on the CPU too",
+    ("mlo/optim_rules.py", "asgd", "as_tensor"):
+        "ASGD's 0-dim eta/mu, built as torch's ASGD builds them and moved to the state's device",
     ("problems/pos_embed.py", "sincos_1d", "arange"):
         "a constructor's table (float64 arithmetic) on the default device",
     ("problems/pos_embed.py", "sincos_2d", "arange"):
