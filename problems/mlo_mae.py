@@ -42,9 +42,10 @@ Jacobian carries its learning rate. ``"official"`` is what the official code run
 Fashion-MNIST the official form collapses the masking network (every masked patch's
 ``p → 0``: reconstruction switched off); the paper's form does not, which is why it is
 the default (README, "MLO-MAE on Fashion-MNIST"). The setting selects
-``scale_by_lr`` of the ``finite_difference``/``darts``/``sama`` methods; the other
-methods (``cg``, ``neumann``, ``unrolled``) have no ``H⁻¹ ≈ s·I`` to choose and accept
-only ``"paper"`` (unrolled *is* the η-weighted form at one step).
+``scale_by_lr`` of the ``finite_difference``/``darts`` methods; the other methods
+(``cg``, ``neumann``, ``unrolled``, and ``sama``, whose ``u = η D ⊙ v`` carries η
+already) have no ``H⁻¹ ≈ s·I`` to choose and accept only ``"paper"`` (unrolled *is*
+the η-weighted form at one step).
 
 Masking-network input (``mask_input_position``, ``mask_input_norm``): the paper feeds
 the MAE's patch + position embeddings; position-free input (patch part only) and a

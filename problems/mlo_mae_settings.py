@@ -15,7 +15,7 @@ __all__ = ["VARIANTS", "WEIGHTINGS", "SCALED_METHODS", "LEVELS", "MLOMAESettings
 VARIANTS = ("mlo-mae", "blo-mae", "mae", "frozen-mask")
 WEIGHTINGS = ("paper", "official")
 # methods whose best-response Jacobian uses H⁻¹ ≈ s·I, s chosen by the weighting
-SCALED_METHODS = ("finite_difference", "darts", "sama")
+SCALED_METHODS = ("finite_difference", "darts")   # (sama already carries η: u = η D ⊙ v)
 LEVELS = ("pretrain", "finetune", "mask")   # names of augment / cosine_final / *_weight_decay
 
 

@@ -78,6 +78,10 @@ def test_weighting_sets_scale_by_lr_and_refuses_contradictions():
         MLOMAESettings(hypergrad_weighting="eta")
     g = build("mlo-mae", settings(method="cg", method_options={"max_iter": 2}), (x, y))   # paper: fine
     assert "scale_by_lr" not in g.problems["pretrain"].config.method_options
+    g = build("mlo-mae", settings(method="sama", cosine=False), (x, y))   # SAMA's u = η D ⊙ v has η
+    assert "scale_by_lr" not in g.problems["pretrain"].config.method_options
+    g.engine.run(4)
+    assert g.engine.records["mask"]["hypergrad_norm"] > 0
 
 
 # ------------------------------------------------------------ masker input
