@@ -26,20 +26,31 @@ counters, the checksum — and only then changes the engine; on any error
 (:class:`CheckpointError`, a ``ValueError``) the engine is exactly as before.
 Temporary files ``.mlo-ckpt-<pid>-*`` left by a killed save are removed by the
 next save in that folder.
+
+Periodic checkpoints. ``EngineConfig(checkpoint_every=N, checkpoint_path=DIR,
+checkpoint_keep=k)`` makes the engine write ``DIR/ckpt-<iteration>.pt`` (the
+iteration zero-padded to six digits, e.g. ``ckpt-000120.pt``) at the end of every
+N-th iteration — at the first later iteration end with no unrolled window open
+when one is open then (:class:`PeriodicCheckpoints`), so that every periodic
+checkpoint resumes bit for bit — and keep the newest k. Find the newest with
+:func:`latest` (``mlo.checkpoint.latest(DIR)``: the highest iteration, not the
+newest modification time) or list them with :func:`list_checkpoints`.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import warnings
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["save", "load", "CheckpointError", "UnreadableCheckpointError"]
+__all__ = ["save", "load", "CheckpointError", "UnreadableCheckpointError", "PeriodicCheckpoints",
+           "checkpoint_name", "list_checkpoints", "latest"]
 
 _FORMAT = 2
 _READS = (1, 2)        # format 1: the same layout, without checksum and optimizer classes
@@ -407,3 +418,137 @@ def load(engine, path: PathLike) -> None:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     _warn_open(blob.get("open_windows") or {}, f"{path}: checkpoint was saved")
+
+
+# ------------------------------------------------------------ periodic checkpoints
+_PERIODIC = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def checkpoint_name(iteration: int) -> str:
+    """The file name of the periodic checkpoint of ``iteration``: ``ckpt-000120.pt``
+    (six digits at least; iterations past 999 999 take more, and :func:`latest` orders
+    by the number, not the name)."""
+    return f"ckpt-{int(iteration):06d}.pt"
+
+
+def list_checkpoints(directory: PathLike) -> List[Tuple[int, str]]:
+    """``[(iteration, path), ...]`` of the periodic checkpoints (``ckpt-<iteration>.pt``)
+    in ``directory``, oldest (lowest iteration) first; ``[]`` when the directory does
+    not exist. Temporary files of saves in progress are not listed."""
+    directory = os.fspath(directory)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for f in names:
+        m = _PERIODIC.match(f)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, f)))
+    return sorted(found)
+
+
+def latest(directory: PathLike) -> Optional[str]:
+    """The path of the newest periodic checkpoint in ``directory`` — the highest
+    iteration — or ``None`` when there is none. Resume with
+    ``mlo.checkpoint.load(engine, mlo.checkpoint.latest(DIR))``."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+class PeriodicCheckpoints:
+    """The writer behind ``EngineConfig(checkpoint_every=N, checkpoint_path=DIR,
+    checkpoint_keep=k)``; the engine calls :meth:`after_iteration` at the end of every
+    iteration (after logging, validation and the ``after_iteration`` callbacks).
+
+    * **When.** A checkpoint is due at the end of every iteration that is a multiple of
+      N (``engine.iteration % N == 0``). It is written then if no unrolled window is
+      open; otherwise it waits for the first later iteration end with none open (the
+      iteration in which the problems above the unrolled ones consume their windows)
+      and is named after *that* iteration. Windows are not closed for it: closing a
+      window truncates the hypergradient (it would change the run's arithmetic), and a
+      checkpoint saved inside one cannot resume bit for bit (:func:`save`). So every
+      periodic checkpoint resumes exactly the run that wrote it. Saving changes nothing
+      in the running engine. If a due checkpoint has waited N iterations (windows are
+      always open at iteration ends, e.g. a lower whose upper never becomes ready), one
+      ``RuntimeWarning`` says so. A checkpoint still waiting when ``run`` returns is
+      not written: save the final state yourself (after ``engine.close_windows()`` if
+      you accept the truncation).
+    * **Atomic, keeps the last k.** Each file is written by :func:`save` (temporary
+      file, fsync, ``os.replace``). Only after it is in place are older periodic
+      checkpoints deleted, the newest ``k`` (by iteration) kept; with ``k=None`` none
+      is deleted. Files of a *higher* iteration than the one just written (left by an
+      earlier run past the point this one was resumed from) are left alone; this run
+      overwrites them when it gets there. A failed save raises (``OSError``,
+      ``RuntimeError``...) out of ``engine.step()`` after the iteration is complete
+      (``engine.iteration`` counts it) and deletes nothing: the previous checkpoints
+      are intact. The next attempt is at the next multiple of N.
+    * **Data parallel.** Every rank calls :func:`save` at the same iteration (the
+      schedule and the windows are the same on every rank); rank 0 writes and, after
+      every rank has seen the file written, deletes the old ones.
+
+    What a checkpoint does not hold (data iterators, early-stopping state, validation
+    history) is listed in this module's docstring.
+
+    Args:
+        directory: the folder of the ``ckpt-<iteration>.pt`` files (created on the
+            first save).
+        every: N, iterations between checkpoints (>= 1).
+        keep: how many to keep (>= 1), or ``None`` for all.
+    """
+
+    def __init__(self, directory: PathLike, every: int, keep: Optional[int] = 3):
+        self.directory = os.fspath(directory)
+        self.every = every
+        self.keep = keep
+        #: The iteration at which the checkpoint now waiting for a window-free
+        #: iteration end became due, or ``None``.
+        self.pending_since: Optional[int] = None
+        #: The path of the last periodic checkpoint this writer saved, or ``None``.
+        self.last_path: Optional[str] = None
+        self._warned = False
+
+    def after_iteration(self, engine) -> Optional[str]:
+        """Writes the checkpoint when due and no window is open; returns its path (else
+        ``None``)."""
+        it = engine.iteration
+        if self.pending_since is None and it % self.every == 0:
+            self.pending_since = it
+        if self.pending_since is None:
+            return None
+        open_windows = engine.open_windows()
+        if open_windows:
+            if not self._warned and it - self.pending_since >= self.every:
+                self._warned = True
+                desc = ", ".join(f"{n!r}" for n in sorted(open_windows))
+                warnings.warn(
+                    f"EngineConfig(checkpoint_every={self.every}): the checkpoint due at iteration "
+                    f"{self.pending_since} is still waiting at iteration {it}: unrolled window(s) of "
+                    f"{desc} are open at every iteration end, and a checkpoint is only written "
+                    f"when none is (mlo.checkpoint.PeriodicCheckpoints)", RuntimeWarning, stacklevel=4)
+            return None
+        return self.write(engine)
+
+    def write(self, engine) -> str:
+        """Saves ``engine`` to ``<directory>/ckpt-<iteration>.pt`` now, then deletes
+        the periodic checkpoints beyond the newest ``keep``; returns the path."""
+        from . import distributed as _dist
+
+        self.pending_since = None        # a failed save is retried at the next multiple
+        path = os.path.join(self.directory, checkpoint_name(engine.iteration))
+        save(engine, path)               # raises on failure: nothing is deleted then
+        self.last_path = path
+        if self.keep is not None and _dist.is_main():
+            self._prune(engine.iteration)
+        return path
+
+    def _prune(self, current: int) -> None:
+        older = [p for i, p in list_checkpoints(self.directory) if i <= current]
+        for p in older[:-self.keep]:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:     # the new checkpoint is written: do not fail the run
+                warnings.warn(f"EngineConfig(checkpoint_keep={self.keep}): could not delete the old "
+                              f"checkpoint {p} ({_reason(e)})", RuntimeWarning, stacklevel=4)

@@ -6,7 +6,7 @@ import functools
 import math
 import numbers
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 __all__ = ["ProblemConfig", "EngineConfig", "load_problem_configs", "load_yaml"]
 
@@ -141,6 +141,21 @@ class EngineConfig:
             steps are differentiated through their own hypergradient. Needs a single
             top problem and a window method (``"unrolled"``) on every other problem;
             memory grows with all the steps of the top's window (README, "Nesting").
+        checkpoint_every: write a checkpoint every N iterations (``None``, the default:
+            never): ``<checkpoint_path>/ckpt-<iteration>.pt`` (e.g. ``ckpt-000120.pt``),
+            atomically (:func:`mlo.checkpoint.save`), at the end of the iteration
+            (after logging, validation and callbacks). When an unrolled window is open
+            then, the checkpoint waits for the first later iteration end with none
+            open (windows are not closed for it, so the run's arithmetic is unchanged
+            and every checkpoint resumes bit for bit) and is named after that
+            iteration. Under ``torch.distributed`` every rank saves (rank 0 writes).
+            The newest is ``mlo.checkpoint.latest(checkpoint_path)``; details in
+            :class:`mlo.checkpoint.PeriodicCheckpoints`. Needs ``checkpoint_path``.
+        checkpoint_path: the folder of the periodic checkpoints (created on the first
+            save; a ``str`` or ``os.PathLike``, not an existing file). Needs
+            ``checkpoint_every``.
+        checkpoint_keep: how many periodic checkpoints to keep (default 3; ``None``:
+            all). Older ones are deleted only after the new one is in place.
 
     Raises:
         ValueError: a field of the wrong type or out of range (checked on construction).
@@ -158,6 +173,9 @@ class EngineConfig:
     device: Optional[str] = None
     precision: str = "fp32"
     nesting: str = "betty"
+    checkpoint_every: Optional[int] = None
+    checkpoint_path: Optional[Union[str, "os.PathLike[str]"]] = None
+    checkpoint_keep: Optional[int] = 3
 
     def __post_init__(self):
         from .precision import check as _check_precision
@@ -175,6 +193,7 @@ class EngineConfig:
         if self.validation is not None and not callable(self.validation):
             raise ValueError(f"EngineConfig.validation must be a callable fn(engine) -> dict of "
                              f"metrics or None, got {type(self.validation).__name__}")
+        self._check_checkpoints()
         if self.nesting not in ("betty", "exact"):
             raise ValueError(f"EngineConfig.nesting must be 'betty' or 'exact', got {self.nesting!r}")
         if self.nonfinite not in ("raise", "skip", "ignore"):
@@ -221,6 +240,29 @@ class EngineConfig:
                     and isinstance(ref[1], dict)):
                 raise ValueError(f"EngineConfig.monitor['reference'] must be a method name or "
                                  f"(method, options dict), got {ref!r}")
+
+    def _check_checkpoints(self) -> None:
+        """``checkpoint_every`` / ``checkpoint_path`` / ``checkpoint_keep``: types, ranges,
+        and that the first two come together."""
+        for name in ("checkpoint_every", "checkpoint_keep"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1 or None, got {v!r} "
+                                 f"({type(v).__name__})")
+        path = self.checkpoint_path
+        if path is not None:
+            if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+                raise ValueError(f"EngineConfig.checkpoint_path must be a folder (a non-empty str or "
+                                 f"os.PathLike), got {path!r} ({type(path).__name__})")
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ValueError(f"EngineConfig.checkpoint_path must be a folder for the "
+                                 f"ckpt-<iteration>.pt files, but {os.fspath(path)} is a file")
+        if self.checkpoint_every is not None and path is None:
+            raise ValueError(f"EngineConfig.checkpoint_every={self.checkpoint_every} needs "
+                             f"checkpoint_path (the folder of the ckpt-<iteration>.pt files)")
+        if path is not None and self.checkpoint_every is None:
+            raise ValueError(f"EngineConfig.checkpoint_path={os.fspath(path)!r} needs checkpoint_every=N "
+                             f"(iterations between checkpoints)")
 
 
 class _DuplicateKey(Exception):

@@ -309,6 +309,8 @@ class Engine(UpdateMixin, ReadsMixin, GuardMixin, EventsMixin):
         c = self.config
         if c.log_every is not None or c.loggers or (c.validate_every and c.validation) or self._callbacks:
             self._end_of_iteration()      # (nothing to do otherwise)
+        if self.periodic_checkpoints is not None:   # EngineConfig(checkpoint_every=N)
+            self.periodic_checkpoints.after_iteration(self)
 
     # ------------------------------------------------------------- helpers
     @property

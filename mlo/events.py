@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 import engines.base as eb
 
 from . import callbacks as cb
+from . import checkpoint as _ckpt
 from . import distributed as _dist
 from . import monitor as mon
 from .problem import Problem
@@ -39,6 +40,9 @@ class EventsMixin:
         #: The early-stopping tracker (``best``, ``best_iteration``), or ``None``.
         self.early_stopping = cb.EarlyStopping(**es) if es else None
         self._monitored: set = set()
+        #: EngineConfig(checkpoint_every=...)'s writer (mlo.checkpoint.PeriodicCheckpoints), or None.
+        self.periodic_checkpoints = None if c.checkpoint_every is None else _ckpt.PeriodicCheckpoints(
+            c.checkpoint_path, c.checkpoint_every, c.checkpoint_keep)
         if c.monitor:
             method, opts = c.monitor["reference"]
             if method in eb.available() and eb.info(method).window:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mlo
-from mlo.loggers import CSVLogger, TensorBoardLogger
+from mlo.loggers import CSVLogger, TensorBoardLogger, read_csv_log
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,11 @@ def test_csv_logger_training_validation_and_new_columns(tmp_path):
     engine = build(mlo.EngineConfig(loggers=[logger], validate_every=3, validation=lambda e: {"v": 1.5}))
     engine.run(6)
     logger.close()
-    rows = list(csv.DictReader(open(path)))
+    # append-only: each new column starts the next part; read_csv_log merges them
+    assert [p.name for p in sorted(path.parent.iterdir())] == ["metrics.2.csv", "metrics.3.csv", "metrics.csv"]
+    first = list(csv.reader(open(path)))
+    assert first[0] == ["iteration", "lower/loss"] and [r[0] for r in first[1:]] == ["1"]
+    rows = read_csv_log(path)
     assert list(rows[0]) == ["iteration", "lower/loss", "upper/loss", "upper/mae", "val/v"]
     # every iteration: the problems that updated; then one row per validation
     assert [r["iteration"] for r in rows] == ["1", "2", "3", "3", "4", "5", "6", "6"]
