@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import gc
 import os
-import sys
 import tracemalloc
 
 import pytest
