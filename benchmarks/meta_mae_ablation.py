@@ -63,7 +63,7 @@ def one_run(job) -> Dict[str, Any]:
     modality, seed, row, extra, steps, floors = job
     import torch
     torch.set_num_threads(1)
-    argv = ["--modality", modality, "--seed", str(seed), "--no-progress", "--threads", "1",
+    argv = ["--modality", modality, "--seed", str(seed), "--no-progress", "--threads", "1", "--overwrite",
             "--out", f"/tmp/meta_mae_ablation/{modality}_{seed}_{ROWS[row][0].split(',')[0][:6].strip('+ ')}_{row}",
             *extra]
     if steps:

@@ -39,8 +39,17 @@ MAE loss), ``--no-adapt``, ``--no-contrastive``, ``--decoder-depth 0`` (linear
 decoder), ``--support-ratio r``, ``--first-order``; ``--alpha``, ``--lam`` override
 the preset's α and λ.
 
-Writes ``--out`` (default ``runs/meta_mae/<modality>``): ``metrics.csv`` (one row per
-iteration: loss, query and contrastive terms, seconds) and ``summary.json``. Also
+Writes ``--out`` (default ``runs/meta_mae/<modality>``, ``runs/meta_mae_quick/<modality>``
+with ``--quick``): ``metrics.csv`` (one row per iteration: loss, query and contrastive
+terms, seconds; :class:`mlo.loggers.CSVLogger`) and ``summary.json``; with
+``--checkpoint-every N`` also ``checkpoints/ckpt-<iteration>.pt`` every N engine
+iterations (``EngineConfig(checkpoint_every=N)``: atomic, the newest ``--checkpoint-keep``
+kept; load one with ``mlo.checkpoint.load`` into the same graph — this script has no
+``--resume``). A folder that already holds a run (a ``summary.json`` or periodic
+checkpoints) is never overwritten silently — e.g. two ablations of one modality, which
+share the default folder: the script stops with ``error: --out DIR already holds a run
+...`` (exit 2) unless ``--overwrite`` is given (which first deletes that run's
+``summary.json`` and checkpoints) or another ``--out``. Also
 probes the randomly initialised encoder and the raw input (one-hot ids for tokens)
 unless ``--no-floors``. The last line printed is ``linear-probe test accuracy: NN.NN%``.
 """
@@ -82,6 +91,7 @@ SETTINGS = {"width": int, "depth": int, "heads": int, "mlp_ratio": float, "decod
 DEFAULTS = {"probe_max_iter": 500, "decoder_dropout": 0.0, "input_dropout": 0.0, "qkv_bias": True}
 TABULAR_EMBEDDINGS = ("shared", "per_feature")
 TOP_KEYS = {"modality", "tokenizer", "paper", "cpu", "quick"}
+CHECKPOINTS = "checkpoints"   # --checkpoint-every's folder under --out
 Data = Tuple[Tensor, Tensor]
 
 
@@ -114,7 +124,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "1x1 convolution) or per_feature; default: the config's tokenizer.embedding")
     p.add_argument("--seed", type=int, default=0, help="model / batch seed (the data split is fixed)")
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps")
-    p.add_argument("--out", type=Path, help="output directory (default runs/meta_mae/<modality>)")
+    p.add_argument("--out", type=Path, help="output directory (default runs/meta_mae/<modality>, "
+                   "runs/meta_mae_quick/<modality> with --quick); a folder holding a run is refused "
+                   "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its summary.json and checkpoints/)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="write --out/checkpoints/ckpt-<iteration>.pt every N engine iterations")
+    p.add_argument("--checkpoint-keep", type=int, default=3, metavar="K",
+                   help="periodic checkpoints kept (default 3)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-floors", action="store_true", help="skip the random-init and raw-input probes")
@@ -279,6 +297,26 @@ def build(form: str, mae: MaskedAutoencoder, batches, opts: MetaMAEOptions, s: D
     return engine, problems["upper"], opts.steps if opts.adapt else 1
 
 
+# ------------------------------------------------------------------ run folder
+def claim_out(out: Path, args: argparse.Namespace) -> None:
+    """Refuses an ``out`` holding a run (``summary.json`` or periodic checkpoints) unless
+    ``--overwrite``, which deletes them; checks ``--checkpoint-every`` / ``--checkpoint-keep``."""
+    for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--checkpoint-keep", args.checkpoint_keep)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    old = [out / "summary.json"] if (out / "summary.json").is_file() else []
+    old += [Path(p) for _, p in mlo.checkpoint.list_checkpoints(out / CHECKPOINTS)]
+    if old and not args.overwrite:
+        shown = [f for f in old if f.name == "summary.json"] + [f for f in old if f.name != "summary.json"][-1:]
+        found = ", ".join(str(f.relative_to(out)) for f in shown)
+        raise UsageError(f"--out {out} already holds a run ({found}); pass --out DIR for a new folder "
+                         f"or --overwrite to replace it")
+    for f in old:
+        f.unlink()
+
+
 # ---------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = read_config(args.config or CONFIGS / f"meta_mae_{args.modality}.yaml")
@@ -287,7 +325,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     s = make_settings(cfg, args)
     if args.tabular_embedding is not None:
         cfg["tokenizer"]["embedding"] = args.tabular_embedding
-    out = args.out or Path("runs/meta_mae") / args.modality
+    out = args.out or Path("runs/meta_mae_quick" if args.quick else "runs/meta_mae") / args.modality
+    claim_out(out, args)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -312,8 +351,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         sched = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR,
                  "scheduler_kwargs": {"T_max": s["steps"], "eta_min": 0.05 * s["lr"]}}
     logger = TimedCSV(out / "metrics.csv")
+    periodic = {} if args.checkpoint_every is None else dict(
+        checkpoint_every=args.checkpoint_every, checkpoint_path=out / CHECKPOINTS,
+        checkpoint_keep=args.checkpoint_keep)
     engine, problem, per_step = build(args.form, mae, batches, opts, s, args, mlo.EngineConfig(
-        progress=not args.no_progress, loggers=[logger]), sched)
+        progress=not args.no_progress, loggers=[logger], **periodic), sched)
     t0 = time.perf_counter()
     try:
         engine.run(s["steps"] * per_step)

@@ -6,12 +6,13 @@ evaluates the encoder with a linear probe. From the repository root, after
 ``pip install -e ".[examples]"``::
 
     python examples/mlo_mae_cifar.py                     # default: cpu preset (~3 min on 2 cores)
-    python examples/mlo_mae_cifar.py --quick             # smoke run (< 1 min)
+    python examples/mlo_mae_cifar.py --quick             # smoke run (< 1 min), into runs/mlo_mae_quick
     python examples/mlo_mae_cifar.py --preset paper --data-dir ~/data    # the paper's ViT-B/2, GPU
     python examples/mlo_mae_cifar.py --variant mae       # baselines: mae, blo-mae, frozen-mask
     python examples/mlo_mae_cifar.py --method cg         # best-response method of the lower levels
     python examples/mlo_mae_cifar.py --set embed_dim=128 --set depth=4   # any MLOMAESettings field
     python examples/mlo_mae_cifar.py --resume runs/mlo_mae/checkpoint.pt --steps 4000
+    python examples/mlo_mae_cifar.py --checkpoint-every 500 --out runs/long   # + runs/long/checkpoints/
     torchrun --nproc_per_node 2 examples/mlo_mae_cifar.py --quick    # data parallel, 2 processes
 
 Under ``torchrun`` every rank builds the same graph and keeps rows ``r, r+W, ...`` of
@@ -28,10 +29,23 @@ Presets are YAML files in ``examples/configs/`` (``mlo_mae_paper.yaml``,
 online (``--download`` to allow it into an explicit ``--data-dir``); otherwise the
 run falls back to the ``cpu`` preset, with one line saying so.
 
-Writes to ``--out`` (default ``runs/mlo_mae``): ``metrics.csv`` (a row every 10
+Writes to ``--out`` (default ``runs/mlo_mae``; ``runs/mlo_mae_quick`` with ``--quick``, so
+that the smoke run never touches the main job's folder): ``metrics.csv`` (a row every 10
 iterations: losses, mask hypergradient norm, seconds per problem), ``tb/``
 (TensorBoard), ``checkpoint.pt`` (:mod:`mlo.checkpoint`), ``masks.png`` (the
-learned masks) and ``summary.json``. The last two lines printed are the trained
+learned masks) and ``summary.json``. A folder that already holds a run (a
+``summary.json``, ``checkpoint.pt`` or ``checkpoints/ckpt-*.pt``) is never overwritten
+silently: the script stops with ``error: --out DIR already holds a run ...`` (exit 2)
+unless ``--overwrite`` is given (which first deletes that run's ``summary.json``,
+``checkpoint.pt`` and periodic checkpoints) or ``--resume`` names a checkpoint in that
+folder (which continues the run there).
+
+``--checkpoint-every N`` also writes ``checkpoints/ckpt-<iteration>.pt`` under ``--out``
+every N iterations (``EngineConfig(checkpoint_every=N)``: atomic; with ``--method
+unrolled`` at the first iteration after it with no window open; the newest
+``--checkpoint-keep`` (3) kept). Resume from the newest — the highest iteration, also
+``mlo.checkpoint.latest("DIR/checkpoints")`` — with ``--resume
+DIR/checkpoints/ckpt-<iteration>.pt --out DIR``. The last two lines printed are the trained
 classifier head's test accuracy (``stage-II head test accuracy: NN.NN%`` — the paper's
 CIFAR "linear probing" numbers, the official code's metric; ``none`` for variants
 without a head) and the L-BFGS linear probe's on the frozen encoder,
@@ -92,6 +106,8 @@ PROBE_KEYS = {"max_train", "max_test", "batch_size"}
 QUICK_KEYS = {"steps", "probe_train", "probe_test"}
 CG_MAX_ITER = 5      # CG's own default is one iteration per unknown: never leave it unset
 LOG_EVERY = 10       # iterations between rows of metrics.csv
+CHECKPOINTS = "checkpoints"   # --checkpoint-every's folder under --out
+RUN_FILES = ("summary.json", "checkpoint.pt")   # an --out holding one of these (or checkpoints/) holds a run
 Data = Tuple[Tensor, Tensor]
 
 
@@ -116,7 +132,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="best-response method of the lower levels (default: the preset's)")
     p.add_argument("--steps", type=int, help="pretraining iterations in total (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/mlo_mae"), help="output directory")
+    p.add_argument("--out", type=Path, help="output directory (default runs/mlo_mae; runs/mlo_mae_quick "
+                   "with --quick); a folder holding a run is refused unless --overwrite or --resume from it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its summary.json, checkpoint.pt and checkpoints/)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also write --out/checkpoints/ckpt-<iteration>.pt every N iterations")
+    p.add_argument("--checkpoint-keep", type=int, default=3, metavar="K",
+                   help="periodic checkpoints kept (default 3; the older ones are deleted)")
     p.add_argument("--resume", type=Path, metavar="PATH", help="checkpoint to continue from")
     p.add_argument("--quick", action="store_true", help="smoke run: few steps, probe on a subset")
     p.add_argument("--data", choices=DATA, help="dataset (default: the preset's); fashion-mnist/mnist "
@@ -134,7 +157,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--monitor", type=int, default=0, metavar="N",
                    help="every N mask updates, recompute the mask's hypergradient with CG to tol 1e-10 "
                         "on both lower levels and print its cosine and relative error (run unchanged)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:    # the smoke run never writes into the main job's folder
+        args.out = Path("runs/mlo_mae_quick" if args.quick else "runs/mlo_mae")
+    return args
 
 
 # ------------------------------------------------------------------- presets
@@ -305,6 +331,41 @@ def load_data(preset: Dict[str, Any], args: argparse.Namespace) -> Tuple[Dict[st
     return preset, cifar.tensors("train"), cifar.tensors("test")
 
 
+# ------------------------------------------------------------------ run folder
+def existing_run(out: Path) -> List[str]:
+    """What makes ``out`` a run folder: its ``summary.json``, ``checkpoint.pt`` and newest
+    periodic checkpoint (``[]``: none, or no folder)."""
+    found = [f for f in RUN_FILES if (out / f).is_file()]
+    periodic = mlo.checkpoint.list_checkpoints(out / CHECKPOINTS) if (out / CHECKPOINTS).is_dir() else []
+    return found + [f"{CHECKPOINTS}/{Path(p).name}" for _, p in periodic[-1:]]
+
+
+def claim_out(args: argparse.Namespace) -> None:
+    """Refuses an ``--out`` that holds a run, unless ``--overwrite`` (then its
+    ``summary.json``, ``checkpoint.pt`` and periodic checkpoints are deleted, on rank 0)
+    or ``--resume`` from a checkpoint in it (which continues that run)."""
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    found = existing_run(out)
+    if not found:
+        return
+    folders = {out.resolve(), (out / CHECKPOINTS).resolve()}
+    resuming_here = args.resume is not None and args.resume.resolve().parent in folders
+    if not args.overwrite:
+        if resuming_here:
+            return
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --out DIR for a new "
+                         f"folder, --overwrite to replace it, or --resume {out / 'checkpoint.pt'} to continue it")
+    if not mdist.is_main():
+        return
+    keep = args.resume.resolve() if args.resume is not None else None
+    old = [out / f for f in RUN_FILES] + [Path(p) for _, p in mlo.checkpoint.list_checkpoints(out / CHECKPOINTS)]
+    for f in old:
+        if f.is_file() and f.resolve() != keep:
+            f.unlink()
+
+
 # --------------------------------------------------------------------- graph
 def pick_device(args: argparse.Namespace) -> torch.device:
     try:
@@ -319,7 +380,11 @@ def pick_device(args: argparse.Namespace) -> torch.device:
 def build_graph(args, settings: MLOMAESettings, train: Data, device: torch.device) -> MLOMAEGraph:
     """The variant's graph on ``device`` (data and models)."""
     try:
-        config = mlo.EngineConfig(monitor={"every": args.monitor}) if getattr(args, "monitor", 0) else None
+        kw: Dict[str, Any] = {"monitor": {"every": args.monitor}} if getattr(args, "monitor", 0) else {}
+        if getattr(args, "checkpoint_every", None):
+            kw.update(checkpoint_every=args.checkpoint_every, checkpoint_path=args.out / CHECKPOINTS,
+                      checkpoint_keep=args.checkpoint_keep)
+        config = mlo.EngineConfig(**kw) if kw else None
         graph = build(args.variant, settings, train, seed=args.seed, engine_config=config)
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"cannot build the {args.variant} graph: {one_line(e)}") from None
@@ -587,6 +652,10 @@ def run(args: argparse.Namespace) -> float:
         sys.stdout = open(os.devnull, "w")
     if args.resume is not None and not args.resume.is_file():
         raise UsageError(f"resume file {args.resume} does not exist")
+    for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--checkpoint-keep", args.checkpoint_keep)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    claim_out(args)
     device = pick_device(args)
     if device.type == "cuda" and mdist.is_distributed():   # one GPU per rank
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -167,3 +167,24 @@ def test_problem_matches_plain_loss():
         expect = ref[name] - 0.1 * (g if g is not None else 0)
         torch.testing.assert_close(dict(prob.module.named_parameters())[name].detach(), expect,
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_run_folders_and_periodic_checkpoints(script, capsys, tmp_path):
+    """--checkpoint-every writes checkpoints/ckpt-<iteration>.pt (newest K kept); a folder
+    holding a run is refused with one error line; --overwrite replaces the run."""
+    assert script.parse_args(["--modality", "image", "--quick"]).out is None   # default chosen in run()
+    argv = ["--modality", "tabular", "--quick", "--no-progress", "--no-floors", "--out", str(tmp_path)]
+    script.main(argv + ["--checkpoint-every", "2", "--checkpoint-keep", "2"])
+    assert [i for i, _ in mlo.checkpoint.list_checkpoints(tmp_path / "checkpoints")] == [4, 6]
+    capsys.readouterr()
+    summary = (tmp_path / "summary.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {tmp_path} already holds a run (summary.json, checkpoints/ckpt-000006.pt); pass "
+        f"--out DIR for a new folder or --overwrite to replace it"]
+    assert (tmp_path / "summary.json").read_bytes() == summary
+    script.main(argv + ["--overwrite"])
+    assert mlo.checkpoint.list_checkpoints(tmp_path / "checkpoints") == []
+    assert (tmp_path / "summary.json").is_file()

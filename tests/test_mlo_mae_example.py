@@ -264,3 +264,59 @@ def test_idx_bad_input_is_one_error_line(script, capsys, tmp_path, monkeypatch, 
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert expected in err[0], err[0]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------- run folders, periodic checkpoints (issue 20)
+def test_quick_runs_default_to_their_own_folder(script):
+    assert script.parse_args([]).out == script.Path("runs/mlo_mae")
+    assert script.parse_args(["--quick"]).out == script.Path("runs/mlo_mae_quick")
+    assert script.parse_args(["--quick", "--out", "x"]).out == script.Path("x")
+
+
+def test_a_folder_holding_a_run_is_refused_untouched(script, capsys, quick_run):
+    out = quick_run[0]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--quick", "--no-progress", "--device", "cpu", "--out", str(out), "--steps", "2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {out} already holds a run (summary.json, checkpoint.pt); pass --out DIR "
+                   f"for a new folder, --overwrite to replace it, or --resume {out / 'checkpoint.pt'} to "
+                   f"continue it"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_resume_in_place_with_periodic_checkpoints_then_overwrite(script, capsys, quick_run, tmp_path):
+    """--resume from the folder's own checkpoint continues the run there (no --overwrite
+    needed), writing checkpoints/ckpt-<iteration>.pt every N iterations, the newest K kept;
+    --overwrite then replaces the run (old checkpoints gone)."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[0], out)
+    acc, lines = run(script, capsys, out, "--preset", "cpu", "--steps", "30", "--checkpoint-every", "4",
+                     "--checkpoint-keep", "2", "--resume", str(out / "checkpoint.pt"))
+    assert any("resumed from" in line and "at iteration 20" in line for line in lines)
+    assert [i for i, _ in mlo.checkpoint.list_checkpoints(out / "checkpoints")] == [24, 28]
+    _, rows = read_csv(out / "metrics.csv")
+    assert [int(r[0]) for r in rows] == [10, 20, 30]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+    # a periodic checkpoint of the folder resumes too (into the same folder)
+    acc, lines = run(script, capsys, out, "--preset", "cpu", "--steps", "30",
+                     "--resume", mlo.checkpoint.latest(out / "checkpoints"))
+    assert any("at iteration 28" in line for line in lines)
+    # --overwrite: a new run in the folder, the old run's checkpoints deleted first
+    acc, lines = run(script, capsys, out, "--preset", "cpu", "--steps", "3", "--overwrite")
+    assert LAST_LINE.match(lines[-1])
+    assert mlo.checkpoint.list_checkpoints(out / "checkpoints") == []
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--checkpoint-every", "0"], "error: --checkpoint-every must be >= 1, got 0"),
+    (["--checkpoint-every", "5", "--checkpoint-keep", "0"], "error: --checkpoint-keep must be >= 1, got 0"),
+])
+def test_bad_checkpoint_flags_are_one_error_line(script, capsys, tmp_path, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--quick", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "out"), *argv])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
