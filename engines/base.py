@@ -11,8 +11,9 @@ sum over paths of such products (``mlo.engine`` chains them); a bilevel
 hypergradient is ``∂F/∂x + vjp(∂F/∂θ)``.
 
 Methods are plain functions ``method(lower, v, **options) -> tuple[Tensor, ...]``
-registered by name. They know nothing about ``mlo`` or ``problems``: a
-:class:`Lower` is tensors and one callable.
+(one tensor per input; ``None`` for an input the result does not depend on when the
+caller sets ``Lower.unused_as_none``) registered by name. They know nothing about
+``mlo`` or ``problems``: a :class:`Lower` is tensors and one callable.
 
 The method contract. Registration (:func:`register`) declares everything a caller
 needs to know about a method — callers never test a method's name:
@@ -47,7 +48,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["Lower", "Method", "MethodInfo", "register", "get", "info", "available", "check_options",
-           "zeros_like_all", "detach_all", "grad_mode", "second_order", "check_bool", "check_number", "check_int"]
+           "zeros_like_all", "no_inputs_reached", "fill_unreached", "detach_all", "grad_mode", "second_order",
+           "check_bool", "check_number", "check_int"]
 
 Tensors = Tuple[Tensor, ...]
 
@@ -81,6 +83,17 @@ class Lower:
             ``"exp_avg"``, ``"exp_avg_sq"``, ``"step"``), the last gradient applied
             under ``"grad"`` (``None`` before the first update) and the optimizer's
             class name under ``"type"`` (e.g. ``"Adam"``).
+        unused_as_none: ``True``: the result has ``None`` instead of zeros for an input
+            it does not depend on structurally — autograd finds no path from the input
+            to the result: the lower loss never reads it; a window's steps never read
+            it; every input of a ``first_order`` unroll; for the implicit methods also
+            an input read only in a term without ``params`` (the finite differences
+            reach such an input through ``f(θ+εv) − f(θ−εv)`` and give zeros). A caller that keeps ``torch.optim``'s "no
+            gradient" semantics sets it (``mlo.Engine`` does: a variable that no path
+            reaches gets no hypergradient, so no weight decay or momentum step is
+            applied to it when it has no gradient of its own either). Built-in methods
+            honour it; a method that cannot tell may return zeros. Default ``False``:
+            one tensor per input, zeros where unused.
     """
 
     params: Tensors
@@ -91,6 +104,7 @@ class Lower:
     label: str = ""
     optimizer: Optional[Sequence[Mapping[str, Any]]] = None
     compute_dtype: Optional[torch.dtype] = None
+    unused_as_none: bool = False
 
 
 def check_bool(method: str, name: str, value: Any) -> None:
@@ -232,6 +246,22 @@ def zeros_like_all(ts: Sequence[Tensor]) -> Tensors:
     return tuple(torch.zeros_like(t) for t in ts)
 
 
+def no_inputs_reached(lower: Lower) -> Tuple[Optional[Tensor], ...]:
+    """A method's result when no input reaches it: ``None`` per input under
+    ``lower.unused_as_none``, else zeros."""
+    if lower.unused_as_none:
+        return (None,) * len(lower.inputs)
+    return zeros_like_all(lower.inputs)
+
+
+def fill_unreached(lower: Lower, grads: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
+    """``autograd.grad(..., lower.inputs, allow_unused=True)``'s result as a method returns
+    it: ``None`` entries kept under ``lower.unused_as_none``, else zeros."""
+    if lower.unused_as_none:
+        return tuple(grads)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, lower.inputs))
+
+
 class grad_mode:
     """``with grad_mode(on):`` — grad mode ``on`` inside, as ``torch.enable_grad()`` /
     ``torch.no_grad()``, at a fraction of their cost on the hot path (nothing is
@@ -254,9 +284,10 @@ class grad_mode:
 
 
 def detach_all(ts: Sequence[Tensor]) -> Tensors:
-    """The tensors without autograd history (those that have none are returned as they
-    are: a ``detach`` is an operator call each, on the hot path of every method)."""
-    return tuple(t.detach() if t.requires_grad else t for t in ts)
+    """The tensors without autograd history (those that have none, and ``None`` entries,
+    are returned as they are: a ``detach`` is an operator call each, on the hot path of
+    every method)."""
+    return tuple(t.detach() if t is not None and t.requires_grad else t for t in ts)
 
 
 _LOADED = False

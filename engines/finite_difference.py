@@ -39,7 +39,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Lower, check_bool, check_number, detach_all, grad_mode, register, zeros_like_all
+from .base import (Lower, check_bool, check_number, detach_all, fill_unreached, grad_mode, no_inputs_reached,
+                   register, zeros_like_all)
 
 __all__ = ["finite_difference", "central_difference"]
 
@@ -87,15 +88,15 @@ def _warn_precision(lower: Lower, dtypes, epsilon: float, pnorm: float, *, metho
 def _grad_inputs(lower: Lower, params: Tensors, inputs: Tensors, create_graph: bool,
                  minus: Tensors = None) -> Tensors:
     """``∇x f(params, x)`` (``∇x [f(params, x) − f(minus, x)]`` when ``minus`` is given)
-    with zeros for inputs the loss does not read."""
+    with zeros (``None`` under ``lower.unused_as_none``) for inputs the loss does not read."""
     with grad_mode(True):
         loss = lower.loss_fn(params, inputs)
         if minus is not None:
             loss = loss - lower.loss_fn(minus, inputs)
         if not loss.requires_grad:
-            return zeros_like_all(inputs)
+            return no_inputs_reached(lower)
         grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+    return fill_unreached(lower, grads)
 
 
 def _check(*, epsilon: float = 0.01, scale_by_lr: bool = False, create_graph: bool = False) -> None:
@@ -197,5 +198,5 @@ def central_difference(lower: Lower, v: Sequence[Tensor], epsilon: float, scale:
     # ∇x f(θ+εv) − ∇x f(θ−εv) = ∇x [f(θ+εv) − f(θ−εv)]: two forwards, one backward.
     diff = _grad_inputs(lower, plus, inputs, create_graph, minus=minus)
 
-    out = tuple(-scale * d / (2.0 * eps) for d in diff)
+    out = tuple(None if d is None else -scale * d / (2.0 * eps) for d in diff)
     return out if create_graph else detach_all(out)

@@ -22,7 +22,8 @@ import math
 import numbers
 
 from . import solvers
-from .base import Lower, check_bool, check_int, check_number, detach_all, grad_mode, register, zeros_like_all
+from .base import (Lower, check_bool, check_int, check_number, detach_all, fill_unreached, grad_mode,
+                   no_inputs_reached, register)
 
 __all__ = ["implicit", "neumann", "cg"]
 
@@ -52,8 +53,9 @@ def implicit(lower: Lower, v: Sequence[Tensor],
             ``params``, ``inputs`` and ``v``) for higher-order use.
 
     Returns:
-        One tensor per ``lower.inputs`` (zeros for inputs ``f`` does not couple
-        to ``θ``); detached unless ``create_graph``.
+        One tensor per ``lower.inputs`` (zeros — ``None`` under
+        ``lower.unused_as_none`` — for inputs ``f`` does not couple to ``θ``);
+        detached unless ``create_graph``.
     """
     params = _as_grad_leaves(lower.params)
     inputs = _as_grad_leaves(lower.inputs)
@@ -66,7 +68,7 @@ def implicit(lower: Lower, v: Sequence[Tensor],
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [g is not None and g.requires_grad for g in grads]
         if not any(live):  # ∇θ f independent of θ and x: no coupling
-            return zeros_like_all(lower.inputs)
+            return no_inputs_reached(lower)
         g_live = tuple(g for g, ok in zip(grads, live) if ok)
 
         def hvp(u: Tensors) -> Tensors:
@@ -79,7 +81,7 @@ def implicit(lower: Lower, v: Sequence[Tensor],
         u_live = tuple(ui for ui, ok in zip(u, live) if ok)
         mixed = torch.autograd.grad(g_live, inputs, u_live, retain_graph=create_graph,
                                     create_graph=create_graph, allow_unused=True)
-    out = tuple(-m for m in _fill(mixed, lower.inputs))
+    out = tuple(None if m is None else -m for m in fill_unreached(lower, mixed))
     return out if create_graph else detach_all(out)
 
 

@@ -38,6 +38,9 @@ Choices (each refused case is an error, never a silent zero):
   after its lowers' steps, so this only fires on e.g. ``engine.gradient()``
   before the first step or right after loading a checkpoint. SGD needs no state
   and works at any time.
+* **A tensor without a gradient at the lower's last update** (a parameter that step's
+  loss did not use: ``torch.optim`` skipped it, so the step did not depend on a
+  gradient for it) while other tensors had one: ``D = 0`` for that tensor (``u_i = 0``).
 * **Optimizer types** by class name (``lower.optimizer[i]["type"]``): ``SGD``,
   ``Adam``, ``AdamW``. Anything else — including a subclass under another name,
   whose update may differ — is a ``ValueError`` naming the type (Betty treats
@@ -96,6 +99,8 @@ def _scale(lower: Lower, i: int, opt: Mapping[str, Any]) -> Optional[Tensor]:
         raise ValueError(f"{_who(lower)}sama: the lower {kind} has amsgrad=True; SAMA's update "
                          f"Jacobian is that of plain Adam (use amsgrad=False)")
     state, g = opt.get("state") or {}, opt.get("grad")
+    if g is None and any(o.get("grad") is not None for o in lower.optimizer):
+        return torch.zeros_like(lower.params[i])      # skipped at the last step: D = 0
     if g is None or "exp_avg" not in state or "exp_avg_sq" not in state:
         raise ValueError(
             f"{_who(lower)}sama needs the state of the lower's last {kind} update (its moments and "

@@ -19,7 +19,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import Lower, check_bool, detach_all, register, zeros_like_all
+from .base import Lower, check_bool, detach_all, fill_unreached, no_inputs_reached, register
 
 __all__ = ["unrolled"]
 
@@ -47,18 +47,20 @@ def unrolled(lower: Lower, v: Sequence[Tensor], *, first_order: bool = False,
         lower: the lower problem; ``outputs`` must hold ``θ_K`` still attached
             to ``inputs`` by the autograd graph of the K steps.
         v: cotangent on the lower parameters, one tensor per output.
-        first_order: return zeros (first-order MAML: ``dθ_K/dx ≈ 0``).
+        first_order: return zeros (first-order MAML: ``dθ_K/dx ≈ 0``; ``None``
+            under ``lower.unused_as_none``: no input is reached).
         create_graph: keep the graph of the result for higher-order use.
 
     Returns:
-        One tensor per ``lower.inputs`` (zeros for inputs the unroll does not
-        depend on); detached unless ``create_graph``.
+        One tensor per ``lower.inputs`` (zeros — ``None`` under
+        ``lower.unused_as_none`` — for inputs the unroll does not depend on);
+        detached unless ``create_graph``.
 
     Raises:
         ValueError: ``lower.outputs`` is missing or does not match ``v``.
     """
     if first_order:
-        return zeros_like_all(lower.inputs)
+        return no_inputs_reached(lower)
     if lower.outputs is None:
         raise ValueError(
             "the 'unrolled' method needs lower.outputs = θ_K, the lower iterate still "
@@ -71,11 +73,11 @@ def unrolled(lower: Lower, v: Sequence[Tensor], *, first_order: bool = False,
         raise ValueError(f"v has {len(v)} tensors, lower.outputs has {len(outputs)}")
     pairs = [(o, t) for o, t in zip(outputs, v) if o.requires_grad]
     if not pairs:  # nothing connects θ_K to the inputs
-        return zeros_like_all(lower.inputs)
+        return no_inputs_reached(lower)
     outs, vs = zip(*pairs)
     if not create_graph:
         vs = detach_all(vs)
     grads = torch.autograd.grad(outs, lower.inputs, vs, retain_graph=True,
                                 create_graph=create_graph, allow_unused=True)
-    out = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, lower.inputs))
+    out = fill_unreached(lower, grads)
     return out if create_graph else detach_all(out)

@@ -27,7 +27,17 @@ How the engine gets exactly the global-batch quantities (``mlo.engine``,
 
 Collectives run in the same order on every rank because every rank runs the same
 program on the same graph; a loss whose graph depends on the data (a branch taken
-on one rank only) is not supported.
+on one rank only) is not supported — with one exception, DDP's unused parameters:
+
+Unused variables. A variable no rank's loss uses gets no gradient (``None``), so
+``torch.optim`` (or a window's twin) skips it — no weight decay, no momentum, no state
+— as in one process. A variable used on some ranks only is averaged with zeros from
+the others (``torch.nn.parallel.DistributedDataParallel``'s semantics: the gradient
+of the global-batch loss when every local batch has the same size) and is stepped on
+every rank. In place this holds for any pattern (:func:`average_optional`); a loss
+differentiated again reads each problem's variables through one :func:`grad_average`
+node, whose backward is a collective — there every rank's loss must read at least one
+variable of each problem it reads at all (the own variables: at least one).
 
 Devices. A collective takes its tensors on the devices its backend supports: NCCL only
 CUDA tensors, gloo CPU (and CUDA) tensors. Every collective here runs on
@@ -238,15 +248,35 @@ class _Average(torch.autograd.Function):
 class _GradAverage(torch.autograd.Function):
     """Identity forward; the backward averages the incoming gradients over ranks
     (through :class:`_Average`, so a gradient taken with ``create_graph=True`` can be
-    differentiated again — Hessian-vector products, unrolled windows)."""
+    differentiated again — Hessian-vector products, unrolled windows).
+
+    Unused outputs keep DDP's semantics, as :func:`average_optional`: a tensor the
+    local loss did not use counts as zeros in the mean when another rank used it, and
+    gets no gradient (``None``) when no rank did. Which ranks used which tensor travels
+    in the same all-reduce as the values (one flag per tensor)."""
 
     @staticmethod
     def forward(ctx, *xs):
+        ctx.set_materialize_grads(False)
+        ctx.like = [(x.shape, x.dtype, x.device) for x in xs]
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
     def backward(ctx, *gs):
-        return _Average.apply(*gs)
+        # (New tensors follow an incoming gradient's device: backward may run where no
+        # factory default applies.)
+        ref = next((g for g in gs if g is not None), None)
+
+        def zeros(shape, dtype, device):
+            if ref is not None and ref.device == device:
+                return ref.new_zeros(shape, dtype=dtype)
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        filled = [zeros(*like) if g is None else g for g, like in zip(gs, ctx.like)]
+        dt, dev = filled[0].dtype, filled[0].device
+        flags = torch.stack([zeros((), dt, dev) if g is None else zeros((), dt, dev) + 1 for g in gs])
+        *means, used = _Average.apply(*filled, flags)
+        return tuple(m if u > 0 else None for m, u in zip(means, used.detach().tolist()))
 
 
 def average(tensors: Sequence[Tensor]) -> List[Tensor]:
@@ -263,7 +293,11 @@ def average(tensors: Sequence[Tensor]) -> List[Tensor]:
 def average_optional(tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -> List[Optional[Tensor]]:
     """Like :func:`average` (not differentiable) for gradients that may be ``None``
     (unused): ``None`` where no rank had a value, else the mean over ranks with a
-    missing value counting as zeros. Two all-reduces (values, then which are used)."""
+    missing value counting as zeros — ``torch.nn.parallel.DistributedDataParallel``'s
+    semantics: a parameter unused on every rank keeps no gradient (``torch.optim``
+    skips it), one used on some ranks only is averaged with zeros from the others
+    (and then stepped on every rank, weight decay and momentum included). Two
+    all-reduces (values, then which are used)."""
     if not tensors or not is_distributed() or world_size() == 1:
         return list(tensors)
     filled = [torch.zeros_like(l) if t is None else t.detach() for t, l in zip(tensors, like)]

@@ -27,14 +27,16 @@ def _combine(part: List[float]) -> float:
         return math.nan if any(map(math.isnan, part)) else math.inf
 
 
-def _group_norm(ts: Sequence[Tensor]) -> float:
-    """The norm of a group of CPU tensors: each tensor's norm read directly, combined."""
+def _group_norm(ts: Sequence[Optional[Tensor]]) -> float:
+    """The norm of a group of CPU tensors: each tensor's norm read directly, combined
+    (``None``, no gradient, counts as zeros)."""
     norm = torch.linalg.vector_norm
-    return _combine([norm(t.detach() if t.requires_grad else t).item() for t in ts])
+    return _combine([norm(t.detach() if t.requires_grad else t).item() for t in ts if t is not None])
 
 
 def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequence[Optional[Tensor]],
-                      hyper: Dict[str, Tensor]) -> Tuple[Dict[str, Optional[Tensor]], Dict[str, Tensor], List[Tensor]]:
+                      hyper: Dict[str, Tensor]) -> Tuple[Dict[str, Optional[Tensor]], Dict[str, Tensor],
+                                                         List[Optional[Tensor]]]:
     """An update's gradient from its own part and its hypergradient, per variable.
 
     Args:
@@ -44,19 +46,22 @@ def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequenc
 
     Returns:
         ``(own, hyper, total)``: the records — ``own`` keeps ``None`` for zeros (no
-        tensor is made for them), ``hyper`` is detached, zeros where absent — and the
-        total to step with, ``own + hyper`` (``hyper`` itself, not ``0 + hyper``,
-        where the own part is zero; it keeps any graph ``hyper`` has).
+        tensor is made for them), ``hyper`` is detached, zeros where absent (a report,
+        ``engine.last_hypergradient``) — and the total to step with, ``own + hyper``
+        (``hyper`` itself, not ``0 + hyper``, where the own part is zero; it keeps any
+        graph ``hyper`` has), ``None`` where both are absent: the variable has no
+        gradient and ``torch.optim`` (or the window's twin) skips it — no weight decay,
+        no momentum, no state update — as it skips a parameter whose ``.grad`` is ``None``.
     """
     own_d: Dict[str, Optional[Tensor]] = {}
     hyper_d: Dict[str, Tensor] = {}
-    total: List[Tensor] = []
+    total: List[Optional[Tensor]] = []
     for k, t, x in zip(names, like, own):
         own_d[k] = x if x is None or not x.requires_grad else x.detach()
         h = hyper.get(k)
         if h is None:
             hyper_d[k] = torch.zeros_like(t)
-            total.append(x if x is not None else torch.zeros_like(t))
+            total.append(x)
             continue
         h = h.to(t.dtype)
         hyper_d[k] = h.detach() if h.requires_grad else h
@@ -68,11 +73,11 @@ class GuardMixin:
     """Norms of an update and the non-finite diagnosis."""
 
     @staticmethod
-    def _norms(loss: Tensor, grads: List[Tensor], extra: Dict[str, Any]) -> List[float]:
+    def _norms(loss: Tensor, grads: List[Optional[Tensor]], extra: Dict[str, Any]) -> List[float]:
         """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats:
         every distinct tensor's norm once, in its own dtype (a float64 norm of a float32
         tensor costs ~25× more: a hot path), each group's norm combined on the host in
-        double precision. ``None`` stands for zeros (norm 0); a tensor in two groups
+        double precision. ``None`` (no gradient) stands for zeros (norm 0); a tensor in two groups
         (the total gradient ``0 + h`` is ``h``) is normed once. On the CPU each value
         is read directly (there is no synchronisation to save), elsewhere the norms are
         stacked and read at once."""
@@ -83,7 +88,8 @@ class GuardMixin:
             groups += [list(extra["own"].values()), list(extra["hyper"].values())]
         if cpu and not paths:                  # the common update: its own gradient only
             return [loss.item(), _group_norm(grads)]
-        if cpu and all(o is None for o in groups[1]) and all(a is b for a, b in zip(grads, groups[2])):
+        if cpu and all(o is None for o in groups[1]) and \
+                all(a is b or a is None for a, b in zip(grads, groups[2])):
             h = _group_norm(grads)             # the top of a hypergradient: total = hyper
             return [loss.item(), h, 0.0, h]
         norm = torch.linalg.vector_norm
@@ -115,7 +121,8 @@ class GuardMixin:
             i += len(g)
         return out
 
-    def _nonfinite(self, P: Problem, vals: List[float], grads: List[Tensor], extra: Dict[str, Any]) -> str:
+    def _nonfinite(self, P: Problem, vals: List[float], grads: List[Optional[Tensor]],
+                   extra: Dict[str, Any]) -> str:
         """What went non-finite in an update (``""`` when nothing did)."""
         if all(math.isfinite(v) for v in vals):
             return ""

@@ -144,6 +144,7 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
     """
     P = engine.problems[name]
     readable = sources & engine.graph.reads[name]
+    cots = [c for c in cots if c[1]]       # (a vector on no variable: a path reaching none)
     if not readable or not cots:
         return []
     method_name, opts = override if override is not None else (P.config.method, P.config.method_options)
@@ -170,11 +171,12 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
         if not outs or not pairs:
             return []
         lower = eb.Lower(params=(), inputs=tuple(a for _, _, a in pairs), loss_fn=_no_loss,
-                         outputs=tuple(t for t, _ in outs.values()))
+                         outputs=tuple(t for t, _ in outs.values()), unused_as_none=True)
         grads = _run_method(method, name, P, lower, tuple(v for _, v in outs.values()), opts)
         result: Dict[int, Tuple[object, Dict[str, Tensor]]] = {}
         for (r, k, _), g in zip(pairs, grads):
-            result.setdefault(id(r), (r, {}))[1][k] = g
+            if g is not None:       # (None: the window's steps never reached this variable)
+                result.setdefault(id(r), (r, {}))[1][k] = g
         return [(r.source, r.src_state, vec) for r, vec in result.values()]
     # Implicit / finite difference: evaluated at the current iterate.
     v: Dict[str, Tensor] = {}
@@ -223,12 +225,14 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
 
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine.inner_lr(name),
                      label=f"problem {name!r}", compute_dtype=compute_dtype(engine.config.precision),
-                     optimizer=engine.optimizer_view(name) if "optimizer" in entry.needs else None)
+                     optimizer=engine.optimizer_view(name) if "optimizer" in entry.needs else None,
+                     unused_as_none=True)
     with no_side_effects(engine.problems.values(), rng):
         grads = _run_method(method, name, P, lower, vv, opts)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
     for (s, k), g in zip(layout, grads):
-        out[s][k] = g
+        if g is not None:           # (None: the best response does not depend on it)
+            out[s][k] = g
     return [(s, src_states[s], out[s]) for s in srcs]
 
 
@@ -239,7 +243,10 @@ def _no_loss(params, inputs):  # pragma: no cover - unrolled never evaluates the
 def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]],
                   override: Override = None) -> Dict[str, Tensor]:
     """Sum over all paths of ``U``. ``direct`` holds ``(source, (state, ∂F_U/∂source))``
-    for the reads of ``U``'s loss. Returns a vector on ``U``'s variables."""
+    for the reads of ``U``'s loss. Returns a vector on ``U``'s variables; a variable
+    that no path reaches — structurally: no read of it on the path affects the lower
+    iterates, the methods report it with ``Lower.unused_as_none`` — is absent (no
+    hypergradient, not zeros)."""
     g = engine.graph
     nodes = g.path_nodes(U)
     down: Dict[str, List[Cot]] = defaultdict(list)

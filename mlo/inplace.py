@@ -20,7 +20,7 @@ them, nothing is taken for granted and ``step()`` is called.)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -40,10 +40,12 @@ def _no_hooks(opt: torch.optim.Optimizer) -> bool:
         and not (pre or post or gpre or gpost)
 
 
-def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]]) -> bool:
     """``params[i] ← SGD step with gradient grads[i]`` in place, exactly as
     ``opt.step()`` with ``params[i].grad = grads[i]`` would; ``False`` (nothing done)
-    when that cannot be guaranteed (see the module docstring)."""
+    when that cannot be guaranteed (see the module docstring). A ``None`` gradient
+    leaves its parameter and its momentum buffer untouched, as ``step()`` skips a
+    parameter whose ``.grad`` is ``None`` (no weight decay, no momentum step)."""
     if type(opt) is not torch.optim.SGD or "step" in opt.__dict__ or not _no_hooks(opt) \
             or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
         return False
@@ -57,11 +59,11 @@ def sgd_step(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequen
         for group in groups:
             gs = []
             for p in group["params"]:
-                g = by_id.get(id(p))
-                if g is None and p.grad is not None:
+                if id(p) in by_id:
+                    n += 1
+                elif p.grad is not None:
                     return False          # (a gradient set by hand: step() would use it)
-                gs.append(g)
-            n += sum(g is not None for g in gs)
+                gs.append(by_id.get(id(p)))      # (None: not passed, or no gradient: skipped)
             plan.append((group, group["params"], gs))
         if n != len(by_id):
             return False                  # a tensor not in the optimizer: let torch say so

@@ -171,13 +171,34 @@ class Problem:
     def optimizer_hyperparameters(self) -> Optional[Dict[str, Any]]:
         """Optional: optimizer hyperparameters computed from other problems' variables.
 
-        Override to make e.g. the learning rate an upper problem's variable::
+        Called before each of this problem's steps. Override to make e.g. the learning
+        rate an upper problem's variable::
 
             def optimizer_hyperparameters(self):
                 return {"lr": self.upper.params["log_lr"].exp()}
 
+        Returns ``{name: value}`` with names of the optimizer's hyperparameters. A value
+        that is not a ``list`` — a number, a 0-dim tensor, a tuple such as ``betas`` —
+        is written into every parameter group. A ``list`` gives one value per
+        parameter group, in the order of ``self.optimizer.param_groups`` (the groups
+        of ``param_groups=`` in their order, then the group of the parameters listed
+        nowhere, if any); keys not returned keep each group's own setting. E.g. per-group
+        betas, and a learnable scale of each group's base learning rate::
+
+            BASE = (0.2, 0.1)                       # the groups' lrs in param_groups=
+            def optimizer_hyperparameters(self):
+                u = self.upper.params
+                return {"betas": [(u["b1"][0], u["b2"][0]), (u["b1"][1], u["b2"][1])],
+                        "lr": [u["log_scale"].exp() * base for base in BASE]}
+
         Inside unrolled windows the values stay tensors, so the upper problem gets
         the hypergradient through them; otherwise they are applied as floats.
+
+        Raises (at the step that applies them):
+            KeyError: a name the optimizer does not have.
+            ValueError: a list whose length is not the number of parameter groups, or
+                an entry of the wrong form for the key (``betas`` takes a pair); the
+                message names the problem and the key.
         """
         return None
 

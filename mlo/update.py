@@ -137,7 +137,9 @@ class UpdateMixin:
                                f"or read self.params")
         extra: Dict[str, Any] = {}
         if not tracked:
-            grads = [x if x is not None else torch.zeros_like(t) for x, t in zip(g, own)]
+            # None where the loss does not use a variable: torch.optim skips it (no weight
+            # decay, momentum or state update), and so do the twins and the SGD fast path.
+            grads = list(g)
         else:
             direct: Dict[int, Any] = {}
             for (r, k, a), x in zip(tracked, ga):
@@ -174,7 +176,10 @@ class UpdateMixin:
             ``{"loss": float, "grad": {param: tensor}, "own": {param: ∂F/∂λ},
             "paths": {path: {param: tensor}}}`` (``own``/``paths`` when it has paths;
             every path lists every variable — zeros where it contributes nothing, e.g.
-            when it runs through an unrolled window that has closed).
+            when it runs through an unrolled window that has closed). This is a report:
+            every entry is a tensor, zeros for a variable with no gradient at all —
+            which an update leaves to ``torch.optim`` as ``None`` (the optimizer then
+            skips it: no weight decay, no momentum step).
 
         Module buffers (e.g. BatchNorm running statistics) and the RNG state are
         restored afterwards; only ``P.last_batch`` and, without ``batch``, the data
@@ -197,12 +202,14 @@ class UpdateMixin:
         with no_side_effects(self.problems.values(), rng_state()):
             loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path,
                                                    override=method, keep_graph=self._exact or self._fused)
-        out = {"loss": float(loss.detach()),
-               "grad": {k: g.detach() for k, g in zip(P.param_names, grads)}}
+        st = P.own_state()
+        out = {"loss": float(loss.detach()),       # (a report: zeros for no gradient)
+               "grad": {k: torch.zeros_like(st[k]) if g is None else g.detach()
+                        for k, g in zip(P.param_names, grads)}}
         out.update(extra)
         if "own" in extra:     # (an update's records keep None for an own gradient of zeros)
-            out["own"] = {k: v if v is not None else torch.zeros_like(t)
-                          for (k, v), t in zip(extra["own"].items(), P.own_state().values())}
+            out["own"] = {k: v if v is not None else torch.zeros_like(st[k])
+                          for k, v in extra["own"].items()}
         return out
 
     def _update(self, P: Problem) -> None:
@@ -282,11 +289,11 @@ class UpdateMixin:
             win.steps += 1
         else:
             if name in self._keep_grad:
-                self._last_grad[name] = [gi.detach() for gi in grads]
+                self._last_grad[name] = [None if gi is None else gi.detach() for gi in grads]
             variables = P.variables
             if P.scheduler is not None or not sgd_step(P.optimizer, variables, grads):
-                for p, gi in zip(variables, grads):
-                    p.grad = gi.detach() if gi.requires_grad else gi
+                for p, gi in zip(variables, grads):     # (None: torch.optim skips p)
+                    p.grad = gi.detach() if gi is not None and gi.requires_grad else gi
                 P.optimizer.step()
                 for p in variables:
                     p.grad = None
@@ -301,32 +308,53 @@ class UpdateMixin:
         return True
 
     def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
-        """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to every group."""
+        """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to the param
+        groups: a value to every group, a list one entry per group (in order)."""
         if type(P).optimizer_hyperparameters is Problem.optimizer_hyperparameters:
             return
         nodes = self.graph.path_nodes(P.name)
         with reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
             hp = P.optimizer_hyperparameters() or {}
+        if not isinstance(hp, Mapping):
+            raise TypeError(f"problem {P.name!r}: optimizer_hyperparameters() must return a dict "
+                            f"{{name: value}} (a list value gives one entry per param group), got "
+                            f"{type(hp).__name__}")
         self._learned_hp[P.name] = set(hp)
         groups = self.state[P.name].window.fopt.param_groups if diff else P.optimizer.param_groups
-        for group in groups:
-            for k, v in hp.items():
-                if k not in group:
-                    raise KeyError(f"problem {P.name!r}: optimizer_hyperparameters() returned "
-                                   f"{k!r}, which {type(P.optimizer).__name__} does not have "
-                                   f"(its hyperparameters: {sorted(x for x in group if x != 'params')})")
-                group[k] = v if diff else _plain(v)
+        opt = type(P.optimizer).__name__
+        for k, v in hp.items():
+            if not isinstance(k, str) or k == "params" or k not in groups[0]:
+                raise KeyError(f"problem {P.name!r}: optimizer_hyperparameters() returned "
+                               f"{k!r}, which {opt} does not have (its hyperparameters: "
+                               f"{sorted(x for x in groups[0] if x != 'params')})")
+            per = isinstance(v, list)
+            if per and len(v) != len(groups):
+                raise ValueError(
+                    f"problem {P.name!r}: optimizer_hyperparameters()[{k!r}] is a list of {len(v)} "
+                    f"value(s), one per param group, but its {opt} has {len(groups)} param group(s); "
+                    f"give exactly one value per group (in param-group order), or one value that is "
+                    f"not a list (e.g. a tensor, or a tuple for betas) for every group")
+            for i, group in enumerate(groups):
+                x = v[i] if per else v
+                was = group[k]
+                if isinstance(was, (tuple, list)) and not (isinstance(x, (tuple, list)) and len(x) == len(was)):
+                    where = f"[{k!r}][{i}]" if per else f"[{k!r}]"
+                    raise ValueError(
+                        f"problem {P.name!r}: optimizer_hyperparameters(){where} is {x!r}, but {opt}'s "
+                        f"{k!r} takes {len(was)} values like {tuple(was)!r} (a tuple for every group, "
+                        f"or a list with one such tuple per param group)")
+                group[k] = x if diff else _plain(x)
 
     @staticmethod
-    def _clip(P: Problem, grads: List[Tensor]) -> List[Tensor]:
+    def _clip(P: Problem, grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
         c = P.config.grad_clip
-        if c is None:
+        if c is None or all(x is None for x in grads):
             return grads
-        # Same formula as torch.nn.utils.clip_grad_norm_, but functional so that it
-        # stays differentiable inside unrolled windows.
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+        # Same formula as torch.nn.utils.clip_grad_norm_ (which skips parameters without
+        # a gradient), but functional so that it stays differentiable inside unrolled windows.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads if x is not None]))
         coef = torch.clamp(c / (norm + 1e-6), max=1.0)
-        return [x * coef for x in grads]
+        return [None if x is None else x * coef for x in grads]
 
     def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
         """Problem ``name``'s optimizer as its last update left it, one read-only mapping
