@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import statistics
 import time
 import warnings

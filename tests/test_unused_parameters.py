@@ -35,7 +35,6 @@ skip a ``None`` gradient), the in-place SGD fast path and data-parallel averagin
 from __future__ import annotations
 
 import datetime
-import os
 import time
 import warnings
 
