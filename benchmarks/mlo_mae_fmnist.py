@@ -45,7 +45,7 @@ from mlo.config import load_yaml  # noqa: E402
 from problems.datasets import load_mnist_like, split  # noqa: E402
 from problems.evaluation import linear_probe  # noqa: E402
 from problems.mask_statistics import mask_probabilities, mask_statistics  # noqa: E402
-from problems.mlo_mae import MLOMAESettings, build  # noqa: E402
+from problems.mlo_mae import MLOMAESettings, build, head_accuracy  # noqa: E402
 
 PRESET = ROOT / "examples" / "configs" / "mlo_mae_fmnist.yaml"
 OUT = ROOT / "benchmarks" / "results" / "mlo_mae_fmnist"
@@ -104,14 +104,6 @@ def mask_stats(g, x: torch.Tensor, y: torch.Tensor) -> dict:
     """:func:`problems.mask_statistics.mask_statistics` of the test images, plus 8 examples' ``p``."""
     p = mask_probabilities(g, x)                                                 # [N, L]
     return {**mask_statistics(p, g.settings.mask_ratio, y, 10), "examples_p": p[:8].tolist()}
-
-
-@torch.no_grad()
-def head_accuracy(g, x: torch.Tensor, y: torch.Tensor) -> float:
-    g.mae.eval()
-    g.head.eval()
-    logits = torch.cat([g.head(g.mae.features(x[i:i + 500], pool="cls")) for i in range(0, len(x), 500)])
-    return float((logits.argmax(1) == y).float().mean())
 
 
 def run_one(name: str, seed: int, steps: int, splits) -> dict:

@@ -28,7 +28,8 @@ import torch
 
 import mlo
 import mlo.optim_rules as rules
-from _helpers import recording, rel
+from _helpers import Vars, recording, rel
+from test_optim import _with
 from mlo.optim import FunctionalOptimizer, FunctionalRule
 
 DT = torch.float64
@@ -255,17 +256,6 @@ def _get(kw, name):
     return kw["betas"][int(name[-1]) - 1] if name.startswith("beta") else kw[name]
 
 
-def _with(kw, name, v):
-    kw = dict(kw)
-    if name.startswith("beta"):
-        b = list(kw["betas"])
-        b[int(name[-1]) - 1] = v
-        kw["betas"] = tuple(b)
-    else:
-        kw[name] = v
-    return kw
-
-
 def torch_objective(cls, kw, name, value, t=0.0):
     """torch ``N0`` steps, then params ``+= t·U`` and ``name = value`` for ``K`` more."""
     ps = _leaves(kw)
@@ -328,15 +318,6 @@ def test_plain_sqrt_would_give_nan(cls, kw, monkeypatch):
 
 
 # ----------------------------------------------------------------- through the engine
-class Vars(mlo.Problem):
-    def __init__(self, name, params, loss, **kw):
-        super().__init__(name, params=params, **kw)
-        self._loss = loss
-
-    def training_step(self, batch):
-        return self._loss(self)
-
-
 class LearnedLr(Vars):
     """The lower: its lr is ``exp(up.log_lr)`` (a learnable optimizer hyperparameter)."""
 

@@ -21,23 +21,11 @@ from torch import nn
 
 import mlo
 from mlo import checkpoint
+from test_checkpoint_resume import Lower, Upper  # the same two-level model
 
 DT = torch.float64
 D, K, TOTAL = 4, 3, 11
 METHODS = {"unrolled": {}, "cg": {"max_iter": 3, "damping": 0.5}}
-
-
-class Lower(mlo.Problem):
-    def training_step(self, batch):
-        x, y = batch
-        return ((self(x).squeeze(-1) - y) ** 2).mean() \
-            + (self.up.params["lam"].exp() * self.params["1.weight"] ** 2).sum()
-
-
-class Upper(mlo.Problem):
-    def training_step(self, batch):
-        x, y = batch
-        return ((self.lo(x).squeeze(-1) - y) ** 2).mean() + 0.01 * (self.params["lam"] ** 2).sum()
 
 
 def build(method, config=None):
