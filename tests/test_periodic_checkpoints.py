@@ -22,6 +22,7 @@ from torch import nn
 import mlo
 from mlo import checkpoint
 from test_checkpoint_resume import Lower, Upper  # the same two-level model
+from test_reliability_checkpoint import equal  # exact, dtype-checked, nested
 
 DT = torch.float64
 D, K, TOTAL = 4, 3, 11
@@ -59,16 +60,6 @@ def snapshot(engine):
                         for t in list(P.module.parameters()) + list(P.module.buffers())],
             "optim": [P.optimizer.state_dict() for P in engine.problems.values()],
             "counts": engine.counts(), "iteration": engine.iteration, "rng": torch.get_rng_state()}
-
-
-def equal(a, b):
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def run(method, iterations, config=None):
