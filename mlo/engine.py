@@ -49,7 +49,6 @@ from .optim import FunctionalOptimizer
 from .problem import Problem
 from .state import RunState
 from .events import EventsMixin
-from .guard import GuardMixin
 from .reads import ReadsMixin
 from .update import UpdateMixin
 
@@ -58,7 +57,7 @@ __all__ = ["Engine"]
 Deps = Mapping[str, Mapping[Union[str, Problem], Sequence[Union[str, Problem]]]]
 
 
-class Engine(UpdateMixin, ReadsMixin, GuardMixin, EventsMixin):
+class Engine(UpdateMixin, ReadsMixin, EventsMixin):
     """Runs problems connected by dependencies.
 
     Args:

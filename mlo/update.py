@@ -24,7 +24,7 @@ import engines.base as eb
 from . import distributed as _dist
 from . import lint as _lint
 from . import precision as _precision
-from .guard import combine_gradients
+from .guard import combine_gradients, describe_nonfinite, update_norms
 from .hypergrad import hypergradient, path_contribution, second_order_kernels
 from .inplace import sgd_step
 from .isolation import no_side_effects, rng_state
@@ -251,8 +251,9 @@ class UpdateMixin:
             if self.config.nonfinite == "ignore":
                 vals, bad = [loss.item()], ""
             else:
-                vals = self._norms(loss, grads, extra)
-                bad = "" if all(map(math.isfinite, vals)) else self._nonfinite(P, vals, grads, extra)
+                vals = update_norms(loss, grads, extra)
+                bad = "" if all(map(math.isfinite, vals)) else describe_nonfinite(
+                    P, vals, grads, extra, self.iteration)
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{bad}; its parameters and optimizer state are unchanged. "
