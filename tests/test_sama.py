@@ -1,7 +1,7 @@
 """SAMA (engines/sama.py) through ``mlo.Engine`` on P1 ridge with an Adam lower (float64).
 
 Lower ``f(w, λ) = ½‖Xw − y‖² + ½ Σ_j λ_j w_j²``, upper ``F = ½‖X_v w − y_v‖²``
-(the problem of tests/test_engine_p1_methods.py), ``w`` split over two tensors
+(the problem of tests/test_engine_methods_closed_form.py), ``w`` split over two tensors
 ``a = w[:3]``, ``b = w[3:]``. ``∂²_{λw} f · u = w ⊙ u`` and ``f`` is quadratic in
 ``w``, so SAMA's central difference is exact up to rounding and every applied upper
 gradient must equal::
@@ -22,7 +22,7 @@ import torch
 import mlo
 from _helpers import RecSGD, Vars, recording, rel
 from engines.base import Lower, get
-from test_engine_p1_methods import data, g_of
+from test_engine_methods_closed_form import data, g_of
 
 DT = torch.float64
 K = 3                          # lower steps per upper update
