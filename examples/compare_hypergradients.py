@@ -6,8 +6,8 @@ differences ε — and an exact reference at the same lower state, then prints a
 table (cosine, relative error, median time, peak memory), a per-path breakdown
 for multilevel graphs, and writes CSV + PNG (error vs cost, log-log)::
 
-    python examples/compare_hypergradients.py                      # ridge, logreg, p4
-    python examples/compare_hypergradients.py --graphs p4 --out out/ --repeats 3
+    python examples/compare_hypergradients.py        # ridge, logreg, three_level_quadratic
+    python examples/compare_hypergradients.py --graphs three_level_quadratic --out out/ --repeats 3
     python examples/compare_hypergradients.py --graphs mlo_mae     # tiny MLO-MAE (plug-in)
     python -m mlo.compare --help                                   # the same tool
 

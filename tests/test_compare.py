@@ -1,12 +1,14 @@
-"""The hypergradient comparison tool (``mlo.compare``) on the built-in ridge and p4 graphs.
+"""The hypergradient comparison tool (``mlo.compare``) on the built-in ridge and
+three_level_quadratic graphs.
 
 Tiny settings, one timing repeat. Checks: files are written; the exact references
 agree with independent computations (autograd through the closed-form best
 responses); CG with as many iterations as lower parameters has ~0 error, while on
-p4 (non-identity SPD level Hessians) CG with 1 iteration does not and Neumann's error
-falls with K; the numbers in the table are the ones an engine built from the same
-factory computes (including the unrolled protocol: ``warmup − K`` truncated steps,
-then a K-step window, against the P1 closed-form recursion).
+three_level_quadratic (non-identity SPD level Hessians) CG with 1 iteration does not
+and Neumann's error falls with K; the numbers in the table are the ones an engine
+built from the same factory computes (including the unrolled protocol: ``warmup − K``
+truncated steps, then a K-step window, against the P1 closed-form recursion); the old
+graph name ``p4`` still works, with a ``DeprecationWarning``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import csv
 import pytest
 import torch
 
-from mlo.compare import (Setting, compare, format_report, format_table, get_graph, save)
+from mlo.compare import (Setting, available_graphs, compare, format_report, format_table, get_graph,
+                         graphs, main, save)
 from mlo.compare.graphs import HOLD
 
 DT = torch.float64
@@ -37,8 +40,8 @@ def ridge():
 
 
 @pytest.fixture(scope="module")
-def p4():
-    return get_graph("p4", quick=True)
+def three_level():
+    return get_graph("three_level_quadratic", quick=True)
 
 
 def test_ridge_runs_and_writes_csv_png(ridge, tmp_path):
@@ -111,11 +114,12 @@ def test_ridge_table_numbers_are_engine_numbers(ridge):
     assert rep.rows[1].rel_error > 1e-3          # K=5 is far from the implicit value
 
 
-def p4_closed_form(p4):
+def three_level_closed_form(three_level):
     """Independent of the graph's reference: best responses by autograd through dense
     solves, ``E*(M) = (S_E + aI)⁻¹S_E A M``, ``C*(E) = (S_C + cI)⁻¹S_C F E``, the residual
     ``r*`` at the optimum, and each path's term as a vector-Jacobian product with ``r*``."""
-    A, F, G, Q, t, M, a, c, SE, SC = (p4.data[k] for k in ("A", "F", "G", "Q", "t", "M", "a", "c", "SE", "SC"))
+    A, F, G, Q, t, M, a, c, SE, SC = (three_level.data[k] for k in
+                                      ("A", "F", "G", "Q", "t", "M", "a", "c", "SE", "SC"))
     M_ = M.clone().requires_grad_()
     E = torch.linalg.solve(SE + a * torch.eye(A.shape[0], dtype=DT), SE @ A @ M_)
     C = torch.linalg.solve(SC + c * torch.eye(F.shape[0], dtype=DT), SC @ F @ E)
@@ -126,17 +130,18 @@ def p4_closed_form(p4):
     return r, {("mask", "pretrain", "mask"): direct, ("mask", "pretrain", "finetune", "mask"): through_c}, total
 
 
-def test_p4_runs_per_path_breakdown_and_reference(p4, tmp_path):
-    e = p4.data["A"].shape[0]
+def test_three_level_runs_per_path_breakdown_and_reference(three_level, tmp_path):
+    e = three_level.data["A"].shape[0]
     methods = [Setting("cg", {"max_iter": e, "tol": 0.0}), Setting("unrolled", steps=3),
                Setting("finite_difference", {"epsilon": 0.01})]
-    rep = run(p4, methods)
+    rep = run(three_level, methods)
     text = format_report(rep)
     print(text)
     files = save(rep, str(tmp_path))
-    assert sorted(f.split("/")[-1] for f in files) == ["compare_p4.csv", "compare_p4.png",
-                                                        "compare_p4_paths.csv"]
-    with open(tmp_path / "compare_p4_paths.csv") as f:
+    assert sorted(f.split("/")[-1] for f in files) == [
+        "compare_three_level_quadratic.csv", "compare_three_level_quadratic.png",
+        "compare_three_level_quadratic_paths.csv"]
+    with open(tmp_path / "compare_three_level_quadratic_paths.csv") as f:
         prow = list(csv.DictReader(f))
     assert len(prow) == 2 * len(methods)
     assert len(rep.paths) == 2 and "per-path breakdown" in text
@@ -147,8 +152,8 @@ def test_p4_runs_per_path_breakdown_and_reference(p4, tmp_path):
     assert sum(p.share for p in cg.paths) >= 1 - 1e-12      # triangle inequality
     # FD: H⁻¹ ≈ I at both levels, i.e. J_E ≈ S_E A and J_C ≈ S_C F; a quadratic makes
     # the central difference exact, so each path's error is that of the closed form
-    A, F, G, Q, SE, SC = (p4.data[k] for k in ("A", "F", "G", "Q", "SE", "SC"))
-    r, exact, _ = p4_closed_form(p4)
+    A, F, G, Q, SE, SC = (three_level.data[k] for k in ("A", "F", "G", "Q", "SE", "SC"))
+    r, exact, _ = three_level_closed_form(three_level)
     fd_terms = {("mask", "pretrain", "mask"): (SE @ A).T @ (G.T @ r),
                 ("mask", "pretrain", "finetune", "mask"): (SE @ A).T @ ((Q @ SC @ F).T @ r)}
     for p in rep.rows[2].paths:
@@ -156,52 +161,79 @@ def test_p4_runs_per_path_breakdown_and_reference(p4, tmp_path):
         assert p.rel_error > 0.1
 
 
-def test_p4_reference_is_exact(p4, measured):
+def test_three_level_reference_is_exact(three_level, measured):
     """Closed-form per-path reference vs autograd through E*(M), C*(E*(M)) (the warmup
     reaches the best responses, so the reference is also the total derivative)."""
-    _, exact_paths, exact = p4_closed_form(p4)
+    _, exact_paths, exact = three_level_closed_form(three_level)
     opts = {"iterations": 400, "alpha": 1.0}   # ‖I − H_C‖ ≈ 0.91: 0.91⁴⁰⁰ ≈ 4e-17
-    rep = run(p4, [Setting("neumann", opts)])
-    measured("p4 closed-form reference (after warmup) vs autograd through E*, C*", rel(rep.rows[0].ref, exact), 1e-10)
+    rep = run(three_level, [Setting("neumann", opts)])
+    measured("three_level_quadratic closed-form reference (after warmup) vs autograd through E*, C*",
+             rel(rep.rows[0].ref, exact), 1e-10)
     assert rep.rows[0].rel_error < 1e-10
     # the engine's own numbers for this setting, rebuilt by hand
-    eng, up = p4.factory("neumann", opts)
-    eng.run(p4.warmup)
+    eng, up = three_level.factory("neumann", opts)
+    eng.run(three_level.warmup)
     out = eng.gradient(up, by_path=True)
     assert torch.equal(out["grad"]["M"], rep.rows[0].grad)
     assert {tuple(p.path) for p in rep.rows[0].paths} == set(out["paths"])
-    ref = p4.reference(eng, up)
+    ref = three_level.reference(eng, up)
     for path, term in exact_paths.items():
-        measured("p4 closed-form reference per path vs autograd through E*, C*",
+        measured("three_level_quadratic closed-form reference per path vs autograd through E*, C*",
                  rel(ref["paths"][path]["M"], term), 1e-10)
 
 
-def test_p4_discriminates_methods(p4, measured):
+def test_three_level_discriminates_methods(three_level, measured):
     """The lower Hessians are not multiples of I: CG with 1 iteration is far off on
     every path, CG with many iterations matches the closed form per path, Neumann's
     error falls with K for both α, finite differences are off."""
-    a, c, SE, SC = (p4.data[k] for k in ("a", "c", "SE", "SC"))
+    a, c, SE, SC = (three_level.data[k] for k in ("a", "c", "SE", "SC"))
     for S, reg in ((SE, a), (SC, c)):
         ev = torch.linalg.eigvalsh(S + reg * torch.eye(S.shape[0], dtype=DT))
         assert ev[-1] / ev[0] > 10 and ev[-1] < 2            # ill-conditioned; α = 1 contracts
-    e = p4.data["A"].shape[0]
+    e = three_level.data["A"].shape[0]
     Ks, alphas = (5, 20, 100), (0.3, 1.0)
     methods = ([Setting("cg", {"max_iter": 1, "tol": 0.0}), Setting("cg", {"max_iter": 3, "tol": 0.0})]
                + [Setting("cg", {"max_iter": k, "tol": 0.0}) for k in (e, 4 * e)]
                + [Setting("neumann", {"iterations": k, "alpha": al}) for al in alphas for k in Ks])
-    rows = run(p4, methods).rows
+    rows = run(three_level, methods).rows
     cg1, cg3, *cg_many = rows[:4]
     assert cg1.rel_error > 0.5 and all(p.rel_error > 0.1 for p in cg1.paths)
     assert cg1.rel_error > cg3.rel_error > 1e-3
     for row in cg_many:
-        measured("p4 CG (≥ dim iterations) vs closed form, total", row.rel_error, 1e-8)
+        measured("three_level_quadratic CG (≥ dim iterations) vs closed form, total", row.rel_error, 1e-8)
         for p in row.paths:
-            measured("p4 CG (≥ dim iterations) vs closed form, per path", p.rel_error, 1e-8)
+            measured("three_level_quadratic CG (≥ dim iterations) vs closed form, per path",
+                     p.rel_error, 1e-8)
     neu = rows[4:]
     for i in range(len(alphas)):
         errs = [r.rel_error for r in neu[i * len(Ks):(i + 1) * len(Ks)]]
-        print(f"p4 Neumann α={alphas[i]}: K={Ks} → {errs}")
+        print(f"three_level_quadratic Neumann α={alphas[i]}: K={Ks} → {errs}")
         assert errs[0] > 1e-2 and errs[0] > errs[1] > errs[2]
+
+
+def test_p4_is_a_deprecated_alias(three_level):
+    """``p4`` (name and builder function) builds three_level_quadratic, warning at the
+    caller's line with the new name; it is not listed among the available graphs."""
+    with pytest.warns(DeprecationWarning, match="'p4' is deprecated; use 'three_level_quadratic'") as w:
+        spec = get_graph("p4", quick=True)
+    assert w[0].filename == __file__
+    assert spec.name == "three_level_quadratic"
+    assert [s.label for s in spec.settings] == [s.label for s in three_level.settings]
+    assert all(torch.equal(spec.data[k], three_level.data[k]) for k in ("A", "F", "G", "SE", "SC"))
+    with pytest.warns(DeprecationWarning, match="use 'three_level_quadratic'") as w:
+        assert graphs.p4(quick=True).name == "three_level_quadratic"
+    assert w[0].filename == __file__
+    assert "p4" not in available_graphs() and "three_level_quadratic" in available_graphs()
+
+
+def test_cli_runs_the_deprecated_name_with_a_note(tmp_path, capsys):
+    with pytest.warns(DeprecationWarning, match="'p4' is deprecated"):
+        (rep,) = main(["--graphs", "p4", "--quick", "--repeats", "1", "--no-memory",
+                       "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "'p4' is deprecated; use 'three_level_quadratic'" in err
+    assert rep.name == "three_level_quadratic"
+    assert (tmp_path / "compare_three_level_quadratic.csv").is_file()
 
 
 def test_reference_setting_and_errors(ridge):

@@ -95,7 +95,7 @@ def test_unknown_graph_is_a_one_line_error():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "nosuch" in lines[0] and "available" in lines[0]
-    for name in ("mlo_mae", "p4", "ridge", "logreg"):
+    for name in ("mlo_mae", "three_level_quadratic", "ridge", "logreg"):
         assert name in lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     with pytest.raises(UnknownGraphError, match="available: .*mlo_mae") as info:

@@ -16,8 +16,8 @@ Any graph can be compared from Python::
 
 The protocol (same state for every method, unrolled windows ending at it, the
 reference at exactly the evaluated state, what time and memory mean) is described
-in :mod:`mlo.compare.runner`. Built-in graphs (``ridge``, ``logreg``, ``p4``) are in
-:mod:`mlo.compare.graphs`; ``python -m mlo.compare`` runs them.
+in :mod:`mlo.compare.runner`. Built-in graphs (``ridge``, ``logreg``,
+``three_level_quadratic``) are in :mod:`mlo.compare.graphs`; ``python -m mlo.compare`` runs them.
 """
 from .runner import PathRow, Report, Row, Setting, compare, peak_memory
 from .graphs import (HOLD, GraphSpec, available_graphs, default_settings, get_graph,

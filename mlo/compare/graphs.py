@@ -12,13 +12,13 @@ default method settings and the number of warm-up lower steps. Built in:
   breast-cancer data. Lower: weights + bias, ``BCE + ½Σ exp(λ_j) w_j²`` (SGD with
   momentum), trained to near-optimum; upper: validation BCE; ``λ`` = per-feature log
   weight decay. Reference: CG to relative residual 1e-12 in float64.
-* ``p4`` — the MLO-MAE-shaped linear three-level graph (DESIGN.md, P4, with
-  non-identity level metrics): pretrain ``½(E − AM)ᵀS_E(E − AM) + a/2‖E‖²`` (reads
-  mask), finetune ``½(C − FE)ᵀS_C(C − FE) + c/2‖C‖²`` (reads pretrain), mask
-  ``½‖GE + QC − t‖²`` (reads both); two paths into ``mask``. ``S_E``, ``S_C`` are fixed
-  SPD matrices (condition number 30 by default), so the lower Hessians ``S_E + aI``,
-  ``S_C + cI`` are not multiples of the identity and CG, Neumann and finite
-  differences differ.
+* ``three_level_quadratic`` (deprecated old name ``p4``) — the MLO-MAE-shaped linear
+  three-level graph (DESIGN.md, P4, with non-identity level metrics): pretrain
+  ``½(E − AM)ᵀS_E(E − AM) + a/2‖E‖²`` (reads mask), finetune
+  ``½(C − FE)ᵀS_C(C − FE) + c/2‖C‖²`` (reads pretrain), mask ``½‖GE + QC − t‖²``
+  (reads both); two paths into ``mask``. ``S_E``, ``S_C`` are fixed SPD matrices
+  (condition number 30 by default), so the lower Hessians ``S_E + aI``, ``S_C + cI``
+  are not multiples of the identity and CG, Neumann and finite differences differ.
   The method under test is used at both lower levels. Reference: closed form per path
   at the evaluated ``(E, C)`` with the best-response Jacobians
   ``J_E = (S_E + aI)⁻¹S_E A``, ``J_C = (S_C + cI)⁻¹S_C F``: ``J_Eᵀ Gᵀ r`` and
@@ -35,13 +35,16 @@ naming a builder ``builder(quick: bool = False) -> GraphSpec``, e.g. in setup.cf
 
 Entry points are listed by :func:`available_graphs` without being imported, and
 loaded by :func:`get_graph` the first time their name is asked for (built-in and
-registered names take precedence). This package declares ``mlo_mae`` (a tiny
-float64 MLO-MAE from ``problems``: :mod:`problems.compare_graphs`).
+registered names take precedence). A deprecated old name (:data:`DEPRECATED_NAMES`)
+still builds its graph, with a ``DeprecationWarning`` naming the new one. This package
+declares ``mlo_mae`` (a tiny float64 MLO-MAE from ``problems``:
+:mod:`problems.compare_graphs`).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
@@ -55,7 +58,8 @@ from ..problem import Problem
 from .runner import Reference, Setting
 
 __all__ = ["GraphSpec", "register_graph", "get_graph", "available_graphs", "default_settings",
-           "UnknownGraphError", "ENTRY_POINT_GROUP", "HOLD", "ridge", "logreg", "p4"]
+           "UnknownGraphError", "ENTRY_POINT_GROUP", "HOLD", "DEPRECATED_NAMES", "ridge", "logreg",
+           "three_level_quadratic", "p4"]
 
 DT = torch.float64
 #: ``unroll_steps`` for the problems directly below the upper: the upper never
@@ -94,6 +98,9 @@ _GRAPHS: Dict[str, Callable[..., GraphSpec]] = {}
 #: Entry-point group of plug-in graphs: ``name = module:builder``.
 ENTRY_POINT_GROUP = "mlo.compare_graphs"
 
+#: Old graph names that still work (with a ``DeprecationWarning``): old -> new.
+DEPRECATED_NAMES: Dict[str, str] = {"p4": "three_level_quadratic"}
+
 
 class UnknownGraphError(KeyError):
     """No built-in, registered or plug-in graph of that name (``str()``: the one-line
@@ -117,16 +124,27 @@ def _plugins() -> Dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in eps}
 
 
+def _warn_deprecated(old: str, stacklevel: int) -> str:
+    """Warns that graph name ``old`` is deprecated; returns its new name."""
+    new = DEPRECATED_NAMES[old]
+    warnings.warn(f"graph name {old!r} is deprecated; use {new!r}", DeprecationWarning,
+                  stacklevel=stacklevel + 1)
+    return new
+
+
 def get_graph(name: str, quick: bool = False) -> GraphSpec:
     """Builds the graph ``name`` (``quick``: fewer, cheaper settings).
 
     Built-in and :func:`register_graph` names first, then the ``mlo.compare_graphs``
-    entry points (loaded now, then registered).
+    entry points (loaded now, then registered). A name of :data:`DEPRECATED_NAMES`
+    builds its new name's graph and warns (``DeprecationWarning``).
 
     Raises:
         UnknownGraphError: no such graph (the message lists the available ones).
         ImportError: the plug-in's entry point could not be loaded.
     """
+    if name in DEPRECATED_NAMES and name not in _GRAPHS:
+        name = _warn_deprecated(name, stacklevel=2)
     builder = _GRAPHS.get(name)
     if builder is None:
         ep = _plugins().get(name)
@@ -144,7 +162,8 @@ def get_graph(name: str, quick: bool = False) -> GraphSpec:
 
 
 def available_graphs() -> Tuple[str, ...]:
-    """Built-in, registered and plug-in (entry point) graph names, sorted."""
+    """Built-in, registered and plug-in (entry point) graph names, sorted (deprecated
+    names, :data:`DEPRECATED_NAMES`, are not listed)."""
     return tuple(sorted(set(_GRAPHS) | set(_plugins())))
 
 
@@ -276,7 +295,7 @@ def logreg(quick: bool = False, n_train: int = 100, n_val: int = 150, seed: int 
                      dict(train=train, val=val, log_wd=log_wd))
 
 
-# ------------------------------------------------------------------------ p4
+# ----------------------------------------------------- three_level_quadratic
 def _spd(r, n: int, top: float, cond: float) -> torch.Tensor:
     """``U diag(s) Uᵀ``: random orthogonal ``U``, ``s`` geometric from ``top/cond`` to ``top``."""
     U, _ = torch.linalg.qr(r(n, n))
@@ -285,10 +304,11 @@ def _spd(r, n: int, top: float, cond: float) -> torch.Tensor:
     return (S + S.T) / 2
 
 
-def p4(quick: bool = False, m: int = 8, e: int = 12, c: int = 6, o: int = 10,
-       a: float = 0.1, cc: float = 0.05, cond: float = 30.0, lr: float = 0.6, seed: int = 0,
-       warmup: int = 500) -> GraphSpec:
-    """P4: pretrain (E), finetune (C), mask (M); Hessians ``S_E + aI``, ``S_C + cI``.
+def three_level_quadratic(quick: bool = False, m: int = 8, e: int = 12, c: int = 6,
+                          o: int = 10, a: float = 0.1, cc: float = 0.05, cond: float = 30.0,
+                          lr: float = 0.6, seed: int = 0, warmup: int = 500) -> GraphSpec:
+    """Three quadratic levels (DESIGN.md P4): pretrain (E), finetune (C), mask (M);
+    lower Hessians ``S_E + aI``, ``S_C + cI``.
 
     ``S_E`` (spectrum ``[0.05, 1.5]``) and ``S_C`` (``[0.04, 1.2]``) of condition number
     ``cond = 30`` give Hessians with spectra ``[0.15, 1.6]`` and ``[0.09, 1.25]``
@@ -342,9 +362,9 @@ def p4(quick: bool = False, m: int = 8, e: int = 12, c: int = 6, o: int = 10,
                           ("mask", "pretrain", "finetune", "mask"): {"M": t2}}}
 
     settings = default_settings(e, alphas=(0.3, 1.0), quick=quick)
-    return GraphSpec("p4", factory, reference, settings, warmup,
-                     f"P4 MLO-MAE-shaped linear 3 levels (M {m}, E {e}, C {c}), SPD level metrics of "
-                     f"condition {cond:g}; lowers SGD lr {lr:g}; the method is used at both lower levels",
+    return GraphSpec("three_level_quadratic", factory, reference, settings, warmup,
+                     f"MLO-MAE-shaped three quadratic levels (M {m}, E {e}, C {c}), SPD level "
+                     f"metrics of condition {cond:g}; lowers SGD lr {lr:g}; the method is used at both lower levels",
                      "closed form per path at the evaluated (E, C)",
                      dict(A=A, F=Fm, G=G, Q=Q, t=t, M=M0, E0=E0, C0=C0, a=a, c=cc, lr=lr, SE=SE, SC=SC,
                           JE=JE, JC=JC))
@@ -352,4 +372,10 @@ def p4(quick: bool = False, m: int = 8, e: int = 12, c: int = 6, o: int = 10,
 
 register_graph("ridge", ridge)
 register_graph("logreg", logreg)
-register_graph("p4", p4)
+register_graph("three_level_quadratic", three_level_quadratic)
+
+
+def p4(*args, **kwargs) -> GraphSpec:
+    """Deprecated old name of :func:`three_level_quadratic` (warns, then builds it)."""
+    _warn_deprecated("p4", stacklevel=2)
+    return three_level_quadratic(*args, **kwargs)
