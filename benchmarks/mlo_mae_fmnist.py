@@ -1,4 +1,4 @@
-"""MLO-MAE vs its baselines and controls on Fashion-MNIST (README, "MLO-MAE on Fashion-MNIST").
+"""MLO-MAE vs its baselines and controls on Fashion-MNIST (docs/mlo_mae.md#fashion-mnist-study).
 
 Every (variant, seed) trains the ``fmnist`` preset (examples/configs/mlo_mae_fmnist.yaml)
 for the same number of pretraining iterations on 50 000 training images; 10 000 more

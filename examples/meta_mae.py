@@ -32,7 +32,7 @@ QKV bias (``qkv_bias: false``), dropout on the encoder's input tokens at the enc
 rate (``input_dropout``); the tabular preset embeds features with one shared
 ``Linear(1, D)`` (``tokenizer: {embedding: shared}``; ``--tabular-embedding per_feature``
 for one embedding per feature). The ``cpu`` blocks keep ``qkv_bias: true`` and
-``input_dropout: 0`` (the settings of the measured README rows).
+``input_dropout: 0`` (the settings of the measured rows in docs/meta_mae.md).
 
 Ablations (Table 4 / Table 6): ``--variant mae`` (no adaptation, no contrast: the
 MAE loss), ``--no-adapt``, ``--no-contrastive``, ``--decoder-depth 0`` (linear

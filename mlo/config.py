@@ -140,7 +140,7 @@ class EngineConfig:
             between those levels are the live iterates, and each middle level's
             steps are differentiated through their own hypergradient. Needs a single
             top problem and a window method (``"unrolled"``) on every other problem;
-            memory grows with all the steps of the top's window (README, "Nesting").
+            memory grows with all the steps of the top's window (docs/design.md#nesting).
         checkpoint_every: write a checkpoint every N iterations (``None``, the default:
             never): ``<checkpoint_path>/ckpt-<iteration>.pt`` (e.g. ``ckpt-000120.pt``),
             atomically (:func:`mlo.checkpoint.save`), at the end of the iteration

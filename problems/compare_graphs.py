@@ -4,7 +4,7 @@
 ``mlo.compare_graphs`` entry point ``mlo_mae`` (``setup.cfg``), which
 ``python -m mlo.compare --graphs mlo_mae`` loads on demand.
 
-``mlo_mae`` — a tiny MLO-MAE (DESIGN.md, "MLO-MAE") from the real blocks, float64::
+``mlo_mae`` — a tiny MLO-MAE (docs/design.md#mlo-mae) from the real blocks, float64::
 
     pretrain  θ: MAE (ImageTokenizer 4×4×1, patch 2 → 4 tokens, width 8, depth 1,
                  2 heads, MLP ratio 2, decoder 8×1, norm_pix), mask ratio 0.5;
@@ -51,7 +51,7 @@ iterates with the same convention, computed without ``engines`` or the engine,
 from the losses written out on flat vectors: dense Hessians ``H_pre = ∂²f_pre/∂θ²``
 (all 1396 MAE parameters) and ``H_ft = ∂²f_ft/∂ψ²``, dense mixed derivatives
 ``∂²f_pre/∂θ∂φ`` and ``∂²f_ft/∂θ∂ψ`` (reverse-over-reverse ``torch.func``, one VJP
-per row), Cholesky solves, then per path (DESIGN.md, P4 generalised)::
+per row), Cholesky solves, then per path (docs/design.md#p4, generalised)::
 
     mask → pretrain → mask:            −(∂²f_pre/∂φ∂θ) H_pre⁻¹ ∂F/∂θ
     mask → pretrain → finetune → mask: −(∂²f_pre/∂φ∂θ) H_pre⁻¹ [−(∂²f_ft/∂θ∂ψ) H_ft⁻¹ ∂F/∂ψ]

@@ -1,6 +1,6 @@
 """MetaMAE's objective in plain PyTorch: latent adaptation + query loss + task contrast.
 
-For one batch (MetaMAE, DESIGN.md; the official code's choices noted)::
+For one batch (MetaMAE, docs/design.md#metamae; the official code's choices noted)::
 
     Z, mask, ids = encoder(x)                            # amortized latent [N, 1+K, D] (CLS first)
     S = nearby_support(mask, grid, r)                    # visible ∪ Bernoulli(r) masked neighbours

@@ -1,4 +1,4 @@
-"""MLO-MAE and its baselines as problem graphs (DESIGN.md, "MLO-MAE").
+"""MLO-MAE and its baselines as problem graphs (docs/design.md#mlo-mae).
 
 Three levels (Guo et al., MLO-MAE), from the bottom up::
 
@@ -42,8 +42,8 @@ Jacobian carries its learning rate. ``"official"`` is what the official code run
 Fashion-MNIST the official form collapses the masking network outright (every masked
 patch's ``p → 0``: reconstruction switched off); the paper's form keeps it alive on every
 seed measured (on Fashion-MNIST 17–62 % of the masked patches still end below p = 0.1),
-with a better validation probe, which is why it is the default (README, "MLO-MAE on
-Fashion-MNIST"). The setting selects
+with a better validation probe, which is why it is the default
+(docs/mlo_mae.md#fashion-mnist-study). The setting selects
 ``scale_by_lr`` of the ``finite_difference``/``darts`` methods; the other methods
 (``cg``, ``neumann``, ``unrolled``, and ``sama``, whose ``u = η D ⊙ v`` carries η
 already) have no ``H⁻¹ ≈ s·I`` to choose and accept only ``"paper"`` (unrolled *is*

@@ -1,6 +1,6 @@
 """The ridge problem shared by the Problem.call, update_every_iterations and records tests.
 
-float64, P1 ridge of DESIGN.md with the weight decay ``λ`` read by the lower's loss
+float64, P1 ridge of docs/design.md#p1 with the weight decay ``λ`` read by the lower's loss
 ``½‖Xw − y‖² + ½ Σ_j λ_j w_j²`` (``H = XᵀX + diag(λ)``), upper loss ``½‖X_v w − y_v‖²``
 (``g(w) = X_vᵀ(X_v w − y_v)``). The lower's module is read either through
 ``Problem.call("predict", ·)`` (:class:`PredictOnly`, whose ``forward`` must never run)

@@ -3,7 +3,7 @@
 Lower ``f(w, λ) = ½‖Xw − y‖² + ½ Σ_j λ_j w_j²`` (``H = XᵀX + diag(λ)``), upper
 ``F = ½‖X_v w − y_v‖²`` (``g(w) = X_vᵀ(X_v w − y_v)``), ``∂²_{λw} f · u = w ⊙ u``.
 Implicit and finite-difference methods are evaluated at the current lower iterate
-``w`` (DESIGN.md), so at every upper update the exact predictions are:
+``w`` (docs/design.md#p1), so at every upper update the exact predictions are:
 
 * CG:          ``−w ⊙ H⁻¹ g(w)``;
 * Neumann(K, α): ``−w ⊙ N_K g(w)``, ``N_K = α Σ_{k≤K} (I − αH)^k``, whose error

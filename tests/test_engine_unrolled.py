@@ -8,7 +8,7 @@ the engine computed (own term + all paths) — no ``λ_before − λ_after``
 rounding, no private API, and the run continues normally so several windows
 (state taken over / handed back, truncation) are checked, not just the first.
 
-* P1 ridge with per-feature weight decay (DESIGN.md): K ∈ {1, 2, 10} SGD steps,
+* P1 ridge with per-feature weight decay (docs/design.md#p1): K ∈ {1, 2, 10} SGD steps,
   ``s_{k+1} = (I−ηH)s_k − η diag(w_k)``, hypergradient ``s_Kᵀ g(w_K)``; as K grows
   it tends to the implicit value ``−w* ⊙ H⁻¹g``.
 * P2 learning-rate hypergradient ``∂w_K/∂η = −K H (I−ηH)^{K−1}(w₀−w*)``.

@@ -12,7 +12,7 @@ reads the bottom ``B`` (``θ``) only; ``B`` reads both::
     dF_T/dλ = (dμ*/dλ)ᵀ (μ* − m) = −A (AᵀA + ρI)⁻¹ (μ* − m).
 
 * Betty's convention (the default) differentiates ``M``'s best response with ``B`` held
-  fixed: ``T``'s hypergradient is exactly 0 (documented in README, "Nesting").
+  fixed: ``T``'s hypergradient is exactly 0 (docs/design.md#nesting).
 * Exact nesting equals an independent plain-autograd nested unroll (K_B steps of ``B``
   inside each of the K_M steps of ``M``, ``M``'s gradient taken w.r.t. its current
   iterate), and converges to the closed form as K grows (geometrically; rate measured).

@@ -1,7 +1,7 @@
 """``problems.mlo_mae``: the MLO-MAE graph, its baselines and its hypergradients.
 
 Tiny settings (4×4 or 8×8 single-channel images, patch 2, width 8, one block),
-random tensors. What DESIGN.md ("MLO-MAE") fixes and these tests check:
+random tensors. What docs/design.md#mlo-mae fixes and these tests check:
 
 * two hypergradient paths reach ``mask`` — ``mask → pretrain → mask`` and
   ``mask → pretrain → finetune → mask``; BLO-MAE has one;

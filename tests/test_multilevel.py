@@ -1,6 +1,6 @@
 """Multilevel hypergradients through ``mlo.Engine``: any method at any level.
 
-float64, closed forms (DESIGN.md, P4) and naive autograd references.
+float64, closed forms (docs/design.md#p4) and naive autograd references.
 
 P4 — MLO-MAE-shaped three levels, two paths into ``mask``::
 

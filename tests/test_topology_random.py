@@ -10,7 +10,7 @@ order. Problem ``X`` reading the set ``R(X)``::
     f_X(x; R) = ½‖x − Σ_{Y∈R(X)} W_XY tanh y‖² + 0.1 Σ log cosh x + 0.05 Σ x⁴
 
 After every iteration, for every problem U with paths, ``engine.gradient(U,
-by_path=True)`` must equal the DESIGN.md formula computed here from scratch:
+by_path=True)`` must equal the formula of docs/design.md#paths computed here from scratch:
 
 * paths enumerated independently: ``U -u2l->⁺ D -l2u->⁺ U`` (one or more u2l steps
   down, one or more l2u steps up; a problem may appear once in each phase);

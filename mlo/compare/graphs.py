@@ -4,7 +4,7 @@ A graph for the comparison tool is a :class:`GraphSpec`: a *factory*
 ``factory(method, options) -> (engine, upper_name)``, an exact reference, the
 default method settings and the number of warm-up lower steps. Built in:
 
-* ``ridge`` — P1 (DESIGN.md): ridge regression with per-feature weight decay ``λ``
+* ``ridge`` — P1 (docs/design.md#p1): ridge regression with per-feature weight decay ``λ``
   on synthetic data. Lower ``½‖Xw − y‖² + ½Σλ_j w_j²`` (SGD), upper
   ``½‖X_v w − y_v‖²``. Reference: the dense closed form ``−w ⊙ H⁻¹ g(w)``,
   ``H = XᵀX + diag(λ)``, at the evaluated iterate ``w``.
@@ -13,7 +13,7 @@ default method settings and the number of warm-up lower steps. Built in:
   momentum), trained to near-optimum; upper: validation BCE; ``λ`` = per-feature log
   weight decay. Reference: CG to relative residual 1e-12 in float64.
 * ``three_level_quadratic`` (deprecated old name ``p4``) — the MLO-MAE-shaped linear
-  three-level graph (DESIGN.md, P4, with non-identity level metrics): pretrain
+  three-level graph (docs/design.md#p4, with non-identity level metrics): pretrain
   ``½(E − AM)ᵀS_E(E − AM) + a/2‖E‖²`` (reads mask), finetune
   ``½(C − FE)ᵀS_C(C − FE) + c/2‖C‖²`` (reads pretrain), mask ``½‖GE + QC − t‖²``
   (reads both); two paths into ``mask``. ``S_E``, ``S_C`` are fixed SPD matrices
@@ -307,7 +307,7 @@ def _spd(r, n: int, top: float, cond: float) -> torch.Tensor:
 def three_level_quadratic(quick: bool = False, m: int = 8, e: int = 12, c: int = 6,
                           o: int = 10, a: float = 0.1, cc: float = 0.05, cond: float = 30.0,
                           lr: float = 0.6, seed: int = 0, warmup: int = 500) -> GraphSpec:
-    """Three quadratic levels (DESIGN.md P4): pretrain (E), finetune (C), mask (M);
+    """Three quadratic levels (docs/design.md#p4): pretrain (E), finetune (C), mask (M);
     lower Hessians ``S_E + aI``, ``S_C + cI``.
 
     ``S_E`` (spectrum ``[0.05, 1.5]``) and ``S_C`` (``[0.04, 1.2]``) of condition number
