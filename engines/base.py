@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Lower", "Method", "MethodInfo", "register", "get", "info", "available", "check_options",
-           "zeros_like_all", "no_inputs_reached", "fill_unreached", "detach_all", "grad_mode", "second_order",
+           "zeros_like_all", "no_inputs_reached", "fill_unreached", "detach_all", "grad_mode",
            "check_bool", "check_number", "check_int"]
 
 Tensors = Tuple[Tensor, ...]
@@ -229,11 +229,6 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     check = info(name).check
     if check is not None:
         check(**options)
-
-
-def second_order(name: str) -> bool:
-    """Whether method ``name`` needs second derivatives of the lower loss."""
-    return info(name).second_order
 
 
 def available() -> Tuple[str, ...]:
