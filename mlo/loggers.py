@@ -11,14 +11,19 @@ The engine calls ``log`` with flat ``{key: float}`` dicts: ``"<problem>/loss"`` 
 updated since the last call; ``"val/<metric>"`` after each validation;
 ``"<problem>/monitor_cosine"`` and ``"<problem>/monitor_rel_error"`` from the
 hypergradient monitor.
+
+A logger can also be fed by hand (e.g. from an ``engine.run`` callback that builds its
+own rows): ``CSVLogger(path, columns=[...])`` writes a table with a fixed header, and
+:meth:`TensorBoardLogger.if_installed` gives ``None`` instead of an ``ImportError`` when
+tensorboard is missing.
 """
 from __future__ import annotations
 
 import csv
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["Logger", "CSVLogger", "TensorBoardLogger", "read_csv_log", "csv_log_parts"]
+__all__ = ["Logger", "CSVLogger", "TensorBoardLogger", "read_csv_log", "csv_log_parts", "csv_header"]
 
 try:
     from typing import Protocol
@@ -56,9 +61,16 @@ class CSVLogger:
             :func:`read_csv_log` never mixes in an older run's parts. ``True``: continue an
             existing log (e.g. a resumed run): rows are appended to its last part, whose
             header (read from the file, not its rows) gives the current columns.
+        columns: a fixed table instead: the header ``iteration`` + ``columns`` is written
+            when the file is created, every row has exactly these columns (``""`` where
+            a row has no value) and there is a single part. A metric outside ``columns``
+            is a ``ValueError``. With ``append=True`` an existing file must have exactly
+            this header (``ValueError`` otherwise; :func:`csv_header` reads it); a
+            missing or empty file is started afresh.
     """
 
-    def __init__(self, path: "str | os.PathLike[str]", append: bool = False):
+    def __init__(self, path: "str | os.PathLike[str]", append: bool = False,
+                 columns: Optional[Sequence[str]] = None):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         #: Every column of the current part but ``iteration``, in order.
@@ -67,6 +79,10 @@ class CSVLogger:
         self.current_path = self.path
         self._part = 1              # current_path is part number _part
         self._header = False        # whether the current part has its header yet
+        self.fixed = columns is not None
+        if self.fixed:
+            self._open_fixed(list(columns), append)
+            return
         parts = csv_log_parts(self.path)
         if append and parts:
             self._part, self.current_path = len(parts), parts[-1]
@@ -86,10 +102,29 @@ class CSVLogger:
         self._file = open(self.current_path, mode, newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
 
+    def _open_fixed(self, columns: List[str], append: bool) -> None:
+        """``columns=``: opens ``path`` with the header ``iteration`` + ``columns``."""
+        if "iteration" in columns or len(set(columns)) != len(columns):
+            raise ValueError(f"CSVLogger(columns=...): the columns must be distinct and must not "
+                             f"include 'iteration' (always the first), got {columns}")
+        header = ["iteration"] + columns
+        found = csv_header(self.path) if append else None
+        if found is not None and found != header:
+            raise ValueError(f"CSVLogger: cannot append to {self.path}: its header {found} is not "
+                             f"the columns {header}")
+        self.columns, self._header = columns, True
+        self._open("a" if found is not None else "w")
+        if found is None:
+            self._writer.writerow(header)
+            self._file.flush()
+
     def log(self, iteration: int, metrics: Dict[str, float]) -> None:
         """Appends one row; a new key starts the next part (the class docstring)."""
         known = set(self.columns)
         new = [k for k in metrics if k not in known and k != "iteration"]
+        if new and self.fixed:
+            raise ValueError(f"CSVLogger({self.path}): metric(s) {new} have no column; "
+                             f"columns: {self.columns}")
         if new or not self._header:
             if self._header:                         # the current part is complete: next one
                 nxt = _part_path(self.path, self._part + 1)
@@ -127,6 +162,15 @@ def csv_log_parts(path: "str | os.PathLike[str]") -> List[str]:
     return parts
 
 
+def csv_header(path: "str | os.PathLike[str]") -> Optional[List[str]]:
+    """The first row of the CSV file ``path`` (``None``: no such file, or an empty one)."""
+    try:
+        with open(os.fspath(path), newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None)
+    except FileNotFoundError:
+        return None
+
+
 def read_csv_log(path: "str | os.PathLike[str]") -> List[Dict[str, str]]:
     """Every row of a :class:`CSVLogger` log, all its parts merged, in the order written.
 
@@ -158,11 +202,18 @@ def read_csv_log(path: "str | os.PathLike[str]") -> List[Dict[str, str]]:
 class TensorBoardLogger:
     """Scalars through ``torch.utils.tensorboard.SummaryWriter`` (step = iteration).
 
+    Args:
+        logdir: the writer's folder (unused when ``writer`` is given).
+        writer: an object with ``add_scalar(tag, value, step)`` and ``close()``.
+        tag: maps a metric key to its TensorBoard tag (default: the key itself), e.g.
+            ``lambda k: k.replace("_", "/", 1)`` groups ``loss_pretrain`` under ``loss/``.
+
     Raises:
         ImportError: tensorboard is not installed (``pip install tensorboard``).
     """
 
-    def __init__(self, logdir: "str | os.PathLike[str]", writer: Optional[object] = None):
+    def __init__(self, logdir: "str | os.PathLike[str]", writer: Optional[object] = None,
+                 tag: Optional[Callable[[str], str]] = None):
         if writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -171,10 +222,21 @@ class TensorBoardLogger:
                                   f"(pip install tensorboard): {e}") from None
             writer = SummaryWriter(os.fspath(logdir))
         self.writer = writer
+        self.tag = tag
+
+    @classmethod
+    def if_installed(cls, logdir: "str | os.PathLike[str]",
+                     tag: Optional[Callable[[str], str]] = None) -> "Optional[TensorBoardLogger]":
+        """A logger into ``logdir``, or ``None`` when tensorboard is not installed (then
+        nothing is created)."""
+        try:
+            return cls(logdir, tag=tag)
+        except ImportError:
+            return None
 
     def log(self, iteration: int, metrics: Dict[str, float]) -> None:
         for k, v in metrics.items():
-            self.writer.add_scalar(k, v, iteration)
+            self.writer.add_scalar(k if self.tag is None else self.tag(k), v, iteration)
 
     def close(self) -> None:
         self.writer.close()

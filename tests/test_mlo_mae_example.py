@@ -1,4 +1,4 @@
-"""examples/mlo_mae_cifar.py end to end: tiny runs of the cpu preset (mlo-mae, mae,
+"""The MLO-MAE main job (examples/mlo_mae_cifar.py = problems.jobs.mlo_mae_job.main) end to end: tiny runs of the cpu preset (mlo-mae, mae,
 blo-mae), resume from the written checkpoint, a fake CIFAR-10 in the official
 format through the paper preset shrunk with --set, fake Fashion-MNIST IDX files through
 ``--data fashion-mnist``, and bad input (one ``error:`` line, exit code 2)."""
@@ -9,13 +9,16 @@ import csv
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import mlo.checkpoint
-from _helpers import load_example
 from problems.datasets import IDX_RESOURCES, idx, load_digits, write_cifar_like, write_mnist_like
+from problems.jobs import mlo_mae_data, mlo_mae_job
+from problems.jobs.common import UsageError
+from problems.jobs.mlo_mae_options import parse_args, read_preset
 from problems.mlo_mae import MLOMAESettings, build
 
 LAST_LINE = re.compile(r"^linear-probe test accuracy: \d+\.\d\d%$")
@@ -27,7 +30,8 @@ pytestmark = pytest.mark.usefixtures("restore_threads")
 
 @pytest.fixture(scope="module")
 def script():
-    return load_example("mlo_mae_cifar")
+    """The job's ``main(argv)`` (the example script is only its command line)."""
+    return mlo_mae_job
 
 
 def run(script, capsys, out, *extra):
@@ -148,8 +152,8 @@ def test_paper_preset_on_cifar_format(script, capsys, tmp_path):
 
 
 def test_paper_preset_offline_falls_back_to_cpu(script, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(script, "DEFAULT_DATA_DIRS", (str(tmp_path / "no_data"),))
-    monkeypatch.setattr(script, "online", lambda *a, **k: False)
+    monkeypatch.setattr(mlo_mae_data, "DEFAULT_DATA_DIRS", (str(tmp_path / "no_data"),))
+    monkeypatch.setattr(mlo_mae_data, "online", lambda *a, **k: False)
     acc, lines = run(script, capsys, tmp_path / "out", "--preset", "paper", "--steps", "2",
                      "--method", "cg")
     loud = [line for line in lines if "CIFAR-10 not found" in line]
@@ -208,7 +212,7 @@ def no_idx_elsewhere(script, tmp_path, monkeypatch):
     """Neither the machine's /usr/share/datasets nor the network: only --data-dir counts."""
     for name in IDX_RESOURCES:
         monkeypatch.setitem(idx.IDX_SYSTEM_DIRS, name, str(tmp_path / "system" / name))
-    monkeypatch.setattr(script, "online", lambda *a, **k: False)
+    monkeypatch.setattr(mlo_mae_data, "online", lambda *a, **k: False)
 
 
 def test_fashion_mnist_from_data_dir(script, capsys, tmp_path, no_idx_elsewhere):
@@ -226,12 +230,12 @@ def test_fashion_mnist_from_data_dir(script, capsys, tmp_path, no_idx_elsewhere)
     assert len(summary["mean_mask_probability"]) == 16        # (28 / 7)² patches
 
 
-def test_preset_data_fashion_mnist_is_accepted(script, tmp_path):
+def test_preset_data_fashion_mnist_is_accepted(tmp_path):
     (tmp_path / "p.yaml").write_text("data: fashion-mnist\nsettings: {image_size: 28}\n")
-    assert script.read_preset(tmp_path / "p.yaml")["data"] == "fashion-mnist"
+    assert read_preset(tmp_path / "p.yaml")["data"] == "fashion-mnist"
     (tmp_path / "q.yaml").write_text("data: svhn\n")
-    with pytest.raises(script.UsageError, match="data must be one of cifar10, digits, fashion-mnist, mnist"):
-        script.read_preset(tmp_path / "q.yaml")
+    with pytest.raises(UsageError, match="data must be one of cifar10, digits, fashion-mnist, mnist"):
+        read_preset(tmp_path / "q.yaml")
 
 
 @pytest.mark.parametrize("case", ["corrupt file", "missing", "mnist missing", "download fails"])
@@ -267,10 +271,10 @@ def test_idx_bad_input_is_one_error_line(script, capsys, tmp_path, monkeypatch, 
 
 
 # ------------------------------------------------------- run folders, periodic checkpoints (issue 20)
-def test_quick_runs_default_to_their_own_folder(script):
-    assert script.parse_args([]).out == script.Path("runs/mlo_mae")
-    assert script.parse_args(["--quick"]).out == script.Path("runs/mlo_mae_quick")
-    assert script.parse_args(["--quick", "--out", "x"]).out == script.Path("x")
+def test_quick_runs_default_to_their_own_folder():
+    assert parse_args([]).out == Path("runs/mlo_mae")
+    assert parse_args(["--quick"]).out == Path("runs/mlo_mae_quick")
+    assert parse_args(["--quick", "--out", "x"]).out == Path("x")
 
 
 def test_a_folder_holding_a_run_is_refused_untouched(script, capsys, quick_run):
@@ -320,3 +324,18 @@ def test_bad_checkpoint_flags_are_one_error_line(script, capsys, tmp_path, argv,
         script.main(["--quick", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "out"), *argv])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [expected]
+
+
+def test_the_example_script_is_the_jobs_command_line(tmp_path):
+    """examples/mlo_mae_cifar.py runs problems.jobs.mlo_mae_job.main: its --help is the
+    script's docstring, and bad input exits with code 2 and one error line."""
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "examples" / "mlo_mae_cifar.py"
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "MLO-MAE on CIFAR-10" in help_text and "--checkpoint-every" in help_text
+    proc = subprocess.run([sys.executable, str(script), "--checkpoint-every", "0", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --checkpoint-every must be >= 1, got 0"]

@@ -2,7 +2,8 @@
 crop + flip on fixture CIFAR images, normalization inside the model), length, weight decay
 per level with no decay on 1-D parameters, cosine end points, learnable position tables,
 the stage-II head's test accuracy next to the linear probe — each a setting whose default
-is today's behaviour — and the preset itself through ``examples/mlo_mae_cifar.py``."""
+is today's behaviour — and the preset itself through the main job
+(``examples/mlo_mae_cifar.py``, i.e. ``problems.jobs.mlo_mae_job.main``)."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,10 @@ import pytest
 import torch
 import yaml
 
-from _helpers import load_example
 from problems.datasets import (CIFAR_MEAN, CIFAR_STD, augment_stream, infinite_loader, load_cifar,
                                random_crop_flip, write_cifar_like)
+from problems.jobs import mlo_mae_job
+from problems.jobs.mlo_mae_options import PRESETS, read_preset
 from problems.mlo_mae import (MLOMAESettings, NormalizedImageTokenizer, build, build_mae_model,
                               head_accuracy, no_decay_names)
 from problems.pos_embed import sincos_table
@@ -153,7 +155,7 @@ def test_normalize_is_checked(bad):
 
 # ------------------------------------------------------------------------ length
 def test_paper_length_is_the_official_count():
-    settings = yaml.safe_load((load_example("mlo_mae_cifar").PRESETS["paper"]).read_text())["settings"]
+    settings = yaml.safe_load(PRESETS["paper"].read_text())["settings"]
     epochs, n, portion, batch, unroll = 200, 50_000, 0.8, 128, 2
     train_iters = int(epochs * (n * portion // batch + 1)) * unroll     # official main_cifar10.py
     assert train_iters == 125_200 == settings["steps"] and settings["unroll_steps"] == unroll
@@ -292,10 +294,9 @@ def test_neutral_values_equal_the_defaults(small):
 
 
 def test_cpu_and_fmnist_presets_keep_the_defaults():
-    script = load_example("mlo_mae_cifar")
     new = set(PAPER_ON) | {"augment_padding"}
     for name in ("cpu", "fmnist"):
-        settings = yaml.safe_load(script.PRESETS[name].read_text())["settings"]
+        settings = yaml.safe_load(PRESETS[name].read_text())["settings"]
         assert not new & set(settings), name
 
 
@@ -328,18 +329,16 @@ def fake_cifar_root(tmp_path_factory):
 
 
 def run_paper(fake_cifar_root, out, capsys, *extra):
-    script = load_example("mlo_mae_cifar")
     tiny = {"embed_dim": 32, "depth": 1, "num_heads": 4, "decoder_dim": 32, "decoder_depth": 1,
             "decoder_heads": 4, "mask_hidden": 16, "batch_size": 4}
     sets = [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]
-    acc = script.main(["--quick", "--no-progress", "--device", "cpu", "--out", str(out), "--preset", "paper",
-                       "--data-dir", str(fake_cifar_root), "--steps", "4", *sets, *extra])
+    acc = mlo_mae_job.main(["--quick", "--no-progress", "--device", "cpu", "--out", str(out), "--preset", "paper",
+                           "--data-dir", str(fake_cifar_root), "--steps", "4", *sets, *extra])
     return acc, capsys.readouterr().out.strip().splitlines(), json.loads((out / "summary.json").read_text())
 
 
 def test_paper_preset_runs_with_every_setting_on(fake_cifar_root, tmp_path, capsys):
-    script = load_example("mlo_mae_cifar")
-    preset = script.read_preset(script.PRESETS["paper"])
+    preset = read_preset(PRESETS["paper"])
     s = MLOMAESettings.from_dict(preset["settings"])
     assert s.learnable_pos and s.no_decay_1d and s.augment == ("pretrain", "finetune", "mask")
     assert s.augment_padding == 4 and s.steps == 125_200
