@@ -13,25 +13,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import fastpath
 from .problem import Problem
 
 __all__ = ["update_norms", "describe_nonfinite", "combine_gradients"]
 
 
-def _combine(part: List[float]) -> float:
-    """The norm of a group from its tensors' norms, in double precision (inf when one is
-    infinite, nan when one is nan)."""
-    try:
-        return math.sqrt(math.fsum([x * x for x in part]))
-    except (OverflowError, ValueError):    # (fsum of inf and nan, or of -inf and inf)
-        return math.nan if any(map(math.isnan, part)) else math.inf
-
-
 def _group_norm(ts: Sequence[Optional[Tensor]]) -> float:
-    """The norm of a group of CPU tensors: each tensor's norm read directly, combined
-    (``None``, no gradient, counts as zeros)."""
+    """The norm of a group of tensors, the plain way: each tensor's norm (in its own
+    dtype) read with ``.item()``, combined in double precision (``None``, no gradient,
+    counts as zeros)."""
     norm = torch.linalg.vector_norm
-    return _combine([norm(t.detach() if t.requires_grad else t).item() for t in ts if t is not None])
+    return fastpath.combine_norms([norm(t.detach()).item() for t in ts if t is not None])
 
 
 def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequence[Optional[Tensor]],
@@ -70,52 +63,18 @@ def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequenc
 
 
 def update_norms(loss: Tensor, grads: List[Optional[Tensor]], extra: Dict[str, Any]) -> List[float]:
-    """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats:
-    every distinct tensor's norm once, in its own dtype (a float64 norm of a float32
-    tensor costs ~25× more: a hot path), each group's norm combined on the host in
-    double precision. ``None`` (no gradient) stands for zeros (norm 0); a tensor in two groups
-    (the total gradient ``0 + h`` is ``h``) is normed once. On the CPU each value
-    is read directly (there is no synchronisation to save), elsewhere the norms are
-    stacked and read at once."""
-    cpu = loss.device.type == "cpu"
-    paths = "hyper" in extra
+    """``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (the last two when it has paths) as floats;
+    ``None`` (no gradient) stands for zeros. With the fast paths on
+    (:mod:`mlo.fastpath`) the fewest norms and host reads that give these values
+    (:func:`mlo.fastpath.norms`); off, each tensor's norm in its own dtype, read on its
+    own, each group combined on the host in double precision: the same floats."""
     groups = [grads]
-    if paths:
+    if "hyper" in extra:
         groups += [list(extra["own"].values()), list(extra["hyper"].values())]
-    if cpu and not paths:                  # the common update: its own gradient only
-        return [loss.item(), _group_norm(grads)]
-    if cpu and all(o is None for o in groups[1]) and \
-            all(a is b or a is None for a, b in zip(grads, groups[2])):
-        h = _group_norm(grads)             # the top of a hypergradient: total = hyper
-        return [loss.item(), h, 0.0, h]
-    norm = torch.linalg.vector_norm
-    ns = [loss.detach()]
-    at: Dict[int, int] = {}
-    idx: List[int] = []          # per entry of the groups: its norm's index in ns (-1: zeros)
-    for g in groups:
-        for t in g:
-            if t is None:
-                idx.append(-1)
-                continue
-            j = at.get(id(t))
-            if j is None:
-                j = at[id(t)] = len(ns)
-                ns.append(norm(t.detach() if t.requires_grad else t))
-            idx.append(j)
-    if cpu:
-        flat = [n.item() for n in ns]
-    else:
-        dt, dev = ns[0].dtype, ns[0].device
-        for n in ns:
-            if n.dtype != dt or n.device != dev:
-                ns = [n.double().to(dev) for n in ns]
-                break
-        flat = torch.stack(ns).tolist()
-    out, i = [flat[0]], 0
-    for g in groups:
-        out.append(_combine([flat[j] if j >= 0 else 0.0 for j in idx[i:i + len(g)]]))
-        i += len(g)
-    return out
+    fast = fastpath.norms(loss, groups)
+    if fast is not None:
+        return fast
+    return [loss.item()] + [_group_norm(g) for g in groups]
 
 
 def describe_nonfinite(P: Problem, vals: List[float], grads: List[Optional[Tensor]],

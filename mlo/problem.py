@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ProblemConfig
-from .reparam import Slots
+from .fastpath import Slots
 from .state import ProblemRun, current_context
 
 __all__ = ["Problem"]

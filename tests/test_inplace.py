@@ -1,4 +1,4 @@
-"""``mlo.inplace.sgd_step`` is exactly ``torch.optim.SGD.step()`` (bitwise), or declines.
+"""``mlo.fastpath.sgd_step`` is exactly ``torch.optim.SGD.step()`` (bitwise), or declines.
 
 ``sgd_step(opt, params, grads)`` runs torch's single-tensor SGD arithmetic in place
 (no ``opt.step()``) and must leave the parameters *and* ``opt.state`` (momentum
@@ -37,8 +37,8 @@ from torch.optim import optimizer as torch_optimizer
 
 import mlo
 import mlo.update
-from mlo import inplace
-from mlo.inplace import sgd_step
+from mlo import fastpath
+from mlo.fastpath import sgd_step
 
 SHAPES = [(3, 4), (4,), ()]                      # a matrix, a vector, a 0-d scalar
 
@@ -397,7 +397,7 @@ def build_engine(method):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_engine_same_with_and_without_fast_path(measured, monkeypatch, method):
     taken = []
-    real = inplace.sgd_step
+    real = fastpath.sgd_step
 
     def counting(opt, params, grads):
         out = real(opt, params, grads)

@@ -1,4 +1,4 @@
-"""``mlo.reparam.Slots`` is exactly ``torch.func.functional_call`` (float64, bitwise).
+"""``mlo.fastpath.Slots`` is exactly ``torch.func.functional_call`` (float64, bitwise).
 
 ``Slots`` runs a module with other tensors in place of its parameters by assigning
 ``owner._parameters[leaf]`` directly and restoring the originals in ``finally``; it
@@ -12,7 +12,7 @@ that no longer hold the parameter they held when resolved. Every comparison here
    names, ``method=`` — on the fast path and on the forced fallback;
 2. the module's ``_parameters`` hold the original ``nn.Parameter`` objects after a
    run, after a forward that raises and after a ``state`` missing a name;
-3. the fallback is taken (``mlo.reparam.functional_call`` wrapped with a counter)
+3. the fallback is taken (``mlo.fastpath.functional_call`` wrapped with a counter)
    and right for tied weights, ``parametrize``, a parameter replaced after the
    slots were resolved, and a nested call of the same ``Slots`` (directly and via
    ``Problem.call``); the fast path takes no fallback;
@@ -33,8 +33,8 @@ from torch.nn.utils import parametrize
 
 import mlo
 from _helpers import RecSGD
-from mlo import reparam
-from mlo.reparam import Slots
+from mlo import fastpath
+from mlo.fastpath import Slots
 
 DT = torch.float64
 
@@ -44,13 +44,13 @@ DT = torch.float64
 def fallbacks(monkeypatch):
     """Counts the calls ``Slots.run`` makes to ``functional_call`` (its fallback)."""
     calls = []
-    real = reparam.functional_call
+    real = fastpath.functional_call
 
     def counting(*args, **kwargs):
         calls.append(type(args[0]).__name__)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reparam, "functional_call", counting)
+    monkeypatch.setattr(fastpath, "functional_call", counting)
     return calls
 
 
