@@ -1,7 +1,7 @@
 """MLO-MAE on CIFAR-10 — or, offline or without a GPU, on scikit-learn's digits.
 
 Trains one graph of :func:`problems.mlo_mae.build` (masking network above MAE
-pretraining above a classifier head; DESIGN.md, "MLO-MAE") step by step, then
+pretraining above a classifier head; docs/design.md#mlo-mae) step by step, then
 evaluates the encoder with a linear probe. From the repository root, after
 ``pip install -e ".[examples]"``::
 
