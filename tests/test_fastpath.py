@@ -236,7 +236,8 @@ class WindowLower(mlo.Problem):
         x, y = batch
         lam = self.up.params["lam"].exp()
         p = self.params
-        return F.mse_loss(self(x), y) + lam[0] * (p["body.0.weight"] ** 2).sum() + lam[1] * (p["head.weight"] ** 2).sum()
+        return F.mse_loss(self(x), y) + lam[0] * (p["body.0.weight"] ** 2).sum() \
+            + lam[1] * (p["head.weight"] ** 2).sum()
 
 
 class WindowUpper(mlo.Problem):
@@ -266,7 +267,8 @@ def window_graph(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unrolled_window_adam(measured, taken, dtype):
-    fast, plain = both_ways(measured, taken, f"(b) unrolled window, Adam lower, {dtype}", lambda: window_graph(dtype), 6)
+    fast, plain = both_ways(measured, taken, f"(b) unrolled window, Adam lower, {dtype}",
+                            lambda: window_graph(dtype), 6)
     assert fast[0].counts() == {"lo": 6, "up": 3}
     assert_paths(fast[3], plain[3], 9, sgd=3, swap=True)    # the upper; the lower steps in its window
     assert "step" in fast[1][0].optimizer.state[fast[1][0].variables[0]]    # Adam's state came back
@@ -333,7 +335,8 @@ def test_tied_and_shared_parameters(measured, taken, kind, method, dtype):
                  sgd=counts["up"] + (counts["lo"] if method == "cg" else 0))
     assert fast[3]["functional_call"] == plain[3]["functional_call"] > 0   # the fallback, both ways
     lo = fast[1][0]
-    shared = (lo.module.a.weight, lo.module.b.weight) if kind == "tied" else (lo.module.enc.weight, lo.module.enc2.weight)
+    m = lo.module
+    shared = (m.a.weight, m.b.weight) if kind == "tied" else (m.enc.weight, m.enc2.weight)
     assert shared[0] is shared[1]                     # the tie survived the run
 
 
@@ -474,7 +477,8 @@ def test_unexpected_hook_table_takes_step(measured, name):
 
 def test_missing_parameter_table_takes_functional_call(measured, monkeypatch):
     real = fastpath._torch_private
-    monkeypatch.setattr(fastpath, "_torch_private", lambda obj, name: None if name == "_parameters" else real(obj, name))
+    monkeypatch.setattr(fastpath, "_torch_private",
+                        lambda obj, name: None if name == "_parameters" else real(obj, name))
     torch.manual_seed(0)
     m = Net().double()
     s = fastpath.Slots(m, [n for n, _ in m.named_parameters()], list(m.parameters()), tied=False)
