@@ -19,13 +19,14 @@ import math
 import numbers
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
+#: Callbacks receive the running :class:`mlo.Engine` (this module does not import it:
+#: the engine depends on its callbacks, not the other way round).
+Engine = Any
 
 __all__ = ["Callback", "EarlyStopping", "eval_mode", "scalars"]
 

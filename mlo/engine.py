@@ -25,11 +25,14 @@ optimizer state, scheduler and ``step_count`` are untouched; a skipped update
 still counts for the schedule (the problems above become ready as usual) and in
 ``records[name]["skipped"]``.
 
-Layout. This module holds construction, the graph checks and the schedule; the
-engine's other parts are mixins along their seams: :mod:`mlo.update` (one update:
-loss, gradient, hypergradient, step), :mod:`mlo.reads` (windows and reads),
-:mod:`mlo.guard` (the non-finite guard) and :mod:`mlo.events` (progress, loggers,
-validation, early stopping, monitor). The run state is :mod:`mlo.state`.
+Layout (docs/design.md, "Architecture"). The engine is a facade over collaborators
+with narrow interfaces, each given what it needs: :class:`mlo.schedule.Schedule`
+(who updates), :class:`mlo.update.Updater` (one update: loss, gradient,
+hypergradient, guard, step; the hypergradient layer's view), :class:`mlo.windows.Windows`
+(windows and reads), :class:`mlo.events.Events` (progress, loggers, validation, early
+stopping, callbacks, monitor), and two strategies chosen once: nesting
+(:mod:`mlo.nesting`) and data parallelism (:mod:`mlo.parallel`). Every value that
+changes during a run lives in :class:`mlo.state.RunState` (``engine.state``).
 """
 from __future__ import annotations
 
@@ -39,25 +42,26 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-import engines.base as eb
+import engines.base as methods
 
-from . import callbacks as cb
-from . import distributed as _dist
 from .config import EngineConfig
+from .events import Events
 from .graph import Graph, GraphError
+from .nesting import nesting_strategy
 from .optim import FunctionalOptimizer
+from .parallel import data_parallelism
 from .problem import Problem
-from .state import RunState
-from .events import EventsMixin
-from .reads import ReadsMixin
-from .update import UpdateMixin
+from .schedule import Schedule
+from .state import RunState, Window
+from .update import Updater
+from .windows import Windows
 
 __all__ = ["Engine"]
 
 Deps = Mapping[str, Mapping[Union[str, Problem], Sequence[Union[str, Problem]]]]
 
 
-class Engine(UpdateMixin, ReadsMixin, EventsMixin):
+class Engine:
     """Runs problems connected by dependencies.
 
     Args:
@@ -74,170 +78,43 @@ class Engine(UpdateMixin, ReadsMixin, EventsMixin):
     def __init__(self, problems: Sequence[Problem], dependencies: Optional[Deps] = None,
                  config: Optional[EngineConfig] = None):
         problems = list(problems)
-        for p in problems:
-            if not isinstance(p, Problem):
-                raise TypeError(f"Engine expects Problem instances, got {type(p).__name__}")
-        if not problems:
-            raise GraphError("an engine needs at least one problem")
-        dependencies = dict(dependencies or {})
-        unknown = set(dependencies) - {"u2l", "l2u"}
-        if unknown:
-            raise GraphError(f"unknown dependency kind(s) {sorted(unknown)}; use 'u2l' and 'l2u'")
-        ids = {id(p): p.name for p in problems}
-        self.graph = Graph([p.name for p in problems],
-                           self._names(dependencies.get("u2l", {}), ids, "u2l"),
-                           self._names(dependencies.get("l2u", {}), ids, "l2u"))
+        self.graph = _graph(problems, dependencies)
         self.problems: Dict[str, Problem] = {p.name: p for p in problems}
         self.config = config or EngineConfig()
         on_path = set().union(*(self.graph.path_nodes(n) for n in self.problems))
-        for n in on_path:
-            cfg = self.problems[n].config
-            try:
-                eb.check_options(cfg.method, cfg.method_options)
-            except KeyError as e:
-                raise GraphError(f"problem {n!r}: {e.args[0]}") from None
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"problem {n!r}: ProblemConfig.method_options: {e}") from None
-        # The method contract (engines.base): methods that differentiate through the
-        # lower's steps get a window; the others work at the current iterate.
-        self._windowed = {n for n in on_path if eb.info(self.problems[n].config.method).window}
-        for n, P in self.problems.items():
-            if P.per_window:
-                self._check_per_window(P)
-                self._windowed.add(n)
-        self._exact = self.config.nesting == "exact"
-        for n in sorted(self._windowed):
-            opt = self.problems[n].optimizer
-            if not FunctionalOptimizer.supports(opt):
-                raise GraphError(
-                    f"problem {n!r}: method {self.problems[n].config.method!r} steps with a "
-                    f"differentiable twin of its optimizer, which exists for torch.optim "
-                    f"{FunctionalOptimizer.supported()} (exactly those classes, not subclasses); got "
-                    f"{type(opt).__name__}. Use one of those, or an implicit / "
-                    f"finite-difference method (config.method='cg', 'neumann' or 'finite_difference')")
-        #: The run state (mlo.state.RunState): iteration, windows, counters, last batches.
+        _check_methods(self.problems, on_path)
+        windowed = _windowed(self.problems, self.graph, on_path)
+        #: The run state (mlo.state.RunState): everything that changes during a run.
         self.state = RunState({n: self.graph.lowers(n) for n in self.problems})
         for n, P in self.problems.items():
             P.bind(self.state[n])
-        # The last gradient applied, for problems whose method needs the optimizer (SAMA).
-        self._keep_grad = {n for n in on_path if "optimizer" in eb.info(self.problems[n].config.method).needs}
-        self._last_grad: Dict[str, List[Tensor]] = {}
-        self._learned_hp: Dict[str, set] = {}
-        #: Per problem: updates, seconds spent in them (own gradient + hypergradient +
-        #: optimizer step), and the last update's loss and gradient norms.
-        self.records: Dict[str, Dict[str, float]] = {
-            n: {"updates": 0, "seconds": 0.0} for n in self.problems}
-        #: Per problem with paths: the hypergradient (sum over paths, without the
-        #: direct term ``∂F/∂λ``) applied at its last update, ``{param: tensor}``.
-        self.last_hypergradient: Dict[str, Dict[str, Tensor]] = {}
-        tops = [n for n in self.problems if not self.graph.above[n]]
-        self._unique_top = tops[0] if len(tops) == 1 else None
-        self.history: List[Dict[str, Any]] = []
         # Device and precision (mlo.precision): modules moved now, batches before each loss.
-        self._device = None if self.config.device is None else torch.device(self.config.device)
-        if self._device is not None:
+        device = None if self.config.device is None else torch.device(self.config.device)
+        if device is not None:
             for P in problems:
-                P.module.to(self._device)
+                P.module.to(device)
         # Data parallel over torch.distributed (mlo.distributed): same start on every rank.
-        self._dist = _dist.enabled(getattr(self.config, "distributed", "auto"))
-        if self._exact:
-            self._check_exact(on_path)
-        # One backward for the top of a two-level nest: when every problem on the top's
-        # paths steps through a window and has no lower of its own, the top reading
-        # their live iterates and differentiating straight to its own variables (as
-        # read inside those windows) is the sum over its paths — the same value as the
-        # cotangent hand-over, one backward pass and no VJP bookkeeping fewer.
-        top_nodes = self.graph.path_nodes(self._unique_top) if self._unique_top else set()
-        self._fused = bool(top_nodes) and not self._dist and all(
-            n in self._windowed and not self.graph.lowers(n) and self._plain(n) for n in top_nodes)
-        if self._dist:
-            # Modules may still be on the CPU under NCCL (built before .to("cuda")): the
-            # broadcast goes through copies on the group's device (collective_device).
-            _dist.broadcast_parameters(problems)
-            if not _dist.is_main():   # rank 0 alone prints, logs and shows progress
+        self.parallel = data_parallelism(getattr(self.config, "distributed", "auto"))
+        self.nesting = nesting_strategy(self.config.nesting, self.graph, self.problems, windowed,
+                                        self._plain, bool(self.config.monitor), self.parallel.enabled)
+        if self.parallel.enabled:
+            self.parallel.start(problems)
+            if not self.parallel.is_main():   # rank 0 alone prints, logs and shows progress
                 self.config = dataclasses.replace(self.config, progress=False, loggers=[], log_every=None)
-        self._init_events()
+        self.windows = Windows(self.problems, self.graph, self.state, windowed, self.nesting)
+        # The last gradient applied, for problems whose method needs the optimizer (SAMA).
+        keep_grad = {n for n in on_path if "optimizer" in methods.info(self.problems[n].config.method).needs}
+        self.updater = Updater(self.problems, self.graph, self.config, self.state, self.windows,
+                               self.nesting, self.parallel, windowed, keep_grad, device)
+        self.schedule = Schedule(self.problems, self.graph, self.state, self.nesting)
+        self.events = Events(self, self.problems, self.graph, self.config, self.state,
+                             self.gradient, self.parallel.is_main())
 
     def _plain(self, name: str) -> bool:
         """Whether problem ``name``'s VJP is plain reverse mode through its window (a
         WindowProblem's steps always are: its options do not change them)."""
         cfg = self.problems[name].config
-        return eb.info(cfg.method).is_plain_backward(cfg.method_options)
-
-    def _check_exact(self, on_path) -> None:
-        tops = [n for n in self.problems if not self.graph.above[n]]
-        if len(tops) != 1:
-            raise GraphError(f"EngineConfig(nesting='exact') needs a single top problem (the one "
-                             f"that consumes the nest); this graph has {sorted(tops)}")
-        for n in self.graph.order:
-            if n != tops[0] and n not in self._windowed:
-                method = self.problems[n].config.method
-                raise GraphError(
-                    f"problem {n!r}: EngineConfig(nesting='exact') differentiates through every "
-                    f"level's steps, but its method {method!r} is implicit at the current state "
-                    f"(an implicit middle level would need Hessian-vector products through its "
-                    f"lower's differentiable solve, which mlo does not do). Set "
-                    f"config.method='unrolled' on {n!r}, or use nesting='betty'")
-        for n in self.graph.order:
-            if n == tops[0] or not self.graph.lowers(n):
-                continue
-            bad = [s for s in self.graph.reads[n] if s in self._windowed and self.graph.is_below(n, s)]
-            if bad:
-                raise GraphError(
-                    f"problem {n!r}: EngineConfig(nesting='exact') supports middle levels that read "
-                    f"their lowers and the top, but {n!r} also reads {bad}, a level above it that "
-                    f"steps through a window: its gradient would run through that level's steps. "
-                    f"Use nesting='betty' for this graph")
-        for n in self.graph.order:
-            if n != tops[0] and not self._plain(n):
-                cfg = self.problems[n].config
-                raise GraphError(f"problem {n!r}: EngineConfig(nesting='exact') differentiates through "
-                                 f"every step, but method {cfg.method!r} with options "
-                                 f"{dict(cfg.method_options)} is not plain reverse mode through its "
-                                 f"window (e.g. first_order=True); remove those options or use "
-                                 f"nesting='betty'")
-        if self.config.monitor:
-            raise GraphError("EngineConfig(nesting='exact') and monitor: the monitor's reference "
-                             "re-evaluates levels at fixed lowers (Betty's convention); use one or the other")
-        if self._dist:
-            raise GraphError("EngineConfig(nesting='exact') is not supported with distributed data "
-                             "parallelism yet; run it on one process")
-
-    def _check_per_window(self, P: Problem) -> None:
-        n, cfg = P.name, P.config
-        if not eb.info(cfg.method).window:
-            raise GraphError(f"problem {n!r} has per-window variables (WindowProblem): its method must "
-                             f"step through a window (e.g. config.method='unrolled'), got "
-                             f"{cfg.method!r} — an implicit method has no iterate that outlives the window")
-        if not self.graph.above[n]:
-            raise GraphError(f"problem {n!r} has per-window variables but no problem above it to "
-                             f"consume its windows; declare its upper in u2l/l2u")
-        if P.scheduler is not None:
-            raise GraphError(f"problem {n!r} has per-window variables: a scheduler has nothing to "
-                             f"schedule (every window starts a fresh optimizer); remove it")
-        if P.config.update_every != 1 or P.config.update_every_iterations is not None:
-            raise GraphError(f"problem {n!r} has per-window variables: update_every / "
-                             f"update_every_iterations would leave a window without steps; use the "
-                             f"upper's schedule instead")
-
-    @property
-    def iteration(self) -> int:
-        """Iterations completed (``state.iteration``)."""
-        return self.state.iteration
-
-    @staticmethod
-    def _names(table, ids, kind) -> Dict[str, List[str]]:
-        def name(x):
-            if isinstance(x, Problem):
-                if id(x) not in ids:
-                    raise GraphError(f"{kind}: problem {x.name!r} is not in this engine's problem list")
-                return x.name
-            return x
-
-        if not isinstance(table, Mapping):
-            raise GraphError(f"{kind} must be a dict {{problem: [problems]}}, got {type(table).__name__}")
-        return {name(k): [name(v) for v in (vs if not isinstance(vs, (str, Problem)) else [vs])]
-                for k, vs in table.items()}
+        return methods.info(cfg.method).is_plain_backward(cfg.method_options)
 
     # ------------------------------------------------------------- schedule
     def run(self, iterations: int, callbacks: Sequence[Any] = ()) -> List[Dict[str, Any]]:
@@ -252,71 +129,239 @@ class Engine(UpdateMixin, ReadsMixin, EventsMixin):
         """
         if not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
-        self._callbacks, self._progress = list(callbacks or ()), cb.Progress(self, iterations)
-        self.stop_requested = False
+        self.events.start_run(callbacks, iterations)
         try:
             for _ in range(iterations):
                 self.step()
-                self._progress.update()
-                if self.stop_requested:
+                self.events.after_iteration_of_run()
+                if self.state.stop_requested:
                     break
         finally:
-            self._progress.close()
-            self._callbacks, self._progress = [], None
+            self.events.end_run()
         return self.history
 
     def step(self) -> None:
         """One iteration: lower problems step, ready upper problems update."""
-        consumed = set()
-        runs, problems, g = self.state.problems, self.problems, self.graph
-        below, above = g.below, g.above
-        for name in g.order:
-            P, run = problems[name], runs[name]
-            lows = below[name]
-            if lows:
-                since = run.since
-                ready = True
-                for lo in lows:
-                    if since[lo] < problems[lo].config.unroll_steps:
-                        ready = False
-                        break
-                if not ready:
-                    continue
-                for lo in lows:
-                    since[lo] = 0
-                    runs[lo].loop_start = True
-            run.ready_count += 1
-            if lows and (not self._exact or name == self._unique_top):
-                consumed |= g.path_nodes(name)   # exact: only the top consumes
-            if run.ready_count % P.config.update_every:
-                continue
-            period = P.config.update_every_iterations
-            if period is not None:
-                block = self.state.iteration // period
-                if run.last_block == block:
-                    continue
-                run.last_block = block
-            if run.loop_start:
-                run.loop_start = False
-                P.on_window_start()
-            self._update(P)
-            for up in above[name]:
-                runs[up].since[name] += 1
-        for n in consumed:
-            self._close_window(n)
+        for P in self.schedule.due():
+            ref = self.events.monitor_reference(P)
+            result = self.updater.update(P)
+            if result.applied:
+                self.events.after_update(P, result.extras, ref)
+        for n in self.schedule.consumed:
+            self.windows.close(n)
         self.state.iteration += 1
-        c = self.config
-        if c.log_every is not None or c.loggers or (c.validate_every and c.validation) or self._callbacks:
-            self._end_of_iteration()      # (nothing to do otherwise)
-        if self.periodic_checkpoints is not None:   # EngineConfig(checkpoint_every=N)
-            self.periodic_checkpoints.after_iteration(self)
+        self.events.end_of_iteration()
 
-    # ------------------------------------------------------------- helpers
+    # ------------------------------------------------------------- gradients
+    def gradient(self, name: str, batch: Any = None, by_path: bool = False,
+                 method: Optional[tuple] = None) -> Dict[str, Any]:
+        """``P``'s gradient at the current state, without updating anything.
+
+        Args:
+            name: the problem.
+            batch: the batch to evaluate (default: the problem's next batch).
+            by_path: also return each hypergradient path's contribution.
+            method: ``(method name, options)`` to use on every problem of ``name``'s
+                paths instead of their configured methods (e.g. a CG reference); open
+                windows are then evaluated at their current iterate. It must not be a
+                window method (those need the steps taken with them).
+
+        Returns:
+            ``{"loss": float, "grad": {param: tensor}, "own": {param: ∂F/∂λ},
+            "paths": {path: {param: tensor}}}`` (``own``/``paths`` when it has paths;
+            every path lists every variable — zeros where it contributes nothing, e.g.
+            when it runs through an unrolled window that has closed). This is a report:
+            every entry is a tensor, zeros for a variable with no gradient at all —
+            which an update leaves to ``torch.optim`` as ``None`` (the optimizer then
+            skips it: no weight decay, no momentum step).
+
+            The paths sum to the total exactly for methods whose VJP is linear in the
+            vector (unrolled, Neumann, CG run to convergence) and only approximately
+            for finite differences and truncated CG (docs/methods.md gives the
+            measured gap).
+
+        Module buffers (e.g. BatchNorm running statistics) and the RNG state are
+        restored afterwards; only ``P.last_batch`` and, without ``batch``, the data
+        iterator advance.
+        """
+        return self.updater.report(name, batch, by_path, method)
+
+    def loss(self, P: Problem, batch) -> Tensor:
+        """``P.training_step(batch)`` as the engine evaluates it (device, precision, the
+        scalar loss of a dict); call it inside a read context (as the engine does)."""
+        return self.updater.loss(P, batch)
+
+    def inner_lr(self, name: str) -> Union[float, tuple]:
+        """Problem ``name``'s learning rate: one float, or one per variable when its
+        optimizer's param groups have different learning rates."""
+        return self.updater.inner_lr(name)
+
+    def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
+        """Problem ``name``'s optimizer as its last update left it (see
+        :meth:`mlo.update.Updater.optimizer_view`)."""
+        return self.updater.optimizer_view(name)
+
+    # ------------------------------------------------------------- windows
+    def window(self, name: str) -> Optional[Window]:
+        """Problem ``name``'s open window (its differentiable steps), or ``None``."""
+        return self.windows.get(name)
+
+    def windowed(self, name: str) -> bool:
+        """Whether problem ``name`` steps through windows (its method's declaration)."""
+        return self.updater.windowed(name)
+
+    def open_windows(self) -> Dict[str, int]:
+        """``{problem: steps taken}`` of every open window."""
+        return self.state.open_windows()
+
+    def close_windows(self) -> None:
+        """Writes all unrolled iterates back into the modules (e.g. before saving)."""
+        self.windows.close_all()
+
+    # ------------------------------------------------------------- events
+    def request_stop(self) -> None:
+        """Ends the current ``run`` after this iteration (for callbacks)."""
+        self.state.stop_requested = True
+
+    def restore_best(self) -> None:
+        """Loads the state (modules, optimizers, schedulers of every problem) saved at the
+        best validation of ``EngineConfig(early_stopping=...)``; open windows are closed
+        first. Counters (iteration, step counts) are not rewound."""
+        self.events.restore_best()
+
+    # ------------------------------------------------------------- the run state
+    @property
+    def iteration(self) -> int:
+        """Iterations completed (``state.iteration``)."""
+        return self.state.iteration
+
+    @property
+    def records(self) -> Dict[str, Dict[str, Any]]:
+        """Per problem: updates, seconds spent in them (own gradient + hypergradient +
+        optimizer step), and the last update's loss and gradient norms
+        (``state.records``)."""
+        return self.state.records
+
+    @property
+    def last_hypergradient(self) -> Dict[str, Dict[str, Tensor]]:
+        """Per problem with paths: the hypergradient applied at its last update
+        (``state.last_hypergradient``)."""
+        return self.state.last_hypergradient
+
+    @property
+    def last_extras(self) -> Dict[str, Dict[str, float]]:
+        """Per problem: the scalar extras of its last update's ``training_step`` dict
+        (``state.last_extras``)."""
+        return self.state.last_extras
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        """The validation results (``state.history``)."""
+        return self.state.history
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether the current ``run`` ends after this iteration (``state.stop_requested``)."""
+        return self.state.stop_requested
+
+    @stop_requested.setter
+    def stop_requested(self, value: bool) -> None:
+        self.state.stop_requested = bool(value)
+
+    @property
+    def early_stopping(self):
+        """The early-stopping tracker (``best``, ``best_iteration``), or ``None``."""
+        return self.events.early_stopping
+
+    @property
+    def periodic_checkpoints(self):
+        """``EngineConfig(checkpoint_every=...)``'s writer, or ``None``."""
+        return self.events.periodic_checkpoints
+
     @property
     def data_parallel(self) -> bool:
         """Whether the engine averages over ``torch.distributed`` ranks."""
-        return self._dist
+        return self.parallel.enabled
 
     def counts(self) -> Dict[str, int]:
         """Updates taken per problem."""
         return {n: p.step_count for n, p in self.problems.items()}
+
+
+# ----------------------------------------------------------------- construction checks
+def _graph(problems: List[Problem], dependencies: Optional[Deps]) -> Graph:
+    for p in problems:
+        if not isinstance(p, Problem):
+            raise TypeError(f"Engine expects Problem instances, got {type(p).__name__}")
+    if not problems:
+        raise GraphError("an engine needs at least one problem")
+    dependencies = dict(dependencies or {})
+    unknown = set(dependencies) - {"u2l", "l2u"}
+    if unknown:
+        raise GraphError(f"unknown dependency kind(s) {sorted(unknown)}; use 'u2l' and 'l2u'")
+    ids = {id(p): p.name for p in problems}
+    return Graph([p.name for p in problems], _names(dependencies.get("u2l", {}), ids, "u2l"),
+                 _names(dependencies.get("l2u", {}), ids, "l2u"))
+
+
+def _names(table, ids, kind) -> Dict[str, List[str]]:
+    def name(x):
+        if isinstance(x, Problem):
+            if id(x) not in ids:
+                raise GraphError(f"{kind}: problem {x.name!r} is not in this engine's problem list")
+            return x.name
+        return x
+
+    if not isinstance(table, Mapping):
+        raise GraphError(f"{kind} must be a dict {{problem: [problems]}}, got {type(table).__name__}")
+    return {name(k): [name(v) for v in (vs if not isinstance(vs, (str, Problem)) else [vs])]
+            for k, vs in table.items()}
+
+
+def _check_methods(problems: Mapping[str, Problem], on_path) -> None:
+    for n in on_path:
+        cfg = problems[n].config
+        try:
+            methods.check_options(cfg.method, cfg.method_options)
+        except KeyError as e:
+            raise GraphError(f"problem {n!r}: {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"problem {n!r}: ProblemConfig.method_options: {e}") from None
+
+
+def _windowed(problems: Mapping[str, Problem], graph: Graph, on_path) -> set:
+    """The problems that step through windows: by their method's contract (methods that
+    differentiate through the lower's steps), and every per-window problem."""
+    windowed = {n for n in on_path if methods.info(problems[n].config.method).window}
+    for n, P in problems.items():
+        if P.per_window:
+            _check_per_window(P, graph)
+            windowed.add(n)
+    for n in sorted(windowed):
+        opt = problems[n].optimizer
+        if not FunctionalOptimizer.supports(opt):
+            raise GraphError(
+                f"problem {n!r}: method {problems[n].config.method!r} steps with a "
+                f"differentiable twin of its optimizer, which exists for torch.optim "
+                f"{FunctionalOptimizer.supported()} (exactly those classes, not subclasses); got "
+                f"{type(opt).__name__}. Use one of those, or an implicit / "
+                f"finite-difference method (config.method='cg', 'neumann' or 'finite_difference')")
+    return windowed
+
+
+def _check_per_window(P: Problem, graph: Graph) -> None:
+    n, cfg = P.name, P.config
+    if not methods.info(cfg.method).window:
+        raise GraphError(f"problem {n!r} has per-window variables (WindowProblem): its method must "
+                         f"step through a window (e.g. config.method='unrolled'), got "
+                         f"{cfg.method!r} — an implicit method has no iterate that outlives the window")
+    if not graph.above[n]:
+        raise GraphError(f"problem {n!r} has per-window variables but no problem above it to "
+                         f"consume its windows; declare its upper in u2l/l2u")
+    if P.scheduler is not None:
+        raise GraphError(f"problem {n!r} has per-window variables: a scheduler has nothing to "
+                         f"schedule (every window starts a fresh optimizer); remove it")
+    if P.config.update_every != 1 or P.config.update_every_iterations is not None:
+        raise GraphError(f"problem {n!r} has per-window variables: update_every / "
+                         f"update_every_iterations would leave a window without steps; use the "
+                         f"upper's schedule instead")

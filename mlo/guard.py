@@ -8,7 +8,7 @@ a NaN or an infinity is described by problem, iteration and quantity
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from torch import Tensor
 from . import fastpath
 from .problem import Problem
 
-__all__ = ["update_norms", "describe_nonfinite", "combine_gradients"]
+__all__ = ["update_norms", "describe_nonfinite"]
 
 
 def _group_norm(ts: Sequence[Optional[Tensor]]) -> float:
@@ -25,41 +25,6 @@ def _group_norm(ts: Sequence[Optional[Tensor]]) -> float:
     counts as zeros)."""
     norm = torch.linalg.vector_norm
     return fastpath.combine_norms([norm(t.detach()).item() for t in ts if t is not None])
-
-
-def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequence[Optional[Tensor]],
-                      hyper: Dict[str, Tensor]) -> Tuple[Dict[str, Optional[Tensor]], Dict[str, Tensor],
-                                                         List[Optional[Tensor]]]:
-    """An update's gradient from its own part and its hypergradient, per variable.
-
-    Args:
-        names: the variables' names; ``like``: their tensors (dtype, shape).
-        own: ``∂F/∂λ`` per variable, ``None`` where the loss does not read it.
-        hyper: the hypergradient by name (a variable no path reaches is absent).
-
-    Returns:
-        ``(own, hyper, total)``: the records — ``own`` keeps ``None`` for zeros (no
-        tensor is made for them), ``hyper`` is detached, zeros where absent (a report,
-        ``engine.last_hypergradient``) — and the total to step with, ``own + hyper``
-        (``hyper`` itself, not ``0 + hyper``, where the own part is zero; it keeps any
-        graph ``hyper`` has), ``None`` where both are absent: the variable has no
-        gradient and ``torch.optim`` (or the window's twin) skips it — no weight decay,
-        no momentum, no state update — as it skips a parameter whose ``.grad`` is ``None``.
-    """
-    own_d: Dict[str, Optional[Tensor]] = {}
-    hyper_d: Dict[str, Tensor] = {}
-    total: List[Optional[Tensor]] = []
-    for k, t, x in zip(names, like, own):
-        own_d[k] = x if x is None or not x.requires_grad else x.detach()
-        h = hyper.get(k)
-        if h is None:
-            hyper_d[k] = torch.zeros_like(t)
-            total.append(x)
-            continue
-        h = h.to(t.dtype)
-        hyper_d[k] = h.detach() if h.requires_grad else h
-        total.append(h if x is None else x + h)
-    return own_d, hyper_d, total
 
 
 def update_norms(loss: Tensor, grads: List[Optional[Tensor]], extra: Dict[str, Any]) -> List[float]:

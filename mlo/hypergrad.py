@@ -5,14 +5,22 @@ For a problem ``U`` with loss ``F_U`` the engine computes::
     ∇_U F_U = ∂F_U/∂λ_U + Σ_{paths U -> ... -> U} J_{1}ᵀ J_{2}ᵀ ... J_{m}ᵀ ∂F_U/∂θ_m
 
 where ``J_i`` is the best-response Jacobian of the i-th problem on the path with
-respect to the variables of the problem before it (DESIGN.md, "Multilevel").
+respect to the variables of the problem before it (docs/design.md, "Multilevel
+conventions").
 Each ``J_iᵀ v`` is computed by that problem's own method (``config.method``), so
 implicit methods can sit at a middle level and methods can differ per problem.
 
 Instead of walking each path separately, vectors are accumulated per problem and
-pushed once (the VJP is linear): first down the hierarchy through ``l2u`` reads,
-then up through ``u2l`` reads — exactly the paths of :class:`mlo.graph.Graph`.
-:func:`path_contribution` walks one path alone, for per-path breakdowns.
+pushed once: first down the hierarchy through ``l2u`` reads, then up through ``u2l``
+reads — exactly the paths of :class:`mlo.graph.Graph`. :func:`path_contribution`
+walks one path alone, for per-path breakdowns. Pushing the sum once equals the sum
+of the paths only for VJPs that are linear in the vector: unrolled (reverse mode),
+Neumann, and CG run to convergence. Central finite differences (a step size scaled
+by ``‖v‖``) and truncated CG are not linear in ``v``: for them the per-path terms
+sum to the total only approximately (docs/methods.md gives the measured gap).
+
+Everything here works on a :class:`HypergradView` — the few things of an engine a
+hypergradient needs — and never on the engine itself.
 
 A *cotangent* is ``(state, vec)``: a vector ``vec`` on a problem's state tensors
 ``state`` (its iterates at the time they were read; ``None`` when that unrolled
@@ -28,9 +36,8 @@ iterations are those of the N training steps whatever the method.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,83 +47,41 @@ import engines.base as eb
 from .distributed import grad_average
 from .isolation import no_side_effects, rng_state, set_rng_state
 from .precision import compute_dtype
+from .second_order import naming_second_order_errors, second_order_kernels
 from .state import ReadContext, reading
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
-
-__all__ = ["hypergradient", "path_contribution", "best_response_vjp", "second_order_kernels",
-           "naming_second_order_errors"]
-
-_B = torch.backends.cuda   # the global SDPA backend switches (they govern CPU kernels too)
-_SWITCHES = tuple((getattr(_B, f"{k}_enabled"), getattr(_B, f"enable_{k}"))
-                  for k in ("flash_sdp", "mem_efficient_sdp", "cudnn_sdp", "math_sdp")
-                  if hasattr(_B, f"{k}_enabled") and hasattr(_B, f"enable_{k}"))
+__all__ = ["HypergradView", "hypergradient", "combine_gradients", "path_contribution", "best_response_vjp",
+           "second_order_kernels", "naming_second_order_errors"]
 
 
-class _MathAttention:
-    """Only torch's math SDPA kernel enabled inside; the switches restored on exit.
+class HypergradView(Protocol):
+    """What the hypergradient layer reads of a running engine (the updater provides it).
 
-    Same effect as ``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])`` for the flash,
-    memory-efficient, cuDNN and math kernels, at ~1 µs instead of ~14 µs a use (a hot
-    path: every differentiable step of an unrolled window).
+    Attributes:
+        problems: ``{name: Problem}``; graph: the :class:`mlo.graph.Graph`.
+        data_parallel: whether losses are averaged over ``torch.distributed`` ranks.
+        precision: ``EngineConfig.precision`` (the dtype implicit methods compute in).
     """
 
-    __slots__ = ("saved",)
+    problems: Mapping[str, Any]
+    graph: Any
+    data_parallel: bool
+    precision: str
 
-    def __enter__(self):
-        self.saved = [get() for get, _ in _SWITCHES]
-        for i, (_, put) in enumerate(_SWITCHES):
-            put(i == len(_SWITCHES) - 1)          # math (the last switch) on, the fused kernels off
-        return self
+    def window(self, name: str) -> Any:
+        """Problem ``name``'s open window (its reads this window), or ``None``."""
 
-    def __exit__(self, *exc):
-        for (_, put), was in zip(_SWITCHES, self.saved):
-            put(was)
-        return False
+    def windowed(self, name: str) -> bool:
+        """Whether problem ``name`` steps through windows."""
 
+    def inner_lr(self, name: str) -> Union[float, tuple]:
+        """Problem ``name``'s learning rate(s)."""
 
-def second_order_kernels(enabled: bool = True):
-    """Context in which losses are evaluated with double-differentiable kernels.
+    def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
+        """Problem ``name``'s optimizer as its last update left it."""
 
-    Fused scaled-dot-product attention kernels have no double backward (on CPU with
-    torch 2.13: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
-    is not implemented"); methods that differentiate a gradient of the lower loss
-    (unrolled windows, Hessian-vector products) evaluate it with torch's math
-    attention backend instead — same values, any order of derivatives.
-    """
-    if not enabled or len(_SWITCHES) < 4:
-        return contextlib.nullcontext()
-    return _MathAttention()
-
-
-class naming_second_order_errors:
-    """Turns torch's "derivative for ... is not implemented" into an error that names
-    the problem(s) whose loss was differentiated twice and the way out (a plain
-    context-manager class: entered on every VJP and fused top update)."""
-
-    __slots__ = ("names", "methods")
-
-    def __init__(self, names: Sequence[str], methods: Sequence[str]):
-        self.names, self.methods = names, methods
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, typ, e, tb):
-        if typ is None or not issubclass(typ, RuntimeError):
-            return False
-        msg = str(e)
-        if "derivative for" in msg and "not implemented" in msg:
-            who = ", ".join(f"problem {n!r}: method {m!r}" for n, m in zip(self.names, self.methods))
-            raise RuntimeError(
-                f"{who} differentiates through the gradient of its loss, but an operation in that "
-                f"loss has no second derivative ({msg}). Evaluate that operation with a "
-                f"double-differentiable implementation (for attention: attn_impl='math' / "
-                f"problems.transformer.math_attention(); mlo already forces torch's math SDPA "
-                f"backend), or use method='finite_difference'") from e
-        return False
-
+    def loss(self, P: Any, batch: Any) -> Tensor:
+        """``P``'s scalar loss on ``batch``, as the engine evaluates it."""
 
 def _run_method(method, name: str, P, lower, v, opts):
     """Runs a best-response method; a missing higher derivative becomes an error
@@ -133,7 +98,7 @@ def _add(acc: Dict[str, Tensor], vec: Dict[str, Tensor]) -> None:
         acc[k] = acc[k] + t if k in acc else t
 
 
-def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources: Set[str],
+def best_response_vjp(view: HypergradView, name: str, cots: Sequence[Cot], sources: Set[str],
                       override: Override = None) -> List[Tuple[str, Optional[Dict[str, Tensor]], Dict[str, Tensor]]]:
     """``J_{name, S}ᵀ v`` for every source ``S`` in ``sources`` that ``name`` reads.
 
@@ -142,8 +107,8 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
 
     Returns ``[(source, source_state, vec), ...]``.
     """
-    P = engine.problems[name]
-    readable = sources & engine.graph.reads[name]
+    P = view.problems[name]
+    readable = sources & view.graph.reads[name]
     cots = [c for c in cots if c[1]]       # (a vector on no variable: a path reaching none)
     if not readable or not cots:
         return []
@@ -151,8 +116,8 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
     entry = eb.info(method_name)
     method = entry.fn
     opts = dict(opts)
-    win = engine.window(name)
-    if entry.window and engine.windowed(name):
+    win = view.window(name)
+    if entry.window and view.windowed(name):
         # Unrolled: reverse mode from the iterates the cotangents sit on to the
         # aliases this problem's steps read in the current window.
         if win is None:
@@ -187,16 +152,17 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
     params = tuple(own[k].detach().requires_grad_() for k in names)
     vv = tuple(v[k] if k in v else torch.zeros_like(own[k]) for k in names)
     srcs = sorted(readable)
-    src_states = {s: engine.problems[s].own_state() for s in srcs}
+    src_states = {s: view.problems[s].own_state() for s in srcs}
     layout = [(s, k) for s in srcs for k in src_states[s]]
     inputs = tuple(src_states[s][k].detach().requires_grad_() for s, k in layout)
-    if P.last_batch is None and P.data is not None:
+    batch = P.last_batch
+    if batch is None and P.data is not None:
         # Never evaluated yet (engine.gradient before its first step): its next batch,
         # left in place for its first training step (the run is unchanged).
-        P.last_batch = P.peek_batch()
+        batch = P.peek_batch()
     rng = rng_state()
     second = entry.second_order or bool(opts.get("create_graph"))
-    data_parallel = engine.data_parallel
+    data_parallel = view.data_parallel
 
     def loss_fn(ps, xs):
         if data_parallel:
@@ -219,15 +185,15 @@ def best_response_vjp(engine: "Engine", name: str, cots: Sequence[Cot], sources:
         ctx = reading(ReadContext(P, resolve, own=dict(zip(names, ps))))
         if second:
             with second_order_kernels(True), ctx:
-                return engine.loss(P, P.last_batch)
+                return view.loss(P, batch)
         with ctx:
-            return engine.loss(P, P.last_batch)
+            return view.loss(P, batch)
 
-    lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=engine.inner_lr(name),
-                     label=f"problem {name!r}", compute_dtype=compute_dtype(engine.config.precision),
-                     optimizer=engine.optimizer_view(name) if "optimizer" in entry.needs else None,
+    lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=view.inner_lr(name),
+                     label=f"problem {name!r}", compute_dtype=compute_dtype(view.precision),
+                     optimizer=view.optimizer_view(name) if "optimizer" in entry.needs else None,
                      unused_as_none=True)
-    with no_side_effects(engine.problems.values(), rng):
+    with no_side_effects(view.problems.values(), rng):
         grads = _run_method(method, name, P, lower, vv, opts)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
     for (s, k), g in zip(layout, grads):
@@ -240,14 +206,14 @@ def _no_loss(params, inputs):  # pragma: no cover - unrolled never evaluates the
     raise RuntimeError("the unrolled method does not evaluate the lower loss")
 
 
-def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]],
+def hypergradient(view: HypergradView, U: str, direct: Sequence[Tuple[str, Cot]],
                   override: Override = None) -> Dict[str, Tensor]:
     """Sum over all paths of ``U``. ``direct`` holds ``(source, (state, ∂F_U/∂source))``
     for the reads of ``U``'s loss. Returns a vector on ``U``'s variables; a variable
     that no path reaches — structurally: no read of it on the path affects the lower
     iterates, the methods report it with ``Lower.unused_as_none`` — is absent (no
     hypergradient, not zeros)."""
-    g = engine.graph
+    g = view.graph
     nodes = g.path_nodes(U)
     down: Dict[str, List[Cot]] = defaultdict(list)
     up: Dict[str, List[Cot]] = defaultdict(list)
@@ -258,7 +224,7 @@ def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]],
     allowed = nodes | {U}
     for name in reversed(g.order):            # down phase: uppers first
         if name in nodes and down[name]:
-            for src, st, vec in best_response_vjp(engine, name, down[name], allowed, override):
+            for src, st, vec in best_response_vjp(view, name, down[name], allowed, override):
                 if src == U:
                     _add(total, vec)
                 elif g.is_below(src, name):
@@ -268,7 +234,7 @@ def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]],
     for name in g.order:                      # up phase: lowers first, u2l reads only
         if name in nodes and up[name]:
             above = {s for s in allowed if g.is_below(name, s)}
-            for src, st, vec in best_response_vjp(engine, name, up[name], above, override):
+            for src, st, vec in best_response_vjp(view, name, up[name], above, override):
                 if src == U:
                     _add(total, vec)
                 else:
@@ -276,15 +242,50 @@ def hypergradient(engine: "Engine", U: str, direct: Sequence[Tuple[str, Cot]],
     return total
 
 
-def path_contribution(engine: "Engine", path: Sequence[str],
+def path_contribution(view: HypergradView, path: Sequence[str],
                       direct: Sequence[Tuple[str, Cot]], override: Override = None) -> Dict[str, Tensor]:
     """The term of one path ``(U, n1, ..., nm, U)`` alone."""
     cots = [cot for src, cot in direct if src == path[-2]]
     for i in range(len(path) - 2, 0, -1):
         prev = path[i - 1]
-        res = best_response_vjp(engine, path[i], cots, {prev}, override)
+        res = best_response_vjp(view, path[i], cots, {prev}, override)
         cots = [(st, vec) for src, st, vec in res if src == prev]
     total: Dict[str, Tensor] = {}
     for _, vec in cots:
         _add(total, vec)
     return total
+
+
+def combine_gradients(names: Sequence[str], like: Sequence[Tensor], own: Sequence[Optional[Tensor]],
+                      hyper: Dict[str, Tensor]) -> Tuple[Dict[str, Optional[Tensor]], Dict[str, Tensor],
+                                                         List[Optional[Tensor]]]:
+    """An update's gradient from its own part and its hypergradient, per variable.
+
+    Args:
+        names: the variables' names; ``like``: their tensors (dtype, shape).
+        own: ``∂F/∂λ`` per variable, ``None`` where the loss does not read it.
+        hyper: the hypergradient by name (a variable no path reaches is absent).
+
+    Returns:
+        ``(own, hyper, total)``: the records — ``own`` keeps ``None`` for zeros (no
+        tensor is made for them), ``hyper`` is detached, zeros where absent (a report,
+        ``engine.last_hypergradient``) — and the total to step with, ``own + hyper``
+        (``hyper`` itself, not ``0 + hyper``, where the own part is zero; it keeps any
+        graph ``hyper`` has), ``None`` where both are absent: the variable has no
+        gradient and ``torch.optim`` (or the window's twin) skips it — no weight decay,
+        no momentum, no state update — as it skips a parameter whose ``.grad`` is ``None``.
+    """
+    own_d: Dict[str, Optional[Tensor]] = {}
+    hyper_d: Dict[str, Tensor] = {}
+    total: List[Optional[Tensor]] = []
+    for k, t, x in zip(names, like, own):
+        own_d[k] = x if x is None or not x.requires_grad else x.detach()
+        h = hyper.get(k)
+        if h is None:
+            hyper_d[k] = torch.zeros_like(t)
+            total.append(x)
+            continue
+        h = h.to(t.dtype)
+        hyper_d[k] = h.detach() if h.requires_grad else h
+        total.append(h if x is None else x + h)
+    return own_d, hyper_d, total

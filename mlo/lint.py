@@ -13,31 +13,19 @@ the loss's autograd graph once for every problem it declares to read (its
 ``u2l`` uppers and ``l2u`` lowers) and warns (``RuntimeWarning``) once per such edge
 that has no autograd connection, naming both problems, the likely cause and the
 fix. For that first evaluation every read of another problem is made differentiable
-(:func:`pending`), so the check sees the connection whatever the method.
+(the engine's reads do so while the reader is not yet in ``RunState.linted``), so the
+check sees the connection whatever the method.
 """
 from __future__ import annotations
 
 import warnings
-import weakref
-from typing import List, Set
+from typing import List, Mapping, Set
 
 from torch import Tensor
 
 from .problem import Problem
 
-__all__ = ["check_reads", "pending"]
-
-
-_DONE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # engine -> checked readers
-
-
-def _done(engine) -> Set[str]:
-    return _DONE.setdefault(engine, set())
-
-
-def pending(engine, reader) -> bool:
-    """Whether ``reader``'s reads are still to be checked (its first loss evaluation)."""
-    return reader.name not in _done(engine)
+__all__ = ["check_reads"]
 
 
 def _leaves(loss: Tensor) -> Set[int]:
@@ -56,13 +44,10 @@ def _leaves(loss: Tensor) -> Set[int]:
     return out
 
 
-def check_reads(engine, P, loss: Tensor, reads: List) -> None:
-    """Warns once per declared edge into ``P`` whose read left no autograd connection."""
-    done = _done(engine)
-    if P.name in done:
-        return
-    done.add(P.name)
-    g = engine.graph
+def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor, reads: List) -> None:
+    """Warns once per declared edge into ``P`` whose read left no autograd connection
+    (the caller checks each problem once: ``RunState.linted``)."""
+    g = graph
     if not g.reads[P.name] or loss.grad_fn is None:
         return
     leaves = _leaves(loss)
@@ -70,7 +55,7 @@ def check_reads(engine, P, loss: Tensor, reads: List) -> None:
     # a read made in optimizer_hyperparameters() (e.g. a learnable lr) is not in the loss
     hp = type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters
     for s in sorted(g.reads[P.name], key=g.names.index):
-        S = engine.problems[s]
+        S = problems[s]
         up, lo = (s, P.name) if P.name in g.u2l[s] else (P.name, s)
         edge = f"u2l {{{s!r}: [{P.name!r}]}}" if P.name in g.u2l[s] else f"l2u {{{s!r}: [{P.name!r}]}}"
         read = next((r for r in reads if r.source == s), None)

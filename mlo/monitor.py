@@ -16,22 +16,21 @@ batch, so the run is the same with or without the monitor.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
-
 __all__ = ["reference_hypergradient", "compare"]
 
 
-def reference_hypergradient(engine: "Engine", name: str, method: str, options: dict,
-                            batch=None) -> Dict[str, Tensor]:
+def reference_hypergradient(gradient: Callable[..., Dict[str, Any]], name: str, method: str,
+                            options: dict, batch=None) -> Dict[str, Tensor]:
     """``name``'s hypergradient (sum over paths) at the current state, with ``method``
-    on every problem of its paths (open windows at their current iterate)."""
-    out = engine.gradient(name, batch=batch, method=(method, dict(options)))
+    on every problem of its paths (open windows at their current iterate).
+
+    ``gradient`` is :meth:`mlo.Engine.gradient` (or anything with its signature)."""
+    out = gradient(name, batch=batch, method=(method, dict(options)))
     return out.get("hyper", {})
 
 

@@ -19,14 +19,17 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Type, Union
 
 import torch
 from torch import Tensor, nn
 
 from .config import ProblemConfig
 from .fastpath import Slots
-from .state import ProblemRun, current_context
+from engines.base import grad_mode
+
+from .optim import FunctionalOptimizer
+from .state import ProblemRun, Window, current_context
 
 __all__ = ["Problem"]
 
@@ -372,6 +375,38 @@ class Problem:
         if self._runs_on_own_parameters():
             return fn(*args, **kwargs)
         return self._slots.run(fn, self.params, args, kwargs, method=method)
+
+    # ------------------------------------------------- windows (called by the engine)
+    #: Whether the first-order steps of a window take the gradient as a constant
+    #: (first-order MAML; :class:`mlo.WindowProblem` option).
+    first_order = False
+
+    def start_window(self, evaluate: Callable[[Callable[[Any], Any], Any], Any]) -> None:
+        """Called by the engine at the first update of a window: the iterates start
+        from the parameters and the differentiable twin from ``torch.optim``'s state.
+        (``evaluate(fn, batch)`` runs ``fn`` as the engine evaluates this problem's
+        losses; a :class:`mlo.WindowProblem` uses it for ``init_window``.)"""
+        run = self._run
+        run.window = Window(FunctionalOptimizer.from_torch(self.optimizer, list(self.variables)))
+        run.iterates = dict(zip(self.param_names, self.variables))
+
+    def end_window(self, window: Window) -> None:
+        """Called by the engine when the window is consumed: the last iterates are
+        written into the parameters and the twin's state handed back to ``torch.optim``."""
+        with grad_mode(False):
+            for p, k in zip(self.variables, self.param_names):
+                p.copy_(self._run.iterates[k])
+        window.fopt.state_to_torch(self.optimizer, list(self.variables))
+        self._run.iterates = None
+
+    def drop_window(self) -> None:
+        """Called by the engine for a window in which nothing stepped: the parameters
+        are the state again."""
+        self._run.iterates = None
+
+    def update_batch(self):
+        """The batch the engine's next update of this problem takes (the next one)."""
+        return self.next_batch()
 
     # ------------------------------------------------------------- the data
     def peek_batch(self):

@@ -13,7 +13,9 @@ last time a problem above it consumed them.
 The run state. Everything that changes while an engine runs lives in one
 engine-owned :class:`RunState` (``engine.state``): the iteration, and per problem a
 :class:`ProblemRun` — its open window and differentiable iterates, schedule counters,
-last batch and loss, and the current window of per-window variables. A
+last batch and loss, and the current window of per-window variables — and the
+engine's records, last hypergradients and extras, validation history, lint state
+and stop request. A
 :class:`mlo.Problem` stays declarative: it holds a reference to its
 :class:`ProblemRun` (given by :meth:`mlo.Problem.bind`) and offers read-only views
 (``step_count``, ``last_batch``, ``params`` …). Checkpoints read and restore the
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 from torch import Tensor
 
@@ -110,12 +112,38 @@ class RunState:
     Attributes:
         iteration: iterations completed.
         problems: ``{name: ProblemRun}``.
+        records: per problem, ``updates``, ``seconds`` (own gradient + hypergradient +
+            step), ``skipped`` (non-finite updates skipped), and the last update's
+            ``loss``, ``grad_norm`` and, with paths, ``own_grad_norm``/``hypergrad_norm``
+            (and the monitor's ``monitor_cosine``/``monitor_rel_error``).
+        last_hypergradient: per problem with paths, the hypergradient (sum over paths,
+            without ``∂F/∂λ``) applied at its last update, ``{variable: tensor}``.
+        last_extras: per problem, the scalar extras of its last update's
+            ``training_step`` dict (every key but ``"loss"``), as floats.
+        history: the validation results, ``[{"iteration": i, **metrics}, ...]``.
+        linted: problems whose declared reads :mod:`mlo.lint` has checked (once each).
+        last_grad: per problem whose method needs the optimizer (SAMA), the last
+            gradient applied (``None`` entries for variables without one).
+        learned_hp: per problem, the optimizer hyperparameters it learns
+            (``optimizer_hyperparameters()``'s keys; a scheduler leaves them alone).
+        logged: per problem, its ``updates`` count when loggers last saw it.
+        stop_requested: ``engine.request_stop()`` or early stopping asked the current
+            ``run`` to end after this iteration.
     """
 
     def __init__(self, lowers: Mapping[str, List[str]]):
         self.iteration = 0
         self.problems: Dict[str, ProblemRun] = {
             n: ProblemRun(since={lo: 0 for lo in lo_list}) for n, lo_list in lowers.items()}
+        self.records: Dict[str, Dict[str, Any]] = {n: {"updates": 0, "seconds": 0.0} for n in lowers}
+        self.last_hypergradient: Dict[str, Dict[str, Tensor]] = {}
+        self.last_extras: Dict[str, Dict[str, float]] = {}
+        self.history: List[Dict[str, Any]] = []
+        self.linted: Set[str] = set()
+        self.last_grad: Dict[str, List[Optional[Tensor]]] = {}
+        self.learned_hp: Dict[str, Set[str]] = {}
+        self.logged: Dict[str, int] = {}
+        self.stop_requested = False
 
     def __getitem__(self, name: str) -> ProblemRun:
         return self.problems[name]

@@ -1,66 +1,145 @@
-"""The engine's updates: a problem's loss, its gradient and hypergradient, its step.
+"""One update of a problem: its loss, gradient and hypergradient, the guard, the step.
 
-:class:`UpdateMixin` is part of :class:`mlo.Engine`. One update of a problem
-evaluates its loss under a read context (the other problems' states as
-:mod:`mlo.reads` hands them over), takes the gradient of its own variables, adds the
-sum over its hypergradient paths (:mod:`mlo.hypergrad`; or the fused/exact top's
-single backward), runs the non-finite guard (:mod:`mlo.guard`) and steps — in place
-with ``torch.optim``, or out of place inside an unrolled window with the
-differentiable twin (:mod:`mlo.optim`).
+:class:`Updater` evaluates a problem's loss under a read context (the other problems'
+states as :class:`mlo.windows.Windows` hands them over), takes the gradient of its
+own variables, adds the sum over its hypergradient paths (:mod:`mlo.hypergrad`; or
+the nesting strategy's one-backward top), runs the non-finite guard
+(:mod:`mlo.guard`) and steps — in place with ``torch.optim``, or out of place inside
+an unrolled window with the differentiable twin (:mod:`mlo.optim`). It returns an
+:class:`UpdateResult` and records into the run state; it is also the
+:class:`mlo.hypergrad.HypergradView` the hypergradient layer reads.
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Union
 
 import torch
 from torch import Tensor
 
-import engines.base as eb
+import engines.base as methods
 
-from . import distributed as _dist
-from . import lint as _lint
+from . import lint
 from . import precision as _precision
-from .guard import combine_gradients, describe_nonfinite, update_norms
-from .hypergrad import hypergradient, path_contribution, second_order_kernels
-from .inplace import sgd_step
+from .config import EngineConfig
+from .graph import Graph
+from .guard import describe_nonfinite, update_norms
+from .hypergrad import combine_gradients, hypergradient, path_contribution
+from .fastpath import sgd_step
 from .isolation import no_side_effects, rng_state
+from .nesting import BettyNesting, one_backward_top_gradient
+from .parallel import SingleProcess
 from .problem import Problem
-from .state import Read, ReadContext, reading
+from .second_order import second_order_kernels
+from .state import Read, ReadContext, RunState, reading
+from .windows import Windows
 
-__all__ = ["UpdateMixin"]
+__all__ = ["Updater", "UpdateResult", "Gradient"]
 
 
-def _plain(v):
+def _float_hyperparameter(v):
     """A hyperparameter for ``torch.optim``: tensors become floats, also inside tuples (betas)."""
     if isinstance(v, (tuple, list)):
-        return type(v)(_plain(x) for x in v)
+        return type(v)(_float_hyperparameter(x) for x in v)
     return float(v.detach()) if isinstance(v, Tensor) else v
 
 
-class UpdateMixin:
-    """Loss, gradient, hypergradient and step of one problem's update."""
+@dataclass
+class UpdateResult:
+    """What one update did.
+
+    Attributes:
+        applied: ``False`` when it was skipped (non-finite values, ``nonfinite="skip"``).
+        extras: its ``training_step`` dict without ``"loss"`` (``{}`` for a tensor loss).
+    """
+
+    applied: bool
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Gradient:
+    """A problem's loss and gradient at the current state.
+
+    Attributes:
+        loss: the scalar loss; grads: the total gradient per variable (``None``: none).
+        reads: the reads its loss made; out: what ``training_step`` returned.
+        own, hyper, paths: with hypergradient paths, ``∂F/∂λ`` and the hypergradient
+            per variable, and (``by_path``) each path's term.
+    """
+
+    loss: Tensor
+    grads: List[Optional[Tensor]]
+    reads: List[Read]
+    out: Any = None
+    own: Optional[Dict[str, Optional[Tensor]]] = None
+    hyper: Optional[Dict[str, Tensor]] = None
+    paths: Optional[Dict[tuple, Dict[str, Tensor]]] = None
+
+    def parts(self) -> Dict[str, Any]:
+        """``{"own": ..., "hyper": ..., "paths": ...}`` for the parts it has."""
+        return {k: v for k, v in (("own", self.own), ("hyper", self.hyper), ("paths", self.paths))
+                if v is not None}
+
+
+class Updater:
+    """Updates of an engine's problems (see the module).
+
+    Args:
+        problems, graph, config, state: the engine's.
+        windows: the engine's :class:`mlo.windows.Windows`.
+        nesting: its nesting strategy; parallel: its data-parallel strategy.
+        windowed: the problems that step through windows.
+        keep_grad: the problems whose method reads the last gradient applied (SAMA).
+        device: where batches go before a loss (``None``: where they are).
+    """
+
+    def __init__(self, problems: Mapping[str, Problem], graph: Graph, config: EngineConfig,
+                 state: RunState, windows: Windows, nesting: BettyNesting, parallel: SingleProcess,
+                 windowed: Set[str], keep_grad: Set[str], device: Optional[torch.device]):
+        self.problems, self.graph, self.config, self.state = problems, graph, config, state
+        self.windows, self.nesting, self.parallel = windows, nesting, parallel
+        self._windowed, self.keep_grad, self.device = windowed, keep_grad, device
+        self._plain_loss = config.precision == "fp32" and device is None   # no autocast, no moves
+
+    # ------------------------------------------------ the hypergradient view
+    @property
+    def data_parallel(self) -> bool:
+        return self.parallel.enabled
+
+    @property
+    def precision(self) -> str:
+        return self.config.precision
+
+    def window(self, name: str):
+        return self.state[name].window
+
+    def windowed(self, name: str) -> bool:
+        return name in self._windowed
 
     def loss(self, P: Problem, batch) -> Tensor:
-        """``P.training_step(batch)`` as the engine evaluates it (device, precision, the
-        scalar loss of a dict); call it inside a read context (as the engine does)."""
-        if self.config.precision == "fp32" and self._device is None:   # (no autocast, no moves)
+        """``P``'s scalar loss on ``batch`` (call it inside a read context)."""
+        return self.evaluate(P, batch)[0]
+
+    def evaluate(self, P: Problem, batch):
+        """``(loss, out)``: ``P.training_step(batch)`` as the engine evaluates it (device,
+        precision), ``out`` what it returned and ``loss`` its scalar loss as a 0-d tensor."""
+        if self._plain_loss:
             out = P.training_step(batch)
         else:
-            with _precision.autocast(self.config.precision, self._device):
-                out = P.training_step(_precision.to_device(batch, self._device))
-        if isinstance(out, dict) and self._updating is P:
-            self._extras = out          # dict extras of an update (engine.last_extras)
+            with _precision.autocast(self.config.precision, self.device):
+                out = P.training_step(_precision.to_device(batch, self.device))
         loss = out.get("loss") if isinstance(out, dict) else out
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"problem {P.name!r}: training_step must return a scalar tensor or a "
                             f"dict with a scalar 'loss', got {type(out).__name__}")
         if loss.dtype in (torch.bfloat16, torch.float16):
             loss = loss.float()
-        return loss if loss.dim() == 0 else loss.reshape(())
+        return (loss if loss.dim() == 0 else loss.reshape(())), out
 
     def inner_lr(self, name: str) -> Union[float, tuple]:
         """Problem ``name``'s learning rate: one float, or one per variable when its
@@ -70,46 +149,79 @@ class UpdateMixin:
         per = tuple(lr[id(p)] for p in P.variables)
         return per[0] if len(set(per)) == 1 else per
 
-    def _gradient(self, P: Problem, batch, diff: bool, by_path: bool = False, override=None,
-                  keep_graph: bool = False):
-        """Loss, total gradient (own + hypergradient) and the reads of ``P``'s loss."""
+    def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
+        """Problem ``name``'s optimizer as its last update left it, one read-only mapping
+        per variable: the group's hyperparameters, ``"state"`` (torch's per-parameter
+        state), ``"grad"`` (the last gradient applied; ``None`` unless the problem's
+        method declares ``needs=("optimizer",)`` and it has updated) and ``"type"``."""
+        P = self.problems[name]
+        group = {id(p): g for g in P.optimizer.param_groups for p in g["params"]}
+        last = self.state.last_grad.get(name)
+        out = []
+        for i, p in enumerate(P.variables):
+            d = {k: v for k, v in group[id(p)].items() if k != "params"}
+            d.update(state=MappingProxyType(dict(P.optimizer.state.get(p, {}))),
+                     grad=None if last is None else last[i], type=type(P.optimizer).__name__)
+            out.append(MappingProxyType(d))
+        return out
+
+    # ------------------------------------------------ gradients
+    def evaluate_in_window(self, P: Problem, fn, batch):
+        """``fn(batch)`` evaluated as a differentiable step of ``P``'s open window: its
+        reads recorded in the window (a per-window problem's ``init_window``)."""
+        reads: List[Read] = []
+        with second_order_kernels(True), reading(ReadContext(P, self.windows.resolver(P, True, reads), own={})):
+            result = fn(_precision.to_device(batch, self.device))
+        self.state[P.name].window.add_reads(reads)
+        return result
+
+    def gradient(self, P: Problem, batch, diff: bool, by_path: bool = False, override=None,
+                 keep_graph: bool = False) -> Gradient:
+        """``P``'s loss, total gradient (own + hypergradient) and reads.
+
+        Args:
+            diff: ``P`` steps through a window (its gradient is differentiated again later).
+            by_path: also each path's term; override: ``(method, options)`` for every
+                problem on ``P``'s paths instead of their own.
+            keep_graph: keep the autograd graph (a report that must not free it).
+        """
         name = P.name
-        nodes = self.graph.path_nodes(name)
         reads: List[Read] = []
         self.state[name].last_batch = batch
-        # The top reads the nest's live iterates (exact nesting, or the fused two-level case).
-        live = (self._exact or (self._fused and not by_path and override is None)) \
-            and name == self._unique_top
-        resolve, own_view = (lambda S: self._alias(P, S, diff, nodes, reads, live)), None
-        grad_wrt = None
-        if self._exact and diff and not self.graph.lowers(name):
-            # Exact nesting, a bottom level: its step is the partial derivative at fixed
-            # uppers — whose live iterates may depend on this problem's earlier iterates
-            # (a middle level stepped on them). A fresh view of the iterate carries the
-            # gradient, so no path through the uppers' live iterates reaches it.
-            own_view = grad_wrt = {k: t.view_as(t) for k, t in P.own_state().items()}
-        if self._dist and diff:
-            # Data parallel inside a window: the loss reads every variable through
-            # grad_average, so its gradient and every derivative of that gradient
-            # (backward through the window) are those of the global batch.
-            resolve, own_view = _dist.reading_views(resolve, P.own_state(), P.param_names)
-        # Inside a window the loss's gradient is differentiated again later.
-        if diff:
-            with second_order_kernels(True), reading(ReadContext(P, resolve, own=own_view)):
-                loss = self.loss(P, batch)
+        top_live = self.nesting.top_reads_live(name, by_path, override)
+        resolve = self.windows.resolver(P, diff, reads, top_live)
+        own_view = {k: t.view_as(t) for k, t in P.own_state().items()} \
+            if self.nesting.own_view(name, diff) else None
+        grad_wrt = own_view
+        if diff and self.parallel.enabled:
+            # Inside a window the loss reads every variable through averaging views: its
+            # gradient and every derivative of it are those of the global batch.
+            resolve, own_view = self.parallel.reading_views(resolve, P.own_state(), P.param_names)
+        ctx = reading(ReadContext(P, resolve, own=own_view))
+        if diff:       # inside a window the loss's gradient is differentiated again later
+            with second_order_kernels(True), ctx:
+                loss, out = self.evaluate(P, batch)
         else:
-            with reading(ReadContext(P, resolve, own=own_view)):
-                loss = self.loss(P, batch)
-        if name not in self._linted:     # once per problem: declared reads without gradient
+            with ctx:
+                loss, out = self.evaluate(P, batch)
+        if name not in self.state.linted:     # once per problem: declared reads without gradient
             try:
-                _lint.check_reads(self, P, loss, reads)
+                lint.check_reads(self.graph, self.problems, P, loss, reads)
             finally:
-                self._linted.add(name)
-        if live or (self._exact and name == self._unique_top):
-            if by_path or override is not None:
-                raise ValueError("EngineConfig(nesting='exact') gives the total hypergradient only: "
-                                 "by_path and method overrides need nesting='betty'")
-            return self._exact_top_gradient(P, loss, keep_graph)
+                self.state.linted.add(name)
+        if top_live:
+            nest = self.graph.path_nodes(name)
+            nest_reads = [r for n in nest for r in (self.state[n].window.reads
+                                                    if self.state[n].window is not None else ())]
+            loss, total, parts = one_backward_top_gradient(
+                P, loss, keep_graph, nest_reads, {n: self.problems[n].config.method for n in nest})
+            return Gradient(loss, total, [], out, own=parts["own"], hyper=parts["hyper"])
+        return self._own_and_paths(P, loss, out, reads, diff, grad_wrt, by_path, override)
+
+    def _own_and_paths(self, P: Problem, loss: Tensor, out, reads: List[Read], diff: bool,
+                       grad_wrt, by_path: bool, override) -> Gradient:
+        name = P.name
+        nodes = self.graph.path_nodes(name)
         st = grad_wrt if grad_wrt is not None else P.own_state()   # (not the data-parallel views)
         own = [st[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
@@ -120,184 +232,121 @@ class UpdateMixin:
         if diff:
             # The update's graph uses the forward graph's saved tensors: keep it
             # (first-order per-window steps take the gradient as a constant).
-            g = torch.autograd.grad(loss, own, create_graph=not getattr(P, "first_order", False),
+            g = torch.autograd.grad(loss, own, create_graph=not P.first_order,
                                     allow_unused=True, retain_graph=bool(tracked) or None)
             ga = (torch.autograd.grad(loss, [a for *_, a in tracked], allow_unused=True,
                                       retain_graph=True) if tracked else ())
         else:
             allg = torch.autograd.grad(loss, own + [a for *_, a in tracked], allow_unused=True)
-            if self._dist:   # data parallel: the mean over ranks is the global batch's gradient
-                allg = _dist.average_optional(allg, own + [a for *_, a in tracked])
+            allg = self.parallel.average_gradients(allg, own + [a for *_, a in tracked])
             g, ga = allg[:len(own)], allg[len(own):]
-        if self._dist:
-            loss = _dist.average([loss.detach()])[0]
+        loss = self.parallel.average_loss(loss)
         if all(x is None for x in g) and not tracked:
             raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
                                f"{P.param_names}; call the module through the problem (self(x)) "
                                f"or read self.params")
-        extra: Dict[str, Any] = {}
         if not tracked:
             # None where the loss does not use a variable: torch.optim skips it (no weight
             # decay, momentum or state update), and so do the twins and the SGD fast path.
-            grads = list(g)
-        else:
-            direct: Dict[int, Any] = {}
-            for (r, k, a), x in zip(tracked, ga):
-                if x is not None:
-                    direct.setdefault(id(r), (r.source, (r.src_state, {})))[1][1][k] = x
-            direct_list = list(direct.values())
-            if by_path:
-                # Every variable in every path's entry: a path truncated at a closed
-                # window (or not reaching some variable) contributes zeros, not nothing.
-                extra["paths"] = {}
-                for p in self.graph.paths(name):
-                    c = path_contribution(self, p, direct_list, override)
-                    extra["paths"][p] = {k: c[k] if k in c else torch.zeros_like(t)
-                                         for k, t in zip(P.param_names, own)}
-            h = hypergradient(self, name, direct_list, override)
-            own_d, hyper_d, grads = combine_gradients(P.param_names, own, g, h)
-            extra["own"], extra["hyper"] = own_d, hyper_d
-        return loss, grads, reads, extra
+            return Gradient(loss, list(g), reads, out)
+        direct: Dict[int, Any] = {}
+        for (r, k, a), x in zip(tracked, ga):
+            if x is not None:
+                direct.setdefault(id(r), (r.source, (r.src_state, {})))[1][1][k] = x
+        direct_list = list(direct.values())
+        paths = None
+        if by_path:
+            # Every variable in every path's entry: a path truncated at a closed
+            # window (or not reaching some variable) contributes zeros, not nothing.
+            paths = {}
+            for p in self.graph.paths(name):
+                c = path_contribution(self, p, direct_list, override)
+                paths[p] = {k: c[k] if k in c else torch.zeros_like(t)
+                            for k, t in zip(P.param_names, own)}
+        h = hypergradient(self, name, direct_list, override)
+        own_d, hyper_d, grads = combine_gradients(P.param_names, own, g, h)
+        return Gradient(loss, grads, reads, out, own=own_d, hyper=hyper_d, paths=paths)
 
-    def gradient(self, name: str, batch: Any = None, by_path: bool = False,
-                 method: Optional[tuple] = None) -> Dict[str, Any]:
-        """``P``'s gradient at the current state, without updating anything.
-
-        Args:
-            name: the problem.
-            batch: the batch to evaluate (default: the problem's next batch).
-            by_path: also return each hypergradient path's contribution.
-            method: ``(method name, options)`` to use on every problem of ``name``'s
-                paths instead of their configured methods (e.g. a CG reference); open
-                windows are then evaluated at their current iterate. It must not be a
-                window method (those need the steps taken with them).
-
-        Returns:
-            ``{"loss": float, "grad": {param: tensor}, "own": {param: ∂F/∂λ},
-            "paths": {path: {param: tensor}}}`` (``own``/``paths`` when it has paths;
-            every path lists every variable — zeros where it contributes nothing, e.g.
-            when it runs through an unrolled window that has closed). This is a report:
-            every entry is a tensor, zeros for a variable with no gradient at all —
-            which an update leaves to ``torch.optim`` as ``None`` (the optimizer then
-            skips it: no weight decay, no momentum step).
-
-        Module buffers (e.g. BatchNorm running statistics) and the RNG state are
-        restored afterwards; only ``P.last_batch`` and, without ``batch``, the data
-        iterator advance.
-        """
+    def report(self, name: str, batch: Any = None, by_path: bool = False,
+               method: Optional[tuple] = None) -> Dict[str, Any]:
+        """``engine.gradient``: ``name``'s gradient at the current state, changing nothing
+        (see :meth:`mlo.Engine.gradient`)."""
         if name not in self.problems:
             raise KeyError(f"no problem named {name!r} (known: {list(self.problems)})")
         P = self.problems[name]
-        if P.per_window and self.state[name].window is None:
-            raise RuntimeError(f"problem {name!r} has per-window variables and no window is open "
-                               f"(they exist from its first update until the problems above consume them)")
         if batch is None:
-            batch = P.batch if P.per_window else P.next_batch()
+            batch = P.update_batch()
         if method is not None:
-            if eb.info(method[0]).window:
+            if methods.info(method[0]).window:
                 raise ValueError(f"gradient(method={method[0]!r}): a window method needs the "
                                  f"lower steps taken with it; give an implicit or finite-difference "
                                  f"method (e.g. ('cg', {{'max_iter': 50}}))")
-            eb.check_options(method[0], method[1])
+            methods.check_options(method[0], method[1])
         with no_side_effects(self.problems.values(), rng_state()):
-            loss, grads, _, extra = self._gradient(P, batch, diff=False, by_path=by_path,
-                                                   override=method, keep_graph=self._exact or self._fused)
+            res = self.gradient(P, batch, diff=False, by_path=by_path, override=method,
+                                keep_graph=self.nesting.keeps_graph)
         st = P.own_state()
-        out = {"loss": float(loss.detach()),       # (a report: zeros for no gradient)
+        out = {"loss": float(res.loss.detach()),       # (a report: zeros for no gradient)
                "grad": {k: torch.zeros_like(st[k]) if g is None else g.detach()
-                        for k, g in zip(P.param_names, grads)}}
-        out.update(extra)
-        if "own" in extra:     # (an update's records keep None for an own gradient of zeros)
-            out["own"] = {k: v if v is not None else torch.zeros_like(st[k])
-                          for k, v in extra["own"].items()}
+                        for k, g in zip(P.param_names, res.grads)}}
+        out.update(res.parts())
+        if res.own is not None:     # (an update's records keep None for an own gradient of zeros)
+            out["own"] = {k: v if v is not None else torch.zeros_like(st[k]) for k, v in res.own.items()}
         return out
 
-    def _update(self, P: Problem) -> None:
-        ref = self._monitor_reference(P) if P.name in self._monitored else None
+    # ------------------------------------------------ the update
+    def update(self, P: Problem) -> UpdateResult:
+        """One update of ``P``: gradient, guard, step; its records in the run state."""
         t0 = time.perf_counter()
-        self._updating, self._extras = P, None
-        try:
-            applied = self._update_inner(P)
-        finally:
-            self._updating = None
-        rec = self.records[P.name]
-        if applied:
+        result = self._update(P)
+        rec = self.state.records[P.name]
+        if result.applied:
             rec["updates"] += 1
         else:
             rec["skipped"] = rec.get("skipped", 0) + 1
         rec["seconds"] += time.perf_counter() - t0
-        if applied:
-            self._after_update(P, ref)
+        return result
 
-    def _record(self, P: Problem, vals: List[float], extra: Dict[str, Any]) -> None:
-        """``vals``: ``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (``[loss]`` with nonfinite='ignore')."""
-        rec = self.records[P.name]
-        rec["loss"], rec["grad_norm"] = vals[0], vals[1] if len(vals) > 1 else None
-        if "hyper" in extra:
-            self.last_hypergradient[P.name] = extra["hyper"]
-            rec["own_grad_norm"], rec["hypergrad_norm"] = (vals[2], vals[3]) if len(vals) > 1 else (None, None)
-
-    def _update_inner(self, P: Problem) -> bool:
-        """One update of ``P``; ``False`` when it was skipped (non-finite values)."""
+    def _update(self, P: Problem) -> UpdateResult:
         name = P.name
         diff = name in self._windowed
-        run = self.state.problems[name]
+        run = self.state[name]
         opened = diff and run.window is None
         try:
             if opened:
-                self._open_window(P)
-            batch = P.batch if P.per_window else P.next_batch()
-            loss, grads, reads, extra = self._gradient(P, batch, diff)
+                self.windows.open(P, self.evaluate_in_window)
+            res = self.gradient(P, P.update_batch(), diff)
             if self.config.nonfinite == "ignore":
-                vals, bad = [loss.item()], ""
+                vals, bad = [res.loss.item()], ""
             else:
-                vals = update_norms(loss, grads, extra)
+                vals = update_norms(res.loss, res.grads, res.parts())
                 bad = "" if all(map(math.isfinite, vals)) else describe_nonfinite(
-                    P, vals, grads, extra, self.iteration)
+                    P, vals, res.grads, res.parts(), self.state.iteration)
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{bad}; its parameters and optimizer state are unchanged. "
                     f"EngineConfig(nonfinite='skip') skips such updates with a warning instead")
         except BaseException:
             if opened:          # nothing stepped in it: as if it had never been opened
-                self._discard_window(P)
+                self.windows.discard(P)
             raise
         if bad:
             if opened:
-                self._discard_window(P)
+                self.windows.discard(P)
             warnings.warn(f"{bad}: update skipped; its parameters and optimizer state are "
-                          f"unchanged", RuntimeWarning, stacklevel=4)
-            return False
-        self._record(P, vals, extra)
+                          f"unchanged", RuntimeWarning, stacklevel=5)
+            return UpdateResult(False)
+        self._record(P, vals, res)
+        grads = res.grads
         if P.config.grad_clip is not None:
             grads = self._clip(P, grads)
         if type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters:
-            self._set_hyperparameters(P, diff, reads)
-        run.last_loss = loss.detach()
-        st = P.own_state()
-        own = [st[k] for k in P.param_names]
+            self._set_hyperparameters(P, diff, res.reads)
+        run.last_loss = res.loss.detach()
         if diff:
-            win = run.window
-            if P.scheduler is not None:
-                # Schedulers change torch's param groups; the twin reads its own copy.
-                for tg, fg in zip(P.optimizer.param_groups, win.fopt.param_groups):
-                    for k in fg:
-                        if k not in self._learned_hp.get(name, ()) and k in tg:
-                            fg[k] = tg[k]
-            new = win.fopt.step(own, grads)
-            run.iterates = dict(zip(P.param_names, new))
-            win.add_reads(reads)
-            win.steps += 1
+            self._step_in_window(P, grads, res.reads)
         else:
-            if name in self._keep_grad:
-                self._last_grad[name] = [None if gi is None else gi.detach() for gi in grads]
-            variables = P.variables
-            if P.scheduler is not None or not sgd_step(P.optimizer, variables, grads):
-                for p, gi in zip(variables, grads):     # (None: torch.optim skips p)
-                    p.grad = gi.detach() if gi is not None and gi.requires_grad else gi
-                P.optimizer.step()
-                for p in variables:
-                    p.grad = None
+            self._step_in_place(P, grads)
         if P.scheduler is not None:
             if diff:    # the twin stepped for torch.optim: torch's order check would misfire
                 with warnings.catch_warnings():
@@ -306,21 +355,54 @@ class UpdateMixin:
             else:
                 P.scheduler.step()
         run.step_count += 1
-        return True
+        extras = {k: v for k, v in res.out.items() if k != "loss"} if isinstance(res.out, dict) else {}
+        return UpdateResult(True, extras)
+
+    def _step_in_window(self, P: Problem, grads, reads: List[Read]) -> None:
+        run = self.state[P.name]
+        win = run.window
+        if P.scheduler is not None:
+            # Schedulers change torch's param groups; the twin reads its own copy.
+            learned = self.state.learned_hp.get(P.name, ())
+            for tg, fg in zip(P.optimizer.param_groups, win.fopt.param_groups):
+                for k in fg:
+                    if k not in learned and k in tg:
+                        fg[k] = tg[k]
+        st = P.own_state()
+        new = win.fopt.step([st[k] for k in P.param_names], grads)
+        run.iterates = dict(zip(P.param_names, new))
+        win.add_reads(reads)
+        win.steps += 1
+
+    def _step_in_place(self, P: Problem, grads) -> None:
+        if P.name in self.keep_grad:
+            self.state.last_grad[P.name] = [None if gi is None else gi.detach() for gi in grads]
+        variables = P.variables
+        if P.scheduler is not None or not sgd_step(P.optimizer, variables, grads):
+            for p, gi in zip(variables, grads):     # (None: torch.optim skips p)
+                p.grad = gi.detach() if gi is not None and gi.requires_grad else gi
+            P.optimizer.step()
+            for p in variables:
+                p.grad = None
+
+    def _record(self, P: Problem, vals: List[float], res: Gradient) -> None:
+        """``vals``: ``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (``[loss]`` with nonfinite='ignore')."""
+        rec = self.state.records[P.name]
+        rec["loss"], rec["grad_norm"] = vals[0], vals[1] if len(vals) > 1 else None
+        if res.hyper is not None:
+            self.state.last_hypergradient[P.name] = res.hyper
+            rec["own_grad_norm"], rec["hypergrad_norm"] = (vals[2], vals[3]) if len(vals) > 1 else (None, None)
 
     def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
         """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to the param
         groups: a value to every group, a list one entry per group (in order)."""
-        if type(P).optimizer_hyperparameters is Problem.optimizer_hyperparameters:
-            return
-        nodes = self.graph.path_nodes(P.name)
-        with reading(ReadContext(P, lambda S: self._alias(P, S, diff, nodes, reads))):
+        with reading(ReadContext(P, self.windows.resolver(P, diff, reads))):
             hp = P.optimizer_hyperparameters() or {}
         if not isinstance(hp, Mapping):
             raise TypeError(f"problem {P.name!r}: optimizer_hyperparameters() must return a dict "
                             f"{{name: value}} (a list value gives one entry per param group), got "
                             f"{type(hp).__name__}")
-        self._learned_hp[P.name] = set(hp)
+        self.state.learned_hp[P.name] = set(hp)
         groups = self.state[P.name].window.fopt.param_groups if diff else P.optimizer.param_groups
         opt = type(P.optimizer).__name__
         for k, v in hp.items():
@@ -344,7 +426,7 @@ class UpdateMixin:
                         f"problem {P.name!r}: optimizer_hyperparameters(){where} is {x!r}, but {opt}'s "
                         f"{k!r} takes {len(was)} values like {tuple(was)!r} (a tuple for every group, "
                         f"or a list with one such tuple per param group)")
-                group[k] = x if diff else _plain(x)
+                group[k] = x if diff else _float_hyperparameter(x)
 
     @staticmethod
     def _clip(P: Problem, grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
@@ -356,19 +438,3 @@ class UpdateMixin:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads if x is not None]))
         coef = torch.clamp(c / (norm + 1e-6), max=1.0)
         return [None if x is None else x * coef for x in grads]
-
-    def optimizer_view(self, name: str) -> List[Mapping[str, Any]]:
-        """Problem ``name``'s optimizer as its last update left it, one read-only mapping
-        per variable: the group's hyperparameters, ``"state"`` (torch's per-parameter
-        state), ``"grad"`` (the last gradient applied; ``None`` unless the problem's
-        method declares ``needs=("optimizer",)`` and it has updated) and ``"type"``."""
-        P = self.problems[name]
-        group = {id(p): g for g in P.optimizer.param_groups for p in g["params"]}
-        last = self._last_grad.get(name)
-        out = []
-        for i, p in enumerate(P.variables):
-            d = {k: v for k, v in group[id(p)].items() if k != "params"}
-            d.update(state=MappingProxyType(dict(P.optimizer.state.get(p, {}))),
-                     grad=None if last is None else last[i], type=type(P.optimizer).__name__)
-            out.append(MappingProxyType(d))
-        return out

@@ -57,7 +57,8 @@ from torch import Tensor, nn
 
 from .config import ProblemConfig
 from .problem import Problem
-from .state import current_context
+from .optim import FunctionalOptimizer
+from .state import Window, current_context
 
 __all__ = ["WindowProblem"]
 
@@ -209,9 +210,34 @@ class WindowProblem(Problem):
         return run.initial
 
     def close_window(self) -> None:
-        """Called by the engine when the window is consumed: everything is dropped."""
+        """Everything of the window is dropped (the engine calls it when the window
+        is consumed or discarded)."""
         run = self._run
         run.iterates, run.initial, run.outputs, run.batch = None, {}, {}, None
+
+    def start_window(self, evaluate) -> None:
+        """Called by the engine at the first update of a window: one batch is taken,
+        ``init_window`` evaluated on it (its reads recorded in the window, so the steps
+        share them) and a fresh differentiable optimizer started."""
+        batch = self.next_batch()
+        run = self._run
+        run.window = win = Window(None)     # open now: the steps share init_window's reads
+        init = self.open_window(batch, evaluate(self.init_window, batch))
+        win.fopt = FunctionalOptimizer.fresh(self.optimizer, len(init))
+
+    def end_window(self, window: Window) -> None:
+        """Nothing to write back: the per-window variables are dropped."""
+        self.close_window()
+
+    def drop_window(self) -> None:
+        self.close_window()
+
+    def update_batch(self):
+        """The window's batch: every update of a window sees the batch it opened with."""
+        if self._run.window is None:
+            raise RuntimeError(f"problem {self.name!r} has per-window variables and no window is open "
+                               f"(they exist from its first update until the problems above consume them)")
+        return self._run.batch
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, method={self.config.method!r}, "

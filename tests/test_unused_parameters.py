@@ -244,7 +244,7 @@ def test_methods_report_unreached_inputs_as_none_when_asked(method):
 def test_in_place_sgd_fast_path_skips_none_in_groups():
     """``sgd_step`` with several param groups and a ``None`` gradient: bitwise
     ``step()``, and it is taken (not declined)."""
-    from mlo.inplace import sgd_step
+    from mlo.fastpath import sgd_step
 
     ms = [PartiallyUsed(), PartiallyUsed()]
     opts = [torch.optim.SGD([{"params": [m.a, m.b], "lr": 0.3}, {"params": [m.c]}], lr=0.1, momentum=0.9,
