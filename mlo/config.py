@@ -113,8 +113,8 @@ class EngineConfig:
             ``"ignore"`` checks nothing (a NaN is applied like any number, as in
             Betty or a hand-written loop) and records no gradient norms
             (``records[name]["grad_norm"]`` etc. are ``None``): the check's norms and
-            host reads cost ~12 µs an update, ~2 % of an outer step of a
-            1k-parameter problem (docs/benchmarks.md).
+            host reads cost a few per cent of an outer step of a 1k-parameter
+            problem (docs/benchmarks.md).
         distributed: data parallelism over ``torch.distributed`` (:mod:`mlo.distributed`):
             ``"auto"`` (default) when a process group with more than one rank is
             initialised, ``True`` (it must be), ``False`` (never: each rank runs alone).

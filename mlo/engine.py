@@ -25,7 +25,7 @@ optimizer state, scheduler and ``step_count`` are untouched; a skipped update
 still counts for the schedule (the problems above become ready as usual) and in
 ``records[name]["skipped"]``.
 
-Layout (docs/design.md, "Architecture"). The engine is a facade over collaborators
+Layout (docs/design.md#architecture). The engine is a facade over collaborators
 with narrow interfaces, each given what it needs: :class:`mlo.schedule.Schedule`
 (who updates), :class:`mlo.update.Updater` (one update: loss, gradient,
 hypergradient, guard, step; the hypergradient layer's view), :class:`mlo.windows.Windows`
@@ -177,8 +177,8 @@ class Engine:
 
             The paths sum to the total exactly for methods whose VJP is linear in the
             vector (unrolled, Neumann, CG run to convergence) and only approximately
-            for finite differences and truncated CG (docs/methods.md gives the
-            measured gap).
+            for finite differences and truncated CG (docs/methods.md#per-path-breakdown
+            gives the measured gap).
 
         Module buffers (e.g. BatchNorm running statistics) and the RNG state are
         restored afterwards; only ``P.last_batch`` and, without ``batch``, the data

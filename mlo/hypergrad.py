@@ -5,8 +5,7 @@ For a problem ``U`` with loss ``F_U`` the engine computes::
     ∇_U F_U = ∂F_U/∂λ_U + Σ_{paths U -> ... -> U} J_{1}ᵀ J_{2}ᵀ ... J_{m}ᵀ ∂F_U/∂θ_m
 
 where ``J_i`` is the best-response Jacobian of the i-th problem on the path with
-respect to the variables of the problem before it (docs/design.md, "Multilevel
-conventions").
+respect to the variables of the problem before it (docs/design.md#paths).
 Each ``J_iᵀ v`` is computed by that problem's own method (``config.method``), so
 implicit methods can sit at a middle level and methods can differ per problem.
 
@@ -17,7 +16,7 @@ walks one path alone, for per-path breakdowns. Pushing the sum once equals the s
 of the paths only for VJPs that are linear in the vector: unrolled (reverse mode),
 Neumann, and CG run to convergence. Central finite differences (a step size scaled
 by ``‖v‖``) and truncated CG are not linear in ``v``: for them the per-path terms
-sum to the total only approximately (docs/methods.md gives the measured gap).
+sum to the total only approximately (docs/methods.md#per-path-breakdown gives the measured gap).
 
 Everything here works on a :class:`HypergradView` — the few things of an engine a
 hypergradient needs — and never on the engine itself.

@@ -22,7 +22,7 @@ def rng_state():
 
 
 def set_rng_state(state) -> None:
-    # (torch.manual_seed would also seed lazily-initialised accelerators: ~300 µs a call.)
+    # (torch.manual_seed would also seed lazily-initialised accelerators: a costly call.)
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])

@@ -104,7 +104,7 @@ class Problem:
         self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self._real = [p for _, p in self.module.named_parameters() if p.requires_grad]
         # Tied weights (one tensor under two names) need functional_call's untying pass
-        # (~10 µs a call); most modules have none.
+        # (a costly extra pass on every call); most modules have none.
         self._tied = len(list(self.module.named_parameters(remove_duplicate=False))) != \
             len(list(self.module.named_parameters())) or \
             len(list(self.module.named_buffers(remove_duplicate=False))) != len(list(self.module.named_buffers()))

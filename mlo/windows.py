@@ -1,7 +1,7 @@
 """Windows and reads: who sees which state of whom.
 
 A *window* is the span of a problem's differentiable steps between two consumptions
-by the problems above it (docs/design.md, "Multilevel conventions"): its iterates
+by the problems above it (docs/design.md#windows): its iterates
 stay in the autograd graph until then, and are written back into the module when it
 closes (a :class:`mlo.WindowProblem`'s per-window variables are dropped instead).
 
