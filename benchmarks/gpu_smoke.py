@@ -4,7 +4,8 @@
 Runs the MLO-MAE ``paper`` preset (``examples/configs/mlo_mae_paper.yaml``, built by
 :func:`problems.mlo_mae.build`: ViT-B/2 on 32×32×3, finite differences) and the MetaMAE
 image ``paper`` preset (``examples/configs/meta_mae_image.yaml``, built as
-``examples/meta_mae.py`` builds it: the latents as a lower ``WindowProblem``) for
+``examples/meta_mae.py`` builds it — :mod:`problems.jobs.meta_mae_setup`: the latents as
+a lower ``WindowProblem``) for
 ``--iterations`` engine iterations (default 300) in ``EngineConfig(precision="fp32")``
 and ``"bf16"`` on the GPU, and reports per job and precision:
 
@@ -59,7 +60,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "examples", ROOT / "benchmarks"):
+for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
@@ -209,9 +210,10 @@ def mlo_mae_job(args, device: torch.device, toy: bool) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------- MetaMAE
 def meta_mae_job(args, device: torch.device, toy: bool) -> Dict[str, Any]:
-    import meta_mae as ex                 # examples/meta_mae.py: its preset reading and building
+    from problems.jobs import meta_mae_setup as ex     # MetaMAE's job (examples/meta_mae.py): presets, building
+    from problems.jobs.meta_mae_job import parse_args
 
-    ns = ex.parse_args(["--modality", "image", "--preset", "paper"])
+    ns = parse_args(["--modality", "image", "--preset", "paper"])
     cfg = ex.read_config(ex.CONFIGS / "meta_mae_image.yaml")
     s = ex.make_settings(cfg, ns)
     if toy:

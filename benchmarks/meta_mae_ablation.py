@@ -1,7 +1,8 @@
 """MetaMAE's Table-4 ablation on small packaged datasets, and its cost per iteration.
 
-Ablation: for each modality and seed, ``examples/meta_mae.py`` (cpu preset, one torch
-thread, in a worker process) is run for the rows
+Ablation: for each modality and seed, MetaMAE's job (``examples/meta_mae.py``, i.e.
+``problems.jobs.meta_mae_job.main``; cpu preset, one torch thread, in a worker process) is
+run for the rows
 
     MAE, linear decoder             --variant mae --decoder-depth 0
     MAE, Transformer decoder        --variant mae
@@ -28,7 +29,6 @@ Writes ``benchmarks/results/meta_mae/ablation.json`` (every run) and ``timing.js
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import statistics
@@ -50,18 +50,17 @@ ROWS = [
 ]
 
 
-def example():
+def _on_path() -> None:
+    """The repository root on ``sys.path`` (for ``problems`` without an install)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location("meta_mae_example", ROOT / "examples" / "meta_mae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def one_run(job) -> Dict[str, Any]:
     modality, seed, row, extra, steps, floors = job
     import torch
+    _on_path()
+    from problems.jobs.meta_mae_job import main
     torch.set_num_threads(1)
     argv = ["--modality", modality, "--seed", str(seed), "--no-progress", "--threads", "1", "--overwrite",
             "--out", f"/tmp/meta_mae_ablation/{modality}_{seed}_{ROWS[row][0].split(',')[0][:6].strip('+ ')}_{row}",
@@ -72,7 +71,7 @@ def one_run(job) -> Dict[str, Any]:
         argv.append("--no-floors")
     buf = io.StringIO()
     with redirect_stdout(buf), redirect_stderr(io.StringIO()):
-        r = example().main(argv)
+        r = main(argv)
     r["row"] = row
     return r
 
@@ -119,7 +118,9 @@ def ablation(args) -> Dict[str, Any]:
 def timing(args) -> Dict[str, Any]:
     import torch
     torch.set_num_threads(1)
-    ex = example()
+    _on_path()
+    from problems.jobs import meta_mae_setup as ex
+    from problems.jobs.meta_mae_job import parse_args
     from problems.latent_adaptation import metamae_loss
     from problems.meta_mae import MetaMAEPretrain
     from problems.transformer import math_attention
@@ -132,7 +133,7 @@ def timing(args) -> Dict[str, Any]:
             times: Dict[str, List[float]] = {}
             setups = {}
             for variant in ("mae", "metamae"):
-                a = ex.parse_args(["--modality", m, "--preset", preset, "--variant", variant])
+                a = parse_args(["--modality", m, "--preset", preset, "--variant", variant])
                 s = ex.make_settings(cfg, a)
                 if preset == "paper":
                     s["batch_size"] = min(s["batch_size"], args.paper_batch)

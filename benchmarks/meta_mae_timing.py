@@ -30,7 +30,6 @@ import argparse
 import copy
 import cProfile
 import gc
-import importlib.util
 import json
 import os
 import pstats
@@ -46,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mlo  # noqa: E402
+from problems.jobs import meta_mae_setup  # noqa: E402
+from problems.jobs.meta_mae_job import parse_args  # noqa: E402
 from problems.latent_adaptation import metamae_loss  # noqa: E402
 from problems.meta_mae import MetaMAEModel, MetaMAEPretrain, build_graph  # noqa: E402
 from problems.transformer import math_attention  # noqa: E402
@@ -55,17 +56,11 @@ FORMS = ("graph", "single", "plain")
 VARIANTS = ("mae", "metamae")
 
 
-def example():
-    spec = importlib.util.spec_from_file_location("meta_mae_example", ROOT / "examples" / "meta_mae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def steppers(ex, modality: str, preset: str, variant: str, batch: int) -> Dict[str, Callable[[], None]]:
-    """``{form: one pretraining iteration}`` for one model, all forms from the same init."""
+    """``{form: one pretraining iteration}`` for one model, all forms from the same init
+    (``ex``: :mod:`problems.jobs.meta_mae_setup`, MetaMAE's job as examples/meta_mae.py runs it)."""
     cfg = ex.read_config(ex.CONFIGS / f"meta_mae_{modality}.yaml")
-    s = ex.make_settings(cfg, ex.parse_args(["--modality", modality, "--preset", preset,
+    s = ex.make_settings(cfg, parse_args(["--modality", modality, "--preset", preset,
                                              "--variant", variant]))
     if batch:
         s["batch_size"] = batch
@@ -201,7 +196,7 @@ def main(argv=None) -> Dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS / "timing_graph.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    ex = example()
+    ex = meta_mae_setup
     if args.profile or args.ops:
         profile(ex, args.profile, args) if args.profile else ops(ex, args)
         return {}

