@@ -1,4 +1,4 @@
-"""The Betty port (examples/betty_logreg_hpo.py), its mlo part only — Betty is not needed.
+"""The Betty port (problems/betty_logreg_hpo.py, run by examples/betty_logreg_hpo.py), its mlo part only — Betty is not needed.
 
 Every method runs the example's outer steps (``engine.run``; its hooks reset the lower
 and clamp λ) on a tiny config; CG's hypergradient at a fixed state and the unrolled
@@ -11,9 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import load_example
-
-E = load_example("betty_logreg_hpo")
+import problems.betty_logreg_hpo as E
 
 D = E.DIM
 

@@ -1,5 +1,6 @@
-"""The learning-to-reweight port (examples/reweight_digits.py): every method runs ``--quick``
-through the script's ``main(argv)``; the weight network is trained by its hypergradient
+"""The learning-to-reweight port (problems/reweight_digits.py, run by examples/reweight_digits.py):
+every method runs the script's ``--quick`` run (150 steps, validation every 50) and the
+script itself runs; the weight network is trained by its hypergradient
 alone; finite differences approximate the mixed derivative of the loss with the weight
 network's input *attached* (they cannot see ``.detach()``)."""
 from __future__ import annotations
@@ -11,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from _helpers import load_example
+import problems.reweight_digits as E
 
-E = load_example("reweight_digits")
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.mark.parametrize("method", list(E.METHODS))
 def test_quick_runs_every_method(method, capsys):
-    res = E.main(["--quick", "--method", method])
+    res = E.train(method, seed=0, steps=150, validate_every=50)          # the script's --quick
     out = capsys.readouterr().out
     assert "[mlo] iter 50 validation: test_acc=" in out       # printed by the engine's validation
     assert math.isfinite(res["test_acc"]) and 0.5 < res["test_acc"] <= 1.0
@@ -27,8 +27,23 @@ def test_quick_runs_every_method(method, capsys):
 
 
 def test_quick_plain_baseline(capsys):
-    res = E.main(["--quick", "--plain"])
+    res = E.train("unrolled", seed=0, steps=150, plain=True, validate_every=50)
     assert math.isfinite(res["test_acc"]) and 0.5 < res["test_acc"] <= 1.0
+
+
+def test_the_example_script_runs_quick():
+    """examples/reweight_digits.py is the command line over problems.reweight_digits."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "reweight_digits.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--method", "cg"], capture_output=True,
+                          text=True, check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("digits: ") and "MWN(ℓ detached) by cg" in lines[0]
+    assert "[mlo] iter 150 validation: test_acc=" in proc.stdout
+    assert re.match(r"^test accuracy \d+\.\d\d% \(\d+\.\d s\); mean MWN weight", lines[-1]), lines[-1]
 
 
 def _flat(d):
