@@ -94,6 +94,12 @@ class Lower:
             applied to it when it has no gradient of its own either). Built-in methods
             honour it; a method that cannot tell may return zeros. Default ``False``:
             one tensor per input, zeros where unused.
+        diagnostics: a dict the method fills with what it measured about its own run
+            (plain numbers, already on the host), or ``None``: the caller does not ask.
+            ``cg`` writes ``cg_iterations`` and ``cg_residual`` (the final relative
+            residual ``‖r‖/‖v‖``), ``neumann`` writes ``neumann_last_term``
+            (``‖(I − αH)^K α v‖ / ‖α v‖``). ``mlo`` hands them to the lower's
+            ``engine.records``. A method that measures nothing leaves it alone.
     """
 
     params: Tensors
@@ -105,6 +111,7 @@ class Lower:
     optimizer: Optional[Sequence[Mapping[str, Any]]] = None
     compute_dtype: Optional[torch.dtype] = None
     unused_as_none: bool = False
+    diagnostics: Optional[Dict[str, Any]] = None
 
 
 def check_bool(method: str, name: str, value: Any) -> None:

@@ -13,21 +13,28 @@ once with ``create_graph=True`` and reused by every product.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+import math
+import numbers
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-
-import math
-import numbers
 
 from . import solvers
 from .base import (Lower, check_bool, check_int, check_number, detach_all, fill_unreached, grad_mode,
                    no_inputs_reached, register)
 
-__all__ = ["implicit", "neumann", "cg"]
+__all__ = ["implicit", "neumann", "cg", "CG_MAX_ITER", "CG_TOL"]
 
 Tensors = Tuple[Tensor, ...]
+
+#: CG's default iteration bound: Hessian-vector products per solve (docs/methods.md#diagnostics).
+CG_MAX_ITER = 50
+#: CG's default relative residual tolerance ``‖r‖/‖v‖``.
+CG_TOL = 1e-10
+
+_WARNED: set = set()     # (label, method, options) already warned about, once each in a process
 
 
 def _as_grad_leaves(ts: Sequence[Tensor]) -> Tensors:
@@ -94,12 +101,27 @@ def _check_neumann(*, iterations: int = 10, alpha: float = 1.0, create_graph: bo
     check_bool("neumann", "create_graph", create_graph)
 
 
-def _check_cg(*, max_iter: Optional[int] = None, tol: float = 1e-10, damping: float = 0.0,
+def _check_cg(*, max_iter: Optional[int] = CG_MAX_ITER, tol: float = CG_TOL, damping: float = 0.0,
               create_graph: bool = False) -> None:
     check_int("cg", "max_iter", max_iter, low=1, none=True)
     check_number("cg", "tol", tol, open_low=False)
     check_number("cg", "damping", damping, open_low=False)
     check_bool("cg", "create_graph", create_graph)
+
+
+def _warn_once(lower: Lower, key: tuple, message: str) -> None:
+    """A ``RuntimeWarning`` naming ``lower``, once per ``(lower.label, *key)`` in a process."""
+    key = (lower.label,) + key
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"{lower.label + ': ' if lower.label else ''}{message}", RuntimeWarning, stacklevel=3)
+
+
+def _note(lower: Lower, **values: Any) -> None:
+    """Fills ``lower.diagnostics`` (when the caller asked for them)."""
+    if lower.diagnostics is not None:
+        lower.diagnostics.update(values)
 
 
 @register("neumann", check=_check_neumann)
@@ -108,20 +130,69 @@ def neumann(lower: Lower, v: Sequence[Tensor], *, iterations: int = 10,
     """IFT with ``H⁻¹ v ≈ Σ_{k=0}^{K} (I − αH)^k α v`` (``K = iterations``).
 
     See :func:`engines.solvers.neumann`; converges when ``0 < α < 2/λ_max(H)``.
+    Reports ``neumann_last_term = ‖(I − αH)^K α v‖ / ‖α v‖`` in ``lower.diagnostics``
+    and warns (once per problem and options) when it exceeds 1: the series grows.
+    Costs one host synchronisation per call (the two norms, read together).
     """
     _check_neumann(iterations=iterations, alpha=alpha, create_graph=create_graph)
-    solve = solvers.get("neumann", iterations=iterations, alpha=alpha)
-    return implicit(lower, v, solve, create_graph=create_graph)
+    info: Dict[str, Tensor] = {}
+    solve = solvers.get("neumann", iterations=iterations, alpha=alpha, info=info)
+    out = implicit(lower, v, solve, create_graph=create_graph)
+    if "term_norms" in info:     # (absent: the loss does not couple θ and x, nothing solved)
+        first, last = info["term_norms"].tolist()
+        ratio = last / first if first > 0 else (0.0 if last == 0 else math.inf)
+        _note(lower, neumann_last_term=ratio)
+        if not ratio <= 1.0:
+            _warn_once(lower, ("neumann", iterations, alpha), _neumann_message(ratio, iterations, alpha))
+    return out
+
+
+def _neumann_message(ratio: float, iterations: int, alpha: float) -> str:
+    """What a growing Neumann series means and what to change."""
+    msg = (f"neumann: the series grows: its last term (k={iterations}) has {ratio:.3g} × the norm "
+           f"of the first (iterations={iterations}, alpha={alpha:g}), so the hypergradient is "
+           f"dominated by a diverging sum. The series converges only for 0 < alpha < 2/λ_max(H)")
+    if math.isfinite(ratio) and iterations > 0:
+        # |1 − αλ| ≈ ratio^(1/K) for the dominant eigenvalue; λ > 2/α when it grows.
+        lam = (1.0 + ratio ** (1.0 / iterations)) / alpha
+        msg += (f"; the growth suggests λ_max(H) ≈ {lam:.3g}: use alpha below {2.0 / lam:.3g} "
+                f"(e.g. {1.0 / lam:.2g})")
+    return msg + (", or cg with damping if the lower's Hessian has negative eigenvalues "
+                  "(no alpha makes the series converge then)")
 
 
 @register("cg", check=_check_cg)
-def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = None,
-       tol: float = 1e-10, damping: float = 0.0, create_graph: bool = False) -> Tensors:
+def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = CG_MAX_ITER,
+       tol: float = CG_TOL, damping: float = 0.0, create_graph: bool = False) -> Tensors:
     """IFT with ``H⁻¹ v ≈ (H + δI)⁻¹ v`` by conjugate gradient (``δ = damping``).
 
-    See :func:`engines.solvers.cg`; ``max_iter`` defaults to the number of
-    lower parameters, ``tol`` is a relative residual tolerance.
+    See :func:`engines.solvers.cg`: at most ``max_iter`` Hessian-vector products
+    (default :data:`CG_MAX_ITER`; ``None``: the number of lower parameters, where exact
+    arithmetic terminates), stopping early when the relative residual ``‖r‖/‖v‖`` is
+    at most ``tol``. Reports ``cg_iterations`` and ``cg_residual`` (the final
+    relative residual) in ``lower.diagnostics``, and warns — once per problem and
+    options — when it stops at ``max_iter`` above ``tol`` (not for ``tol=0``: that
+    asks for exactly ``max_iter`` iterations). No host synchronisation beyond the
+    stopping test's, which reads the residual every iteration anyway.
     """
     _check_cg(max_iter=max_iter, tol=tol, damping=damping, create_graph=create_graph)
-    solve = solvers.get("cg", max_iter=max_iter, tol=tol, damping=damping)
-    return implicit(lower, v, solve, create_graph=create_graph)
+    info: Dict[str, Any] = {}
+    solve = solvers.get("cg", max_iter=max_iter, tol=tol, damping=damping, info=info)
+    out = implicit(lower, v, solve, create_graph=create_graph)
+    if info:                     # (empty: the loss does not couple θ and x, nothing solved)
+        _note(lower, cg_iterations=info["iterations"], cg_residual=info["residual"])
+        if not info["converged"] and tol > 0:
+            _warn_once(lower, ("cg", max_iter, tol, damping),
+                       _cg_message(info["iterations"], info["residual"], max_iter, tol, damping))
+    return out
+
+
+def _cg_message(iterations: int, residual: float, max_iter: Optional[int], tol: float,
+                damping: float) -> str:
+    """What an unconverged CG solve means and what to change."""
+    return (f"cg stopped unconverged after {iterations} iterations (max_iter={max_iter}): relative "
+            f"residual ‖r‖/‖v‖ = {residual:.3g} > tol = {tol:g} (damping={damping:g}), so the "
+            f"hypergradient comes from a truncated solve. Raise max_iter, add damping (larger "
+            f"for an ill-conditioned or non-convex lower, whose Hessian CG needs positive "
+            f"definite), or loosen tol; tol=0.0 runs exactly max_iter iterations without "
+            f"this warning")

@@ -15,6 +15,7 @@ the resulting one-argument-pair function around.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -57,7 +58,7 @@ def _scale(alpha, x: Sequence[Tensor]) -> Tensors:
 # --- solvers ------------------------------------------------------------------
 
 def neumann(matvec: MatVec, b: Sequence[Tensor], *, iterations: int = 10,
-            alpha: float = 1.0) -> Tensors:
+            alpha: float = 1.0, info: Optional[Dict[str, Tensor]] = None) -> Tensors:
     """Truncated Neumann series for ``H⁻¹ b``.
 
     .. math::  p_K = \\sum_{k=0}^{K} (I - αH)^k \\, α b = H⁻¹ (I - (I - αH)^{K+1}) b
@@ -72,15 +73,27 @@ def neumann(matvec: MatVec, b: Sequence[Tensor], *, iterations: int = 10,
         b: right-hand side.
         iterations: ``K``, number of matrix-vector products.
         alpha: step ``α`` of the underlying Richardson iteration.
+        info: a dict to fill, or ``None``: ``info["term_norms"]`` is then a detached
+            tensor ``[‖α b‖, ‖(I − αH)^K α b‖]`` (the first and the last term; left on
+            the device — reading it is the caller's one host synchronisation).
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     term = _scale(alpha, b)  # (I - αH)^0 α b
+    first = term
     p = term
     for _ in range(iterations):
         term = _axpy(-alpha, matvec(term), term)  # (I - αH) term
         p = _axpy(1.0, term, p)
+    if info is not None:
+        info["term_norms"] = torch.stack([_norm(first), _norm(term)])
     return p
+
+
+def _norm(x: Sequence[Tensor]) -> Tensor:
+    """``‖x‖`` over the tuple, detached (a diagnostic, never differentiated)."""
+    x = [t.detach() for t in x]
+    return torch.sqrt(_dot(x, x)) if x else torch.zeros(())
 
 
 def _value(t: Tensor) -> float:
@@ -88,7 +101,7 @@ def _value(t: Tensor) -> float:
 
 
 def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
-       tol: float = 1e-10, damping: float = 0.0) -> Tensors:
+       tol: float = 1e-10, damping: float = 0.0, info: Optional[Dict[str, float]] = None) -> Tensors:
     """Conjugate gradient for ``(H + δ I) x = b``.
 
     ``H + δI`` must be symmetric positive definite; the damping ``δ`` makes
@@ -103,6 +116,12 @@ def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
         max_iter: maximum number of matrix-vector products.
         tol: relative residual tolerance.
         damping: ``δ ≥ 0`` added to the diagonal.
+        info: a dict to fill, or ``None``: ``info["iterations"]`` (matrix-vector
+            products taken), ``info["residual"]`` (the final relative residual
+            ``‖r‖/‖b‖`` of the recurrence, a float; ``nan`` when the iteration broke
+            down) and ``info["converged"]`` (``‖r‖ ≤ tol·‖b‖``). The stopping test
+            reads ``‖r‖²`` on the host every iteration anyway; filling ``info`` adds
+            no synchronisation but the one after the last iteration.
     """
     b = tuple(b)
     if max_iter is None:
@@ -117,11 +136,16 @@ def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
     p = r
     rs = _dot(r, r)
     rs_value = _value(rs)                  # one host read per iteration: the stopping test's
+    rs0 = rs_value
     threshold = (tol ** 2) * rs_value
     if rs_value == 0.0:
+        _cg_info(info, 0, 0.0, True)
         return x
+    done = 0
     for i in range(max_iter):
-        if (_value(rs) if i else rs_value) <= threshold:
+        if i:
+            rs_value = _value(rs)
+        if rs_value <= threshold:
             break
         hp = op(p)
         step = rs / _dot(p, hp)
@@ -130,7 +154,18 @@ def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
         rs_new = _dot(r, r)
         p = _axpy(rs_new / rs, p, r)
         rs = rs_new
+        done = i + 1
+    if info is not None:
+        if done == max_iter:               # the last iteration's residual was never read
+            rs_value = _value(rs)
+        _cg_info(info, done, (rs_value / rs0) ** 0.5 if rs_value >= 0 else math.nan,
+                 rs_value <= threshold)
     return x
+
+
+def _cg_info(info: Optional[Dict[str, float]], iterations: int, residual: float, converged: bool) -> None:
+    if info is not None:
+        info.update(iterations=iterations, residual=residual, converged=bool(converged))
 
 
 def dense(matvec: MatVec, b: Sequence[Tensor], *, damping: float = 0.0) -> Tensors:

@@ -82,11 +82,26 @@ class HypergradView(Protocol):
     def loss(self, P: Any, batch: Any) -> Tensor:
         """``P``'s scalar loss on ``batch``, as the engine evaluates it."""
 
+    # Optional (looked up with getattr): ``note_method(name, diagnostics)`` receives what
+    # problem ``name``'s method measured about its run (``engines.base.Lower.diagnostics``,
+    # e.g. ``{"cg_iterations": 7, "cg_residual": 3e-11}``) for its records.
+
 def _run_method(method, name: str, P, lower, v, opts):
     """Runs a best-response method; a missing higher derivative becomes an error
     that names the problem and the way out."""
     with naming_second_order_errors([name], [P.config.method]):
         return method(lower, v, **opts)
+
+
+def _note_method(view, name: str, diagnostics: Dict[str, Any], override) -> None:
+    """Hands what ``name``'s method reported (``Lower.diagnostics``) to the view's optional
+    ``note_method``; nothing when the method reported nothing, or for an ``override``
+    (a reference method is not the problem's own)."""
+    if diagnostics and override is None:
+        note = getattr(view, "note_method", None)
+        if note is not None:
+            note(name, diagnostics)
+
 
 Cot = Tuple[Optional[Dict[str, Tensor]], Dict[str, Tensor]]
 Override = Optional[Tuple[str, Dict]]
@@ -134,9 +149,12 @@ def best_response_vjp(view: HypergradView, name: str, cots: Sequence[Cot], sourc
         outs = {k: v for k, v in outs.items() if v[0].requires_grad}
         if not outs or not pairs:
             return []
+        diagnostics: Dict[str, Any] = {}
         lower = eb.Lower(params=(), inputs=tuple(a for _, _, a in pairs), loss_fn=_no_loss,
-                         outputs=tuple(t for t, _ in outs.values()), unused_as_none=True)
+                         outputs=tuple(t for t, _ in outs.values()), unused_as_none=True,
+                         diagnostics=diagnostics)
         grads = _run_method(method, name, P, lower, tuple(v for _, v in outs.values()), opts)
+        _note_method(view, name, diagnostics, override)
         result: Dict[int, Tuple[object, Dict[str, Tensor]]] = {}
         for (r, k, _), g in zip(pairs, grads):
             if g is not None:       # (None: the window's steps never reached this variable)
@@ -191,9 +209,10 @@ def best_response_vjp(view: HypergradView, name: str, cots: Sequence[Cot], sourc
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=view.inner_lr(name),
                      label=f"problem {name!r}", compute_dtype=compute_dtype(view.precision),
                      optimizer=view.optimizer_view(name) if "optimizer" in entry.needs else None,
-                     unused_as_none=True)
+                     unused_as_none=True, diagnostics={})
     with no_side_effects(view.problems.values(), rng):
         grads = _run_method(method, name, P, lower, vv, opts)
+    _note_method(view, name, lower.diagnostics, override)
     out: Dict[str, Dict[str, Tensor]] = defaultdict(dict)
     for (s, k), g in zip(layout, grads):
         if g is not None:           # (None: the best response does not depend on it)
