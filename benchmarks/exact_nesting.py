@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -78,6 +77,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import mlo  # noqa: E402
+from problems import nesting  # noqa: E402
 from rss import peak_mb, reset_peak  # noqa: E402  (benchmarks/rss.py)
 
 DT = torch.float64
@@ -86,14 +86,6 @@ ETA_B, ETA_M, ETA_T = 0.7, 0.4, 0.05
 
 
 # ====================================================================== problem
-def _example():
-    """``examples/nesting.py`` (scripts, not a package): its ``build`` is this graph."""
-    spec = importlib.util.spec_from_file_location("nesting", os.path.join(ROOT, "examples", "nesting.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def data(d: int, seed: int = 0) -> Dict[str, torch.Tensor]:
     """``A = I + 0.3/√d · N(0, 1)`` (dense; ‖A‖ ≈ 1.6 so the step sizes of the test stay stable)."""
     g = torch.Generator().manual_seed(seed)
@@ -101,8 +93,9 @@ def data(d: int, seed: int = 0) -> Dict[str, torch.Tensor]:
     return dict(A=A, **{k: torch.randn(d, generator=g, dtype=DT) for k in ("c", "m", "lam", "mu", "th")})
 
 
-def build(P: Dict[str, torch.Tensor], K: int, nesting: str) -> mlo.Engine:
-    return _example().build(P, K, nesting, rho=RHO, eta_b=ETA_B, eta_m=ETA_M, lr_top=ETA_T)
+def build(P: Dict[str, torch.Tensor], K: int, mode: str) -> mlo.Engine:
+    """:func:`problems.nesting.build` (``examples/nesting.py``'s graph) at this benchmark's rates."""
+    return nesting.build(P, K, mode, rho=RHO, eta_b=ETA_B, eta_m=ETA_M, lr_top=ETA_T)
 
 
 def top_update(eng: mlo.Engine, K: int) -> None:

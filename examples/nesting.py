@@ -11,45 +11,14 @@ through the nested unrolled windows and converges to the closed form
 ``dF_T/dλ = −A(AᵀA + ρI)⁻¹(μ* − m)`` as K grows (at M's contraction rate).
 
     python examples/nesting.py            # prints both for K = 4, 8, 16, 32
+
+The graph and the closed form are :mod:`problems.nesting` (also ``benchmarks/exact_nesting.py``'s).
 """
 from __future__ import annotations
 
 import argparse
 
-import torch
-
-import mlo
-
-DT = torch.float64
-
-
-class Quadratic(mlo.Problem):
-    """One explicit variable with a loss given as a function of the problem."""
-
-    def __init__(self, name, variable, value, loss, **kw):
-        super().__init__(name, params={variable: value}, **kw)
-        self.loss = loss
-
-    def training_step(self, batch):
-        return self.loss(self)
-
-
-def build(P, K, nesting, rho=0.3, eta_b=0.7, eta_m=0.4, lr_top=0.0):
-    """The three-level graph (also ``benchmarks/exact_nesting.py``'s); one top update is
-    ``K·K`` engine iterations."""
-    A, c, m = P["A"], P["c"], P["m"]
-    T = Quadratic("T", "lam", P["lam"],
-                  lambda s: 0.5 * ((s.M.params["mu"] - m) ** 2).sum() + 0 * s.params["lam"].sum(),
-                  optimizer_kwargs={"lr": lr_top})
-    M = Quadratic("M", "mu", P["mu"],
-                  lambda s: 0.5 * ((s.B.params["th"] - c) ** 2).sum() + 0.5 * rho * (s.params["mu"] ** 2).sum(),
-                  optimizer_kwargs={"lr": eta_m}, config=mlo.ProblemConfig(unroll_steps=K, method="unrolled"))
-    B = Quadratic("B", "th", P["th"],
-                  lambda s: 0.5 * ((s.params["th"] - A @ s.M.params["mu"] - s.T.params["lam"]) ** 2).sum(),
-                  optimizer_kwargs={"lr": eta_b}, config=mlo.ProblemConfig(unroll_steps=K, method="unrolled"))
-    T.M, M.B, B.T, B.M = M, B, T, M
-    return mlo.Engine([B, M, T], {"u2l": {T: [B], M: [B]}, "l2u": {B: [M], M: [T]}},
-                      mlo.EngineConfig(nesting=nesting, progress=False))
+from problems.nesting import build, closed_form_hypergradient, example_data
 
 
 def main(argv=None):
@@ -57,14 +26,8 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=4)
     ap.add_argument("--ks", default="4,8,16,32")
     args = ap.parse_args(argv)
-    g = torch.Generator().manual_seed(3)
-    d = args.d
-    P = dict(A=torch.eye(d, dtype=DT) + 0.3 * torch.randn(d, d, generator=g, dtype=DT),
-             **{k: torch.randn(d, generator=g, dtype=DT) for k in ("c", "m", "lam", "mu", "th")})
-    A, rho = P["A"], 0.3
-    H = A.T @ A + rho * torch.eye(d, dtype=DT)
-    mu_star = torch.linalg.solve(H, A.T @ (P["c"] - P["lam"]))
-    exact = -A @ torch.linalg.solve(H, mu_star - P["m"])
+    P = example_data(args.d)
+    exact = closed_form_hypergradient(P)
     print(f"closed form dF_T/dλ = {[round(x, 6) for x in exact.tolist()]}")
     for K in (int(k) for k in args.ks.split(",")):
         out = {}
