@@ -56,7 +56,9 @@ def test_gradient_before_any_step(method, measured):
     eng, lo, up = batch_engine(method)
     assert lo.last_batch is None
     got = eng.gradient("up")
-    assert lo.last_batch is LO_BATCHES[0]                    # the lower took its next batch
+    # The lower was evaluated on its next batch, which stays next for its first step:
+    # a report changes no problem's state (only the reported problem's last_batch).
+    assert lo.last_batch is None and lo.peek_batch() is LO_BATCHES[0]
     eng2, lo2, up2 = batch_engine(method)
     lo2.last_batch = LO_BATCHES[0]
     ref = eng2.gradient("up", batch=UP_BATCHES[0])

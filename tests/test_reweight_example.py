@@ -96,5 +96,8 @@ def test_finite_differences_do_not_see_detach():
     for detach in (True, False):
         ref = _mixed(run, v, detach)
         cos[detach] = float(fd @ ref / (fd.norm() * ref.norm()))
-    assert cos[False] > 1 - 1e-10            # FD = the attached loss's mixed derivative
+    # FD = the attached loss's mixed derivative, to the accuracy central differences at
+    # ε = 1e-4 have on this ReLU classifier (a kink within ε of the iterate costs O(ε)
+    # relative: 1 − 4.4e-8 was measured on one machine, 1 − 1e-10 on another).
+    assert cos[False] > 1 - 1e-6
     assert cos[True] < 0.9                   # not the detached one's

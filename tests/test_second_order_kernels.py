@@ -73,10 +73,8 @@ def test_fused_attention_without_math_backend_names_the_problem(monkeypatch):
     """Without the math SDPA backend (second_order_kernels disabled) the fused kernel's
     missing double backward surfaces as an error naming the problem."""
     null = lambda enabled=True: contextlib.nullcontext()  # noqa: E731
-    import mlo.reads
     import mlo.update
     monkeypatch.setattr(mlo.update, "second_order_kernels", null)
-    monkeypatch.setattr(mlo.reads, "second_order_kernels", null)
     monkeypatch.setattr(mlo.hypergrad, "second_order_kernels", null)
     for method in ("cg", "unrolled"):
         eng = attn_engine("fused", method, SECOND[method])
