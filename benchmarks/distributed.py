@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+sys.path[:0] = [str(ROOT)]
 
 import mlo  # noqa: E402
 from mlo import distributed as mdist  # noqa: E402
@@ -42,7 +42,7 @@ MAE_OPTIONS = {"unrolled": {}, "cg": {"max_iter": 5}, "neumann": {"iterations": 
 
 
 def quickstart(method, dtype):
-    import quickstart_weight_decay as q
+    from problems import weight_decay as q    # the quickstart's problems (examples/quickstart_weight_decay.py)
 
     torch.manual_seed(0)
     train, val, _ = q.load(0, 80)
