@@ -43,7 +43,7 @@ from torch.optim import optimizer as _torch_optimizer
 
 from engines.base import grad_mode
 
-__all__ = ["enabled", "set_enabled", "disabled", "sgd_step", "Slots", "norms", "combine_norms"]
+__all__ = ["enabled", "set_enabled", "disabled", "sgd_step", "Slots", "distinct_slots", "norms", "combine_norms"]
 
 
 # ===================================================================== the switch
@@ -237,12 +237,41 @@ def _resolve(module: nn.Module, names: Sequence[str], tensors: Sequence[Tensor])
     return slots
 
 
+def distinct_slots(module: nn.Module, names: Sequence[str], tensors: Sequence[Tensor]) -> List[Tuple[str, str]]:
+    """``[(slot path, name)]``: every parameter slot of ``module`` that holds one of
+    ``tensors``, each slot once, with the name (in ``names``) of the tensor it holds.
+
+    A slot is one entry of one module object's parameters. A submodule reachable under
+    two paths (``nn.Sequential(proj, act, proj)``, or ``self.a = self.b = lin``) has its
+    slots once, under its first path (``named_modules`` lists each module object once);
+    one tensor assigned to two modules (tied weights) is in two slots, both listed, both
+    mapped to that tensor's name. A name whose tensor no slot holds is kept as its own
+    path (``functional_call`` then reports what it makes of it)."""
+    name_of = {id(t): n for n, t in zip(names, tensors)}
+    out, found = [], set()
+    for path, mod in module.named_modules():
+        for leaf, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            name = name_of.get(id(p))
+            if name is not None:
+                out.append((f"{path}.{leaf}" if path else leaf, name))
+                found.add(name)
+    return out + [(n, n) for n in names if n not in found]
+
+
 class Slots:
     """Runs ``module`` with other tensors in its parameter slots ``names`` (which hold
-    ``tensors`` when the ``Slots`` is made); ``tied``: some tensor has two names.
+    ``tensors`` when the ``Slots`` is made); ``tied``: some tensor has two names (tied
+    weights, or a submodule reachable under two paths).
+
+    Every path substitutes each *slot* exactly once and restores it exactly once: the
+    slots are found once, by :func:`distinct_slots` — a shared submodule's slots once, a
+    tied tensor's every slot (each given the value of that tensor's name). Calling
+    ``functional_call(..., tie_weights=True)`` instead would assign a shared submodule's
+    slot once per path and restore it in the wrong order, leaving a substituted tensor in
+    the module after the call.
 
     The fast path is taken when: the switch is on; the module has no tied weights and no
-    ``torch.nn.utils.parametrize`` anywhere; every name resolved, when the ``Slots`` was
+    ``torch.nn.utils.parametrize`` anywhere; every slot resolved, when the ``Slots`` was
     made, to an entry ``owner._parameters[leaf]`` holding the given tensor; and on this
     call every such entry still holds it (not edited since, not already swapped by an
     enclosing call). It assigns ``state[name]`` into each entry, runs, and restores the
@@ -253,14 +282,23 @@ class Slots:
     ``_parameters`` entries for the duration of the call and puts the originals back —
     and with no tied names, no parametrization and only parameter names given it does
     nothing else that a forward can see. Otherwise, and with the switch off, the call
-    goes through ``functional_call`` itself.
+    goes through ``functional_call`` itself, given one entry per distinct slot and
+    ``tie_weights=False`` (the ties are already spelled out by the slots).
     """
 
     def __init__(self, module: nn.Module, names: Sequence[str], tensors: Sequence[Tensor], tied: bool):
         self.module, self.names, self.tied = module, list(names), tied
+        self._pairs = distinct_slots(module, self.names, tensors)
         self._slots: Optional[List[Tuple[Dict[str, Any], str, Tensor]]] = None
         if not tied and not any(parametrize.is_parametrized(m) for m in module.modules()):
-            self._slots = _resolve(module, self.names, tensors)
+            by_name = dict(zip(self.names, tensors))
+            self._slots = _resolve(module, [p for p, _ in self._pairs], [by_name[n] for _, n in self._pairs])
+
+    def _by_slot(self, state: Mapping[str, Tensor], prefix: str = "") -> Dict[str, Tensor]:
+        """``{slot path: state[name]}`` for ``functional_call``, one entry per distinct slot
+        (a name missing from ``state``: its slots keep the module's own tensor, as
+        ``functional_call`` leaves a name it is not given)."""
+        return {prefix + path: state[name] for path, name in self._pairs if name in state}
 
     def run(self, fn: Callable, state: Mapping[str, Tensor], args: tuple, kwargs: dict,
             method: Optional[str] = None):
@@ -269,17 +307,17 @@ class Slots:
         slots = self._slots
         if _enabled and slots is not None and all(d.get(leaf) is t for d, leaf, t in slots):
             try:
-                for (d, leaf, _), name in zip(slots, self.names):
+                for (d, leaf, _), (_, name) in zip(slots, self._pairs):
                     d[leaf] = state[name]
                 return fn(*args, **kwargs)
             finally:
                 for d, leaf, t in slots:
                     d[leaf] = t
         if method is None:
-            return functional_call(self.module, dict(state), args, kwargs, tie_weights=self.tied)
+            return functional_call(self.module, self._by_slot(state), args, kwargs, tie_weights=False)
         # functional_call runs forward only: a wrapper whose forward is the method
-        return functional_call(_Method(self.module, method), {"m." + k: v for k, v in state.items()},
-                               args, kwargs, strict=False, tie_weights=self.tied)
+        return functional_call(_Method(self.module, method), self._by_slot(state, "m."),
+                               args, kwargs, strict=False, tie_weights=False)
 
 
 # ===================================================================== 3. the norms
