@@ -15,17 +15,30 @@ that has no autograd connection, naming both problems, the likely cause and the
 fix. For that first evaluation every read of another problem is made differentiable
 (the engine's reads do so while the reader is not yet in ``RunState.linted``), so the
 check sees the connection whatever the method.
+
+The same first evaluation runs a second check, :func:`check_hyperparameters`: optimizer
+hyperparameters learned from other problems' variables (``optimizer_hyperparameters()``,
+e.g. a learnable learning rate) on a problem whose method does not step through a window
+(CG, Neumann, finite differences, SAMA). Such a method evaluates the best response's
+derivative at the current iterate, where a fixed point does not depend on the step size,
+and the engine applies the hyperparameters as plain numbers: their hypergradient is
+exactly zero at every update. One ``RuntimeWarning`` names the problem, the
+hyperparameters, where they come from and the window methods that do differentiate
+through them.
 """
 from __future__ import annotations
 
 import warnings
-from typing import List, Mapping, Set
+from typing import Any, Dict, Iterator, List, Mapping, Set
 
+import torch
 from torch import Tensor
+
+import engines.base as methods
 
 from .problem import Problem
 
-__all__ = ["check_reads"]
+__all__ = ["check_reads", "check_hyperparameters"]
 
 
 def _leaves(loss: Tensor) -> Set[int]:
@@ -46,7 +59,9 @@ def _leaves(loss: Tensor) -> Set[int]:
 
 def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor, reads: List) -> None:
     """Warns once per declared edge into ``P`` whose read left no autograd connection
-    (the caller checks each problem once: ``RunState.linted``)."""
+    (the caller checks each problem once: ``RunState.linted``); also runs
+    :func:`check_hyperparameters` on ``P``."""
+    check_hyperparameters(problems, P)
     g = graph
     if not g.reads[P.name] or loss.grad_fn is None:
         return
@@ -79,3 +94,74 @@ def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor
             f"has no autograd connection to {s!r}'s variables: {cause}, so the hypergradient of "
             f"{up!r} through {lo!r} is silently zero. Read it through the problem: {s}.params[...] "
             f"/ {s}(x) / {s}.call(...)", RuntimeWarning, stacklevel=5)
+
+
+# ---------------------------------------------------------------- learned hyperparameters
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors in one ``optimizer_hyperparameters()`` value (a tensor, a number, a
+    tuple such as ``betas``, or a list with one entry per parameter group)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def learned_from(problems: Mapping[str, Problem], P: Problem) -> Dict[str, List[str]]:
+    """``{hyperparameter: [problems whose variables it is computed from]}`` for ``P``'s
+    ``optimizer_hyperparameters()``, evaluated once outside any loss (each other problem's
+    current state, as :attr:`Problem.params` gives it there); ``{}`` when ``P`` does not
+    override it, or when it cannot be evaluated here (the update that applies it then
+    reports what is wrong)."""
+    if type(P).optimizer_hyperparameters is Problem.optimizer_hyperparameters:
+        return {}
+    try:
+        with torch.enable_grad():
+            hp = P.optimizer_hyperparameters() or {}
+    except Exception:      # (e.g. a per-window upper with no window open now)
+        return {}
+    if not isinstance(hp, Mapping):
+        return {}
+    owners = {}
+    for name, S in problems.items():
+        if S is not P:
+            for t in S.variables:
+                owners[id(t)] = name
+    out: Dict[str, List[str]] = {}
+    for key, value in hp.items():
+        leaves: Set[int] = set()
+        for t in _tensors(value):
+            if t.requires_grad:
+                leaves |= {id(t)} if t.grad_fn is None else _leaves(t)
+        sources = sorted({owners[i] for i in leaves if i in owners}, key=list(problems).index)
+        if sources:
+            out[str(key)] = sources
+    return out
+
+
+def check_hyperparameters(problems: Mapping[str, Problem], P: Problem) -> None:
+    """Warns (``RuntimeWarning``, once: the caller checks each problem once) when ``P``
+    learns optimizer hyperparameters from other problems' variables but its method does
+    not step through a window, so their hypergradient is exactly zero."""
+    method = P.config.method
+    try:
+        if methods.info(method).window:
+            return
+    except KeyError:
+        return              # (an unknown method is refused where the engine is built)
+    learned = learned_from(problems, P)
+    if not learned:
+        return
+    keys = sorted(learned)
+    sources = sorted({s for k in keys for s in learned[k]}, key=list(problems).index)
+    windowed = [n for n in methods.available() if methods.info(n).window]
+    detail = ", ".join(f"{k!r} from {', '.join(map(repr, learned[k]))}" for k in keys)
+    warnings.warn(
+        f"graph lint: problem {P.name!r} learns optimizer hyperparameter(s) {detail} "
+        f"(optimizer_hyperparameters()), but its method {method!r} does not differentiate "
+        f"through optimizer steps: the hypergradient of {', '.join(map(repr, sources))} through "
+        f"{', '.join(map(repr, keys))} is exactly 0 at every update (implicit and finite-difference "
+        f"methods evaluate at the current iterate, and a fixed point does not depend on the step "
+        f"size; the steps apply these values as plain numbers). Only {' / '.join(map(repr, windowed))} "
+        f"differentiates through optimizer hyperparameters: give {P.name!r} method="
+        f"{windowed[0]!r}, or make these hyperparameters constants", RuntimeWarning, stacklevel=6)
