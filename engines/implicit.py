@@ -149,6 +149,10 @@ def neumann(lower: Lower, v: Sequence[Tensor], *, iterations: int = 10,
 
 def _neumann_message(ratio: float, iterations: int, alpha: float) -> str:
     """What a growing Neumann series means and what to change."""
+    if math.isnan(ratio):
+        return (f"neumann: the series' terms are not finite (iterations={iterations}, alpha={alpha:g}): "
+                f"a Hessian-vector product or v holds NaN/inf, or the series overflowed; it converges "
+                f"only for 0 < alpha < 2/λ_max(H) — choose a smaller alpha if the loss is finite")
     msg = (f"neumann: the series grows: its last term (k={iterations}) has {ratio:.3g} × the norm "
            f"of the first (iterations={iterations}, alpha={alpha:g}), so the hypergradient is "
            f"dominated by a diverging sum. The series converges only for 0 < alpha < 2/λ_max(H)")
@@ -190,9 +194,14 @@ def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = CG_MAX_IT
 def _cg_message(iterations: int, residual: float, max_iter: Optional[int], tol: float,
                 damping: float) -> str:
     """What an unconverged CG solve means and what to change."""
+    if not math.isfinite(residual):
+        return (f"cg broke down after {iterations} iterations (max_iter={max_iter}, tol={tol:g}, "
+                f"damping={damping:g}): the relative residual is {residual}, so the hypergradient "
+                f"is not usable. Either a Hessian-vector product or v is not finite, or pᵀ(H + δI)p "
+                f"reached 0 (a singular or indefinite Hessian): add damping, δ > −λ_min(H)")
     return (f"cg stopped unconverged after {iterations} iterations (max_iter={max_iter}): relative "
             f"residual ‖r‖/‖v‖ = {residual:.3g} > tol = {tol:g} (damping={damping:g}), so the "
-            f"hypergradient comes from a truncated solve. Raise max_iter, add damping (larger "
-            f"for an ill-conditioned or non-convex lower, whose Hessian CG needs positive "
-            f"definite), or loosen tol; tol=0.0 runs exactly max_iter iterations without "
+            f"hypergradient comes from a truncated solve. Raise max_iter, add damping (CG needs "
+            f"H + δI positive definite: δ > −λ_min(H) for a non-convex lower; a larger δ also "
+            f"speeds up an ill-conditioned one), or loosen tol; tol=0.0 runs exactly max_iter iterations without "
             f"this warning")
