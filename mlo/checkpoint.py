@@ -216,6 +216,8 @@ def _save(engine, path: PathLike) -> None:
                             "open_windows": open_windows,
                             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
                             "problems": {n: _problem_blob(engine, P) for n, P in engine.problems.items()}}
+    if counters["resume"]:     # saved inside an interrupted iteration (mlo.Engine.step)
+        blob["resume"] = counters["resume"]
     blob["checksum"] = {"sha256": _digest(blob)}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -341,6 +343,8 @@ def _validate(engine, blob: Dict[str, Any], path: str) -> None:
             errors.append(f"no {k!r} entry")
     if "iteration" in blob and not _is_int(blob["iteration"]):
         errors.append(f"'iteration' is {blob['iteration']!r}, not an integer >= 0")
+    if "resume" in blob and not _is_int(blob["resume"]):
+        errors.append(f"'resume' is {blob['resume']!r}, not an integer >= 0")
     since = blob.get("since", {})
     if not isinstance(since, dict) or not all(
             n in have and isinstance(c, dict) and set(c) <= set(engine.graph.lowers(n))
@@ -406,7 +410,7 @@ def load(engine, path: PathLike) -> None:
             P.scheduler.load_state_dict(st["scheduler"])
     last_block = blob.get("last_block") or {}
     engine.state.load_counters({
-        "iteration": blob["iteration"],
+        "iteration": blob["iteration"], "resume": blob.get("resume", 0),
         "problems": {n: {"step_count": st["step_count"], "ready_count": st["ready_count"],
                          "since": blob["since"].get(n, {}), "last_block": last_block.get(n)}
                      for n, st in blob["problems"].items()}})

@@ -156,6 +156,11 @@ class EngineConfig:
             ``checkpoint_every``.
         checkpoint_keep: how many periodic checkpoints to keep (default 3; ``None``:
             all). Older ones are deleted only after the new one is in place.
+        defer_signals: while ``run`` runs in the main thread, Ctrl-C (SIGINT) and
+            SIGTERM finish the current iteration and then raise
+            :class:`mlo.interrupt.Interrupted` (a ``KeyboardInterrupt``) at the
+            iteration boundary, so no update is cut short (default ``True``; a second
+            signal stops at once). Only default handlers are replaced.
 
     Raises:
         ValueError: a field of the wrong type or out of range (checked on construction).
@@ -176,6 +181,7 @@ class EngineConfig:
     checkpoint_every: Optional[int] = None
     checkpoint_path: Optional[Union[str, "os.PathLike[str]"]] = None
     checkpoint_keep: Optional[int] = 3
+    defer_signals: bool = True
 
     def __post_init__(self):
         from .precision import check as _check_precision
@@ -194,6 +200,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.validation must be a callable fn(engine) -> dict of "
                              f"metrics or None, got {type(self.validation).__name__}")
         self._check_checkpoints()
+        if not isinstance(self.defer_signals, bool):
+            raise ValueError(f"EngineConfig.defer_signals must be True or False, got "
+                             f"{self.defer_signals!r} ({type(self.defer_signals).__name__})")
         if self.nesting not in ("betty", "exact"):
             raise ValueError(f"EngineConfig.nesting must be 'betty' or 'exact', got {self.nesting!r}")
         if self.nonfinite not in ("raise", "skip", "ignore"):

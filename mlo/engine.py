@@ -47,6 +47,7 @@ import engines.base as methods
 from .config import EngineConfig
 from .events import Events
 from .graph import Graph, GraphError
+from .interrupt import Interrupted, deferred_signals
 from .nesting import nesting_strategy
 from .optim import FunctionalOptimizer
 from .parallel import data_parallelism
@@ -131,24 +132,44 @@ class Engine:
             raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
         self.events.start_run(callbacks, iterations)
         try:
-            for _ in range(iterations):
-                self.step()
-                self.events.after_iteration_of_run()
-                if self.state.stop_requested:
-                    break
+            with deferred_signals(self.config.defer_signals) as signals:
+                for _ in range(iterations):
+                    self.step()
+                    self.events.after_iteration_of_run()
+                    if signals.signum is not None:
+                        raise Interrupted(signals.signum, self.state.iteration)
+                    if self.state.stop_requested:
+                        break
         finally:
             self.events.end_run()
         return self.history
 
     def step(self) -> None:
-        """One iteration: lower problems step, ready upper problems update."""
-        for P in self.schedule.due():
-            ref = self.events.monitor_reference(P)
-            result = self.updater.update(P)
-            if result.applied:
-                self.events.after_update(P, result.extras, ref)
-        for n in self.schedule.consumed:
+        """One iteration: lower problems step, ready upper problems update.
+
+        An exception that ends an iteration early (a data iterator, a loss, a
+        callback, a second Ctrl-C) leaves the engine resumable: the updates already
+        applied in it stay applied, the failing one changed nothing a retry would see
+        (:meth:`mlo.update.Updater.update`), the schedule's counters are back at the
+        iteration's start and ``state.resume`` counts the applied updates — so the next
+        ``step`` (or a checkpoint saved now and loaded later) finishes the same
+        iteration without repeating them, exactly as an uninterrupted run."""
+        schedule = self.schedule
+        schedule.begin()
+        applied = 0
+        try:
+            for P in schedule.due(self.state.resume):
+                ref = self.events.monitor_reference(P)
+                result = self.updater.update(P)
+                applied += 1
+                if result.applied:
+                    self.events.after_update(P, result.extras, ref)
+        except BaseException:
+            schedule.interrupt(applied)
+            raise
+        for n in schedule.consumed:
             self.windows.close(n)
+        self.state.resume = 0
         self.state.iteration += 1
         self.events.end_of_iteration()
 

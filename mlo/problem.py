@@ -133,6 +133,7 @@ class Problem:
                             f"{type(data).__name__}")
         self.data = data
         self._iter = None
+        self._taken = None      # (batch,): the batch next_batch returned last
         # The run state (iterates, counters, last batch) is the engine's: bind() hands
         # this problem a view of it. Until then, a private one (no engine yet).
         self._run = ProblemRun()
@@ -412,12 +413,28 @@ class Problem:
     def peek_batch(self):
         """The batch :meth:`next_batch` will return next, without consuming it."""
         if "_peeked" not in self.__dict__:
-            self._peeked = self.next_batch()
+            self._peeked = self._fetch()
         return self._peeked
 
     def next_batch(self):
-        if "_peeked" in self.__dict__:
-            return self.__dict__.pop("_peeked")
+        """The next batch of ``data`` (``None`` without data), consumed."""
+        batch = self.__dict__.pop("_peeked") if "_peeked" in self.__dict__ else self._fetch()
+        self._taken = (batch,)
+        return batch
+
+    def begin_taking(self) -> None:
+        """Called by the engine before an update: :meth:`return_taken` can then put
+        back the batch the update takes, if the update fails."""
+        self._taken = None
+
+    def return_taken(self) -> None:
+        """Called by the engine when an update fails: the batch it took becomes the
+        next one again (its retry sees the same data)."""
+        taken, self._taken = self._taken, None
+        if taken is not None and "_peeked" not in self.__dict__:
+            self._peeked = taken[0]
+
+    def _fetch(self):
         if self.data is None:
             return None
         if self._iter is None:

@@ -9,6 +9,12 @@ ready problem with lowers *consumes* the windows on its paths (the nesting strat
 says which): they are closed at the end of the iteration.
 
 The schedule reads and writes only counters of :class:`mlo.state.RunState`.
+
+Interrupted iterations. :meth:`Schedule.begin` notes the counters at the start of
+an iteration; when an exception ends it early, :meth:`Schedule.interrupt` puts them
+back and adds the updates already applied to ``RunState.resume``. The next
+iteration then replays the same decisions and skips those updates
+(``due(skip=...)``): the run continues as if it had not been interrupted.
 """
 from __future__ import annotations
 
@@ -34,11 +40,29 @@ class Schedule:
         self.problems, self.graph, self.state, self.nesting = problems, graph, state, nesting
         #: The problems whose windows the current iteration consumed.
         self.consumed: Set[str] = set()
+        self._start: list = []
 
-    def due(self) -> Iterator[Problem]:
+    def begin(self) -> None:
+        """Notes the counters at the start of an iteration (for :meth:`interrupt`)."""
+        self._start = [(run, run.ready_count, dict(run.since), run.last_block, run.loop_start)
+                       for run in self.state.problems.values()]
+
+    def interrupt(self, applied: int) -> None:
+        """An exception ended the iteration after ``applied`` more updates: the counters
+        go back to the iteration's start and ``RunState.resume`` counts the updates
+        the next iteration must not repeat."""
+        for run, ready, since, block, loop_start in self._start:
+            run.ready_count, run.last_block, run.loop_start = ready, block, loop_start
+            run.since.clear()
+            run.since.update(since)
+        self.state.resume += applied
+
+    def due(self, skip: int = 0) -> Iterator[Problem]:
         """Yields each problem that updates in this iteration, in order; the caller
         updates it before asking for the next (an update counts for the problems above
-        it when the generator resumes, whether it was applied or skipped)."""
+        it when the generator resumes, whether it was applied or skipped). The first
+        ``skip`` updates were applied before an interruption: their counters advance,
+        but they are not yielded and their ``on_window_start`` hooks do not run again."""
         self.consumed = consumed = set()
         runs, problems, g = self.state.problems, self.problems, self.graph
         for name in g.order:
@@ -57,8 +81,12 @@ class Schedule:
                 continue
             if run.loop_start:
                 run.loop_start = False
-                P.on_window_start()
-            yield P
+                if skip <= 0:
+                    P.on_window_start()
+            if skip > 0:
+                skip -= 1
+            else:
+                yield P
             for up in g.above[name]:
                 runs[up].since[name] += 1
 

@@ -129,6 +129,9 @@ class RunState:
         logged: per problem, its ``updates`` count when loggers last saw it.
         stop_requested: ``engine.request_stop()`` or early stopping asked the current
             ``run`` to end after this iteration.
+        resume: updates of the current iteration already applied when an exception
+            interrupted it (0 between iterations): the next ``step`` finishes that
+            iteration without repeating them (:meth:`mlo.Engine.step`).
     """
 
     def __init__(self, lowers: Mapping[str, List[str]]):
@@ -144,6 +147,7 @@ class RunState:
         self.learned_hp: Dict[str, Set[str]] = {}
         self.logged: Dict[str, int] = {}
         self.stop_requested = False
+        self.resume = 0
 
     def __getitem__(self, name: str) -> ProblemRun:
         return self.problems[name]
@@ -154,7 +158,7 @@ class RunState:
 
     def counters(self) -> Dict[str, Any]:
         """The schedule counters (what a checkpoint must restore to resume the schedule)."""
-        return {"iteration": self.iteration,
+        return {"iteration": self.iteration, "resume": self.resume,
                 "problems": {n: {"step_count": r.step_count, "ready_count": r.ready_count,
                                  "since": dict(r.since), "last_block": r.last_block}
                              for n, r in self.problems.items()}}
@@ -162,6 +166,7 @@ class RunState:
     def load_counters(self, counters: Mapping[str, Any]) -> None:
         """Restores :meth:`counters` (problems absent from ``counters`` are left alone)."""
         self.iteration = int(counters["iteration"])
+        self.resume = int(counters.get("resume", 0))
         for n, c in counters["problems"].items():
             r = self.problems[n]
             r.step_count, r.ready_count = int(c["step_count"]), int(c["ready_count"])

@@ -308,10 +308,17 @@ class Updater:
         return result
 
     def _update(self, P: Problem) -> UpdateResult:
+        """An exception before the optimizer step changes nothing of ``P`` that a retry
+        would see: its parameters, optimizer state, counters, records and window, and
+        the batch it took, which becomes its next batch again. (Random draws and
+        BatchNorm statistics of a forward that ran before the exception are not
+        rolled back: Ctrl-C inside ``run`` waits for the iteration's end instead.)"""
         name = P.name
         diff = name in self._windowed
         run = self.state[name]
         opened = diff and run.window is None
+        last_batch = run.last_batch
+        P.begin_taking()
         try:
             if opened:
                 self.windows.open(P, self.evaluate_in_window)
@@ -326,9 +333,17 @@ class Updater:
                 raise FloatingPointError(
                     f"{bad}; its parameters and optimizer state are unchanged. "
                     f"EngineConfig(nonfinite='skip') skips such updates with a warning instead")
+            grads = res.grads
+            if not bad:
+                if P.config.grad_clip is not None:
+                    grads = self._clip(P, grads)
+                if type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters:
+                    self._set_hyperparameters(P, diff, res.reads)
         except BaseException:
             if opened:          # nothing stepped in it: as if it had never been opened
                 self.windows.discard(P)
+            P.return_taken()
+            run.last_batch = last_batch
             raise
         if bad:
             if opened:
@@ -337,11 +352,6 @@ class Updater:
                           f"unchanged", RuntimeWarning, stacklevel=5)
             return UpdateResult(False)
         self._record(P, vals, res)
-        grads = res.grads
-        if P.config.grad_clip is not None:
-            grads = self._clip(P, grads)
-        if type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters:
-            self._set_hyperparameters(P, diff, res.reads)
         run.last_loss = res.loss.detach()
         if diff:
             self._step_in_window(P, grads, res.reads)
@@ -402,9 +412,9 @@ class Updater:
             raise TypeError(f"problem {P.name!r}: optimizer_hyperparameters() must return a dict "
                             f"{{name: value}} (a list value gives one entry per param group), got "
                             f"{type(hp).__name__}")
-        self.state.learned_hp[P.name] = set(hp)
         groups = self.state[P.name].window.fopt.param_groups if diff else P.optimizer.param_groups
         opt = type(P.optimizer).__name__
+        writes = []       # every value checked before any is written
         for k, v in hp.items():
             if not isinstance(k, str) or k == "params" or k not in groups[0]:
                 raise KeyError(f"problem {P.name!r}: optimizer_hyperparameters() returned "
@@ -426,7 +436,10 @@ class Updater:
                         f"problem {P.name!r}: optimizer_hyperparameters(){where} is {x!r}, but {opt}'s "
                         f"{k!r} takes {len(was)} values like {tuple(was)!r} (a tuple for every group, "
                         f"or a list with one such tuple per param group)")
-                group[k] = x if diff else _float_hyperparameter(x)
+                writes.append((group, k, x))
+        self.state.learned_hp[P.name] = set(hp)
+        for group, k, x in writes:
+            group[k] = x if diff else _float_hyperparameter(x)
 
     @staticmethod
     def _clip(P: Problem, grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
