@@ -53,6 +53,14 @@ class _Variables(nn.Module):
                         "read its variables with problem.params[name]")
 
 
+def _new_iterate(value: Tensor, old: Tensor) -> Tensor:
+    """A window's iterate replaced by ``set_params``: a value built from the iterates
+    keeps its graph; a constant (a reset) starts a new leaf — the paths through the
+    earlier steps are cut there, and the later steps differentiate from it."""
+    value = value.to(dtype=old.dtype, device=old.device)
+    return value if value.requires_grad else value.detach().clone().requires_grad_()
+
+
 class Problem:
     """A node of the problem graph.
 
@@ -267,7 +275,7 @@ class Problem:
                                  f"{tuple(v.shape)}, the variable has {tuple(own[k].shape)}")
         it = self._run.iterates
         if it is not None:      # inside a window: a new iterate
-            self._run.iterates = {k: (values[k].to(t.dtype) if k in values else t) for k, t in it.items()}
+            self._run.iterates = {k: (_new_iterate(values[k], t) if k in values else t) for k, t in it.items()}
             return
         with torch.no_grad():
             for k, v in values.items():
