@@ -127,6 +127,13 @@ class Engine:
                 ``after_iteration(engine)``, ``after_validation(engine, metrics)``
                 (:mod:`mlo.callbacks`). Early stopping or ``request_stop()`` ends the
                 run after the current iteration.
+
+        Raises:
+            mlo.interrupt.Interrupted: Ctrl-C or SIGTERM arrived (``EngineConfig(
+                defer_signals=True)``, the default): the run stops at the end of the
+                iteration — or, when an unrolled window is open then, at the end of the
+                iteration that consumes it (within ``iterations``), so that a
+                checkpoint saved now resumes bit for bit. A second signal stops at once.
         """
         if not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
@@ -136,10 +143,12 @@ class Engine:
                 for _ in range(iterations):
                     self.step()
                     self.events.after_iteration_of_run()
-                    if signals.signum is not None:
+                    if signals.signum is not None and not self.state.open_windows():
                         raise Interrupted(signals.signum, self.state.iteration)
                     if self.state.stop_requested:
                         break
+            if signals.signum is not None:     # (the iterations ran out first)
+                raise Interrupted(signals.signum, self.state.iteration)
         finally:
             self.events.end_run()
         return self.history
