@@ -79,28 +79,103 @@ class EarlyStopping:
     """Tracks a validation metric; keeps the best state in memory.
 
     ``update`` returns ``True`` once the metric has not improved by more than
-    ``min_delta`` for ``patience`` validations in a row.
+    ``min_delta`` for ``patience`` validations in a row. A value that is not finite
+    (NaN, ±inf) never counts as the best: it is a validation without improvement.
+
+    Under data parallelism (``engine.parallel.enabled``) rank 0's value decides on every
+    rank (:meth:`mlo.parallel.DataParallel.main_value`), so ``best``,
+    ``best_iteration``, the kept state and the stop are the same everywhere.
+
+    Raises:
+        ValueError: ``mode`` not ``'min'``/``'max'``, ``patience`` not an integer
+            >= 1, ``min_delta`` not a finite number >= 0 (each named).
+        TypeError: ``metric`` not a string.
     """
 
     def __init__(self, metric: str, mode: str = "min", patience: int = 5, min_delta: float = 0.0):
-        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        _check_settings(metric, mode, patience, min_delta)
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, float(min_delta)
         self.best: Optional[float] = None
         self.best_iteration: Optional[int] = None
         self.bad = 0
         self.state: Optional[Dict[str, Dict[str, Any]]] = None
 
-    def update(self, engine: "Engine", metrics: Dict[str, Any]) -> bool:
+    def value(self, metrics: Dict[str, Any]) -> float:
+        """The tracked metric of ``metrics`` as a float (NaN and ±inf included).
+
+        Raises:
+            KeyError: the metric is missing.
+            TypeError: its value is not a real number or a one-element real tensor.
+        """
         if self.metric not in metrics:
             raise KeyError(f"EngineConfig.early_stopping: metric {self.metric!r} is not among the "
                            f"validation metrics {sorted(metrics)}")
-        v = float(metrics[self.metric])
+        return _real(self.metric, metrics[self.metric])
+
+    def update(self, engine: "Engine", metrics: Dict[str, Any]) -> bool:
+        """Records one validation; ``True`` when the run should stop."""
+        parallel = getattr(engine, "parallel", None)
+        if parallel is None or not parallel.enabled:
+            return self.observe(engine, self.value(metrics))
+        try:
+            local, error = self.value(metrics), None
+        except (KeyError, TypeError) as e:
+            local, error = None, e
+        v, everywhere = parallel.main_value(local)      # a collective on every rank
+        if error is not None:
+            raise error
+        if not everywhere:
+            raise RuntimeError(f"EngineConfig.early_stopping: metric {self.metric!r} could not be read "
+                               f"on another rank (see that rank's error); every rank stops")
+        return self.observe(engine, v)
+
+    def observe(self, engine: "Engine", v: float) -> bool:
+        """Counts value ``v`` at ``engine.iteration``: a finite improvement becomes the best
+        (and its state is kept); anything else is one more validation without one."""
         sign = 1.0 if self.mode == "min" else -1.0
-        if self.best is None or (math.isfinite(v) and sign * (self.best - v) > self.min_delta):
+        if math.isfinite(v) and (self.best is None or sign * (self.best - v) > self.min_delta):
             self.best, self.best_iteration, self.bad = v, engine.iteration, 0
             self.state = snapshot(engine)
             return False
         self.bad += 1
         return self.bad >= self.patience
+
+
+def _check_settings(metric: Any, mode: Any, patience: Any, min_delta: Any) -> None:
+    """Named errors for :class:`EarlyStopping`'s settings."""
+    where = "EngineConfig.early_stopping"
+    if not isinstance(metric, str):
+        raise TypeError(f"{where}: metric must be the name (a string) of a validation metric, got "
+                        f"{metric!r} ({type(metric).__name__})")
+    if not isinstance(mode, str) or mode not in ("min", "max"):
+        raise ValueError(f"{where}: mode must be 'min' or 'max', got {mode!r}")
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+        raise ValueError(f"{where}: patience must be an integer >= 1, got {patience!r}")
+    if not isinstance(min_delta, numbers.Real) or isinstance(min_delta, bool) \
+            or not math.isfinite(min_delta) or not min_delta >= 0:
+        raise ValueError(f"{where}: min_delta must be a finite number >= 0, got {min_delta!r}")
+
+
+def _real(name: str, v: Any) -> float:
+    """``v`` (a real number, or a one-element real tensor or NumPy array) as a float;
+    else a ``TypeError`` naming metric ``name`` and early stopping."""
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and (v.is_floating_point() or v.dtype in _INTEGER_DTYPES):
+            return float(v.detach().reshape(()).cpu())
+        got = f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    elif hasattr(v, "dtype") and hasattr(v, "shape") and hasattr(v, "reshape"):    # NumPy
+        if getattr(v, "size", None) == 1 and getattr(v.dtype, "kind", None) in ("f", "i", "u"):
+            return float(v.reshape(()))
+        got = f"an array of dtype {v.dtype} and shape {tuple(v.shape)}"
+    else:
+        got = f"{v!r} ({type(v).__name__})"
+    raise TypeError(f"EngineConfig.early_stopping: metric {name!r} must be a real number (or a "
+                    f"one-element real tensor), got {got}")
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def snapshot(engine: "Engine") -> Dict[str, Dict[str, Any]]:

@@ -57,6 +57,7 @@ give each rank its rows of a global batch stream.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
@@ -64,8 +65,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main", "barrier", "init_from_env",
-           "enabled", "collective_device", "broadcast_parameters", "average_", "average", "average_optional",
+__all__ = ["is_distributed", "rank", "world_size", "is_main", "barrier", "init_from_env", "timeout",
+           "DEFAULT_TIMEOUT_SECONDS", "enabled", "agree_stop", "main_value", "collective_device", "broadcast_parameters", "average_", "average", "average_optional",
            "grad_average", "reading_views", "shard", "shard_batches"]
 
 
@@ -96,6 +97,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+#: The process group's timeout (seconds) that :func:`init_from_env` sets by default.
+DEFAULT_TIMEOUT_SECONDS = 300.0
+#: The environment variable that overrides it (seconds, a positive number).
+TIMEOUT_ENV = "MLO_DIST_TIMEOUT"
+
+
 def init_from_env(backend: Optional[str] = None, timeout_seconds: Optional[float] = None) -> bool:
     """Initialises the default process group when launched by ``torchrun``.
 
@@ -106,10 +113,16 @@ def init_from_env(backend: Optional[str] = None, timeout_seconds: Optional[float
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (CUDA); default: ``nccl`` when CUDA
             is available, else ``gloo``.
         timeout_seconds: how long a collective may wait for the other ranks before it
-            raises (torch's default is 30 minutes).
+            raises (a hung or dead rank then ends the job instead of blocking it).
+            Default: the environment variable ``MLO_DIST_TIMEOUT`` when set, else
+            :data:`DEFAULT_TIMEOUT_SECONDS` (300 s; torch's own default is 30 minutes).
 
     Returns:
         Whether a process group is initialised now.
+
+    Raises:
+        ValueError: a timeout (argument or ``MLO_DIST_TIMEOUT``) that is not a
+            positive finite number of seconds.
     """
     if is_distributed():
         return True
@@ -117,13 +130,37 @@ def init_from_env(backend: Optional[str] = None, timeout_seconds: Optional[float
         return False
     import datetime
 
+    seconds = timeout(timeout_seconds)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    kw = {} if timeout_seconds is None else {"timeout": datetime.timedelta(seconds=timeout_seconds)}
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend, **kw)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return True
+
+
+def timeout(seconds: Optional[float] = None) -> float:
+    """The process-group timeout :func:`init_from_env` uses: ``seconds`` when given,
+    else ``$MLO_DIST_TIMEOUT`` when set, else :data:`DEFAULT_TIMEOUT_SECONDS`.
+
+    Raises:
+        ValueError: not a positive finite number (naming where it came from).
+    """
+    if seconds is not None:
+        where, value = "init_from_env(timeout_seconds=...)", seconds
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    elif os.environ.get(TIMEOUT_ENV, "").strip():
+        where, raw = f"the environment variable {TIMEOUT_ENV}", os.environ[TIMEOUT_ENV].strip()
+        try:
+            value, ok = float(raw), True
+        except ValueError:
+            value, ok = raw, False
+    else:
+        return DEFAULT_TIMEOUT_SECONDS
+    if not ok or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"{where}: the process group's timeout must be a positive finite number of "
+                         f"seconds, got {value!r}")
+    return float(value)
 
 
 def enabled(setting: Any = "auto") -> bool:
@@ -187,16 +224,22 @@ def collective_device(device: Any = "cpu", backend: Optional[str] = None) -> tor
                        f"cannot use a tensor on {device}")
 
 
-def _all_reduce_sum_(t: Tensor) -> Tensor:
-    """All-reduce (sum) of ``t``, on :func:`collective_device` and copied back: ``t``
-    holds the sum afterwards and is returned."""
+def _all_reduce_(t: Tensor, op: Any = None) -> Tensor:
+    """All-reduce (``op``, default SUM) of ``t``, on :func:`collective_device` and copied
+    back: ``t`` holds the result afterwards and is returned."""
+    op = dist.ReduceOp.SUM if op is None else op
     dev = collective_device(t.device)
     if dev == t.device:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
         return t
     moved = t.to(dev)
-    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    dist.all_reduce(moved, op=op)
     return t.copy_(moved)
+
+
+def _all_reduce_sum_(t: Tensor) -> Tensor:
+    """All-reduce (sum) of ``t`` (see :func:`_all_reduce_`)."""
+    return _all_reduce_(t, dist.ReduceOp.SUM)
 
 
 def _flat(tensors: Sequence[Tensor]):
@@ -230,6 +273,34 @@ def average_(tensors: Sequence[Tensor]) -> None:
     with torch.no_grad():
         for t, m in zip(tensors, _all_reduce_mean(tensors)):
             t.copy_(m)
+
+
+def agree_stop(stop: bool, signum: Optional[int] = None):
+    """``(stop, signum)`` agreed by every rank: one all-reduce MAX of ``[stop, signum or 0]``.
+
+    Every rank leaves a run at the same iteration when any one of them asks to stop,
+    and every rank raises for a deferred signal when any one received it (the largest
+    signal number). Without a process group: the arguments themselves."""
+    if not is_distributed() or world_size() == 1:
+        return bool(stop), signum
+    flags = torch.tensor([1.0 if stop else 0.0, float(signum or 0)], dtype=torch.float64)
+    _all_reduce_(flags, dist.ReduceOp.MAX)
+    any_stop, top = flags.tolist()
+    return any_stop > 0, (int(top) if top > 0 else None)
+
+
+def main_value(value: Optional[float]):
+    """``(rank 0's value, whether every rank had one)`` on every rank: one all-reduce
+    SUM of ``[missing, value on rank 0 else 0]`` (``value=None``: this rank has none).
+    Rank 0's value arrives exactly (adding zeros; NaN and ±inf included). Without a
+    process group: ``(value, value is not None)``."""
+    if not is_distributed() or world_size() == 1:
+        return value, value is not None
+    mine = 0.0 if value is None or rank() != 0 else float(value)
+    buf = torch.tensor([1.0 if value is None else 0.0, mine], dtype=torch.float64)
+    _all_reduce_(buf, dist.ReduceOp.SUM)
+    missing, v = buf.tolist()
+    return (None if missing > 0 else v), missing == 0
 
 
 class _Average(torch.autograd.Function):

@@ -69,11 +69,15 @@ class Engine:
         problems: the :class:`Problem` nodes.
         dependencies: ``{"u2l": {upper: [lower, ...]}, "l2u": {lower: [upper, ...]}}``
             with problems or their names (see :mod:`mlo.graph`).
-        config: an :class:`EngineConfig`.
+        config: an :class:`EngineConfig` (or a dict of its fields, as for
+            :class:`ProblemConfig`).
 
     Raises:
         GraphError: unknown or duplicate names, a problem not in this engine, a
-            cycle, a problem connected to nothing, an unknown method name.
+            cycle, a problem connected to nothing, an unknown method name; under
+            data parallelism, a problem with per-window variables (not supported yet).
+        ValueError: a config dict with a key that is not an ``EngineConfig`` field.
+        TypeError: a config that is neither an ``EngineConfig`` nor a dict.
     """
 
     def __init__(self, problems: Sequence[Problem], dependencies: Optional[Deps] = None,
@@ -81,7 +85,7 @@ class Engine:
         problems = list(problems)
         self.graph = _graph(problems, dependencies)
         self.problems: Dict[str, Problem] = {p.name: p for p in problems}
-        self.config = config or EngineConfig()
+        self.config = _engine_config(config)
         on_path = set().union(*(self.graph.path_nodes(n) for n in self.problems))
         _check_methods(self.problems, on_path)
         windowed = _windowed(self.problems, self.graph, on_path)
@@ -126,7 +130,8 @@ class Engine:
             callbacks: objects with any of ``after_update(engine, problem)``,
                 ``after_iteration(engine)``, ``after_validation(engine, metrics)``
                 (:mod:`mlo.callbacks`). Early stopping or ``request_stop()`` ends the
-                run after the current iteration.
+                run after the current iteration — under data parallelism on every rank
+                when one rank asks (a deferred signal, too: every rank raises).
 
         Raises:
             mlo.interrupt.Interrupted: Ctrl-C or SIGTERM arrived (``EngineConfig(
@@ -140,15 +145,22 @@ class Engine:
         self.events.start_run(callbacks, iterations)
         try:
             with deferred_signals(self.config.defer_signals) as signals:
+                pending = None
                 for _ in range(iterations):
                     self.step()
                     self.events.after_iteration_of_run()
-                    if signals.signum is not None and not self.state.open_windows():
-                        raise Interrupted(signals.signum, self.state.iteration)
-                    if self.state.stop_requested:
+                    # Agreed by every rank under data parallelism (one all-reduce), so all
+                    # leave at the same iteration; in one process, this process's own.
+                    stop, pending = self.parallel.agree_stop(self.state.stop_requested, signals.signum)
+                    if pending is not None and not self.state.open_windows():
+                        raise Interrupted(pending, self.state.iteration)
+                    if stop:
+                        self.state.stop_requested = True
                         break
-            if signals.signum is not None:     # (the iterations ran out first)
-                raise Interrupted(signals.signum, self.state.iteration)
+            if pending is None:
+                pending = signals.signum
+            if pending is not None:     # (the iterations ran out first)
+                raise Interrupted(pending, self.state.iteration)
         finally:
             self.events.end_run()
         return self.history
@@ -319,6 +331,24 @@ class Engine:
 
 
 # ----------------------------------------------------------------- construction checks
+def _engine_config(config: Any) -> EngineConfig:
+    """``config`` as an :class:`EngineConfig`: as given, built from a dict of its fields,
+    or the default for ``None``."""
+    if config is None:
+        return EngineConfig()
+    if isinstance(config, EngineConfig):
+        return config
+    if isinstance(config, Mapping):
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = [k for k in config if k not in known]
+        if unknown:
+            raise ValueError(f"Engine(config=...): unknown EngineConfig field(s) "
+                             f"{', '.join(map(repr, unknown))}; known: {sorted(known)}")
+        return EngineConfig(**config)
+    raise TypeError(f"Engine(config=...) must be an EngineConfig or a dict of its fields, got "
+                    f"{type(config).__name__}")
+
+
 def _graph(problems: List[Problem], dependencies: Optional[Deps]) -> Graph:
     for p in problems:
         if not isinstance(p, Problem):

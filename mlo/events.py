@@ -176,11 +176,13 @@ class Events:
         if nums:
             self.log({f"val/{k}": v for k, v in nums.items()})
         es = self.early_stopping
-        if es is not None and es.update(self.engine, metrics):
+        if es is not None and es.update(self.engine, metrics):   # (a collective under DataParallel)
             st.stop_requested = True
+            best = ("no finite value yet, nothing to restore" if es.best is None else
+                    f"best {es.best:.4g} at iteration {es.best_iteration}; engine.restore_best() "
+                    f"loads that state")
             self.write(f"[mlo] early stopping at iteration {st.iteration}: {es.metric} has not "
-                       f"improved for {es.patience} validations (best {es.best:.4g} at iteration "
-                       f"{es.best_iteration}; engine.restore_best() loads that state)")
+                       f"improved for {es.patience} validations ({best})")
         _callbacks.emit(self.callbacks, "after_validation", self.engine, metrics)
 
     def restore_best(self) -> None:
