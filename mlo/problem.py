@@ -111,8 +111,8 @@ class Problem:
         self.module = module if module is not None else _Variables(params)
         self._names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self._real = [p for _, p in self.module.named_parameters() if p.requires_grad]
-        # Tied weights (one tensor under two names) need functional_call's untying pass
-        # (a costly extra pass on every call); most modules have none.
+        # Tied weights or shared submodules (one tensor under two names): Slots then
+        # substitutes each distinct slot once (mlo.fastpath.distinct_slots).
         self._tied = len(list(self.module.named_parameters(remove_duplicate=False))) != \
             len(list(self.module.named_parameters())) or \
             len(list(self.module.named_buffers(remove_duplicate=False))) != len(list(self.module.named_buffers()))

@@ -29,6 +29,7 @@ from .config import EngineConfig
 from .graph import Graph
 from .guard import describe_nonfinite, update_norms
 from .hypergrad import combine_gradients, hypergradient, path_contribution
+from .consumed import check_paths_live
 from .fastpath import sgd_step
 from .isolation import no_side_effects, rng_state
 from .nesting import BettyNesting, one_backward_top_gradient
@@ -274,6 +275,7 @@ class Updater:
         if name not in self.problems:
             raise KeyError(f"no problem named {name!r} (known: {list(self.problems)})")
         P = self.problems[name]
+        check_paths_live(self, name, by_path, method)
         if batch is None:
             batch = P.update_batch()
         if method is not None:

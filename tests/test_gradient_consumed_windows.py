@@ -14,23 +14,18 @@ says so and points to ``engine.last_hypergradient``, instead of silent zeros.
 - two tops sharing an unrolled lower, the lower's window consumed by the other top: raises.
 
 The check is :func:`mlo.consumed.check_paths_live`, called by ``Updater.report``; the
-tests call it on each engine's updater, and through ``engine.gradient`` once
-``Updater.report`` calls it (skipped, saying so, until then).
+tests call it on each engine's updater, and through ``engine.gradient``.
 """
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mlo
 from mlo.consumed import WindowsConsumedError, check_paths_live, cut_paths
-from mlo.update import Updater
 
 DT = torch.float64
-WIRED = "check_paths_live" in inspect.getsource(Updater.report)
 
 
 def batches(n, seed):
@@ -79,9 +74,8 @@ def raises_consumed(eng, name, *match):
     msg = str(err.value)
     for part in match:
         assert part in msg, f"{part!r} not in: {msg}"
-    if WIRED:
-        with pytest.raises(WindowsConsumedError):
-            eng.gradient(name, by_path=True)
+    with pytest.raises(WindowsConsumedError):
+        eng.gradient(name, by_path=True)
     return msg
 
 
@@ -158,8 +152,6 @@ def test_window_consumed_by_another_top_raises():
         raises_consumed(eng, name, f"{name} -> lo -> {name}", f"engine.last_hypergradient[{name!r}]")
 
 
-@pytest.mark.skipif(not WIRED, reason="Updater.report does not call mlo.consumed.check_paths_live yet "
-                                      "(issue 21: the lead's two-line change in mlo/update.py)")
 def test_engine_gradient_raises_through_report():
     eng, lo, up = bilevel()
     eng.run(2)
