@@ -25,14 +25,17 @@ from . import solvers
 from .base import (Lower, check_bool, check_int, check_number, detach_all, fill_unreached, grad_mode,
                    no_inputs_reached, register)
 
-__all__ = ["implicit", "neumann", "cg", "CG_MAX_ITER", "CG_TOL"]
+__all__ = ["implicit", "neumann", "cg", "CG_MAX_ITER", "CG_TOL", "CG_TOL_LOW"]
 
 Tensors = Tuple[Tensor, ...]
 
 #: CG's default iteration bound: Hessian-vector products per solve (docs/methods.md#diagnostics).
 CG_MAX_ITER = 50
-#: CG's default relative residual tolerance ``‖r‖/‖v‖``.
+#: CG's default relative residual tolerance ``‖r‖/‖v‖`` for float64 cotangents ...
 CG_TOL = 1e-10
+#: ... and for lower precision (float32: the recurrence goes below what the true residual
+#: can reach; 1e-10 there only costs iterations and warns about rounding).
+CG_TOL_LOW = 1e-6
 
 _WARNED: set = set()     # (label, method, options) already warned about, once each in a process
 
@@ -101,10 +104,11 @@ def _check_neumann(*, iterations: int = 10, alpha: float = 1.0, create_graph: bo
     check_bool("neumann", "create_graph", create_graph)
 
 
-def _check_cg(*, max_iter: Optional[int] = CG_MAX_ITER, tol: float = CG_TOL, damping: float = 0.0,
+def _check_cg(*, max_iter: Optional[int] = CG_MAX_ITER, tol: Optional[float] = None, damping: float = 0.0,
               create_graph: bool = False) -> None:
     check_int("cg", "max_iter", max_iter, low=1, none=True)
-    check_number("cg", "tol", tol, open_low=False)
+    if tol is not None:
+        check_number("cg", "tol", tol, open_low=False)
     check_number("cg", "damping", damping, open_low=False)
     check_bool("cg", "create_graph", create_graph)
 
@@ -167,19 +171,23 @@ def _neumann_message(ratio: float, iterations: int, alpha: float) -> str:
 
 @register("cg", check=_check_cg)
 def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = CG_MAX_ITER,
-       tol: float = CG_TOL, damping: float = 0.0, create_graph: bool = False) -> Tensors:
+       tol: Optional[float] = None, damping: float = 0.0, create_graph: bool = False) -> Tensors:
     """IFT with ``H⁻¹ v ≈ (H + δI)⁻¹ v`` by conjugate gradient (``δ = damping``).
 
     See :func:`engines.solvers.cg`: at most ``max_iter`` Hessian-vector products
     (default :data:`CG_MAX_ITER`; ``None``: the number of lower parameters, where exact
     arithmetic terminates), stopping early when the relative residual ``‖r‖/‖v‖`` is
-    at most ``tol``. Reports ``cg_iterations`` and ``cg_residual`` (the final
+    at most ``tol`` (default ``None``: :data:`CG_TOL` when ``v`` is float64,
+    :data:`CG_TOL_LOW` otherwise). Reports ``cg_iterations`` and ``cg_residual`` (the final
     relative residual) in ``lower.diagnostics``, and warns — once per problem and
     options — when it stops at ``max_iter`` above ``tol`` (not for ``tol=0``: that
     asks for exactly ``max_iter`` iterations). No host synchronisation beyond the
     stopping test's, which reads the residual every iteration anyway.
     """
     _check_cg(max_iter=max_iter, tol=tol, damping=damping, create_graph=create_graph)
+    v = tuple(v)
+    if tol is None:
+        tol = CG_TOL if all(t.dtype == torch.float64 for t in v) else CG_TOL_LOW
     info: Dict[str, Any] = {}
     solve = solvers.get("cg", max_iter=max_iter, tol=tol, damping=damping, info=info)
     out = implicit(lower, v, solve, create_graph=create_graph)

@@ -26,7 +26,7 @@ import engines.implicit as implicit
 import mlo
 from _helpers import RecSGD, Vars, rel
 from engines.base import Lower, get
-from engines.implicit import CG_MAX_ITER, CG_TOL
+from engines.implicit import CG_MAX_ITER, CG_TOL, CG_TOL_LOW
 from mlo.update import Updater
 from test_engine_methods_closed_form import D as D_ENGINE, data, engine, expected, g_of, hessian, neumann_matrix
 from test_engines_closed_form import lower_at_optimum, ridge
@@ -69,7 +69,7 @@ def test_cg_default_is_bounded_and_converges_on_a_closed_form(measured):
     closed form −w* ⊙ H⁻¹g without a warning."""
     sig = inspect.signature(get("cg")).parameters
     assert sig["max_iter"].default == CG_MAX_ITER and 20 <= CG_MAX_ITER <= 50
-    assert sig["tol"].default == CG_TOL == 1e-10
+    assert sig["tol"].default is None and CG_TOL == 1e-10 and CG_TOL_LOW == 1e-6
     P = ridge(seed=4, x_norm=2.5, lam_range=(0.05, 0.4), n=20, d=8)
     lower = lower_at_optimum(P)
     lower.diagnostics, lower.label = {}, "problem 'ridge'"
@@ -81,6 +81,32 @@ def test_cg_default_is_bounded_and_converges_on_a_closed_form(measured):
     assert set(d) == {"cg_iterations", "cg_residual"}
     assert isinstance(d["cg_iterations"], int) and 1 <= d["cg_iterations"] <= 8
     assert isinstance(d["cg_residual"], float) and d["cg_residual"] <= CG_TOL
+
+
+def test_cg_default_tolerance_in_float32_is_what_float32_resolves():
+    """float32, cond 30, 120 unknowns: the default tol (1e-6) stops before the bound at a
+    true residual ≤ 1e-6, silently; asking for 1e-10 runs to the bound, gains nothing
+    (the true residual stays ~5e-7 while the recurrence's drops) and warns."""
+    A, v = ill_conditioned(n=120, cond=30)
+    A32, v32 = A.float(), v.float()
+
+    def solve(**opts):
+        n = A.shape[0]
+        w, x = torch.zeros(n, requires_grad=True), torch.zeros(n, requires_grad=True)
+        lower = Lower(params=(w,), inputs=(x,), diagnostics={}, label="problem 'f32'",
+                      loss_fn=lambda ps, xs: 0.5 * ps[0] @ A32 @ ps[0] - xs[0] @ ps[0])
+        (u,) = get("cg")(lower, (v32,), **opts)
+        true = float(torch.linalg.vector_norm(A @ u.double() - v) / torch.linalg.vector_norm(v))
+        return lower.diagnostics, true
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d, true = solve()
+    assert d["cg_iterations"] < CG_MAX_ITER and d["cg_residual"] <= CG_TOL_LOW and true <= 2e-6
+    with pytest.warns(RuntimeWarning, match=r"problem 'f32': cg stopped unconverged after 50 .* > tol = 1e-10"):
+        d10, true10 = solve(tol=1e-10)
+    assert d10["cg_iterations"] == CG_MAX_ITER and d10["cg_residual"] < d["cg_residual"]
+    assert true10 > 0.2 * true         # the extra iterations did not buy float32 accuracy
 
 
 def test_cg_residual_recorded_is_the_true_residual(measured):
