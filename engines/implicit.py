@@ -211,5 +211,5 @@ def _cg_message(iterations: int, residual: float, max_iter: Optional[int], tol: 
             f"residual ‖r‖/‖v‖ = {residual:.3g} > tol = {tol:g} (damping={damping:g}), so the "
             f"hypergradient comes from a truncated solve. Raise max_iter, add damping (CG needs "
             f"H + δI positive definite: δ > −λ_min(H) for a non-convex lower; a larger δ also "
-            f"speeds up an ill-conditioned one), or loosen tol; tol=0.0 runs exactly max_iter iterations without "
-            f"this warning")
+            f"speeds up an ill-conditioned one), or loosen tol; tol=0.0 runs exactly max_iter "
+            f"iterations without this warning")

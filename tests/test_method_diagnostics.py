@@ -28,7 +28,7 @@ from _helpers import RecSGD, Vars, rel
 from engines.base import Lower, get
 from engines.implicit import CG_MAX_ITER, CG_TOL, CG_TOL_LOW
 from mlo.update import Updater
-from test_engine_methods_closed_form import D as D_ENGINE, data, engine, expected, g_of, hessian, neumann_matrix
+from test_engine_methods_closed_form import D as D_ENGINE, data, engine, expected, g_of, hessian
 from test_engines_closed_form import lower_at_optimum, ridge
 
 DT = torch.float64
@@ -103,7 +103,8 @@ def test_cg_default_tolerance_in_float32_is_what_float32_resolves():
         warnings.simplefilter("error")
         d, true = solve()
     assert d["cg_iterations"] < CG_MAX_ITER and d["cg_residual"] <= CG_TOL_LOW and true <= 2e-6
-    with pytest.warns(RuntimeWarning, match=r"problem 'f32': cg stopped unconverged after 50 .* > tol = 1e-10"):
+    unconverged = r"problem 'f32': cg stopped unconverged after 50 .* > tol = 1e-10"
+    with pytest.warns(RuntimeWarning, match=unconverged):
         d10, true10 = solve(tol=1e-10)
     assert d10["cg_iterations"] == CG_MAX_ITER and d10["cg_residual"] < d["cg_residual"]
     assert true10 > 0.2 * true         # the extra iterations did not buy float32 accuracy
@@ -184,8 +185,8 @@ def test_neumann_records_its_last_term_and_stays_quiet_when_it_converges(measure
         get("neumann")(lower, (P["g"],), iterations=K, alpha=alpha)
     got = lower.diagnostics["neumann_last_term"]
     assert set(lower.diagnostics) == {"neumann_last_term"} and got < 1
-    measured("Neumann recorded last term vs ‖(I−αH)^K g‖/‖g‖", abs(got - neumann_last_term(P["H"], P["g"], K, alpha)) / got,
-             1e-12)
+    want = neumann_last_term(P["H"], P["g"], K, alpha)
+    measured("Neumann recorded last term vs ‖(I−αH)^K g‖/‖g‖", abs(got - want) / want, 1e-12)
 
 
 def test_neumann_alpha_too_large_warns_once_that_the_series_grows(measured):
@@ -207,7 +208,8 @@ def test_neumann_alpha_too_large_warns_once_that_the_series_grows(measured):
              abs(ratio - neumann_last_term(P["H"], P["g"], K, alpha)) / ratio, 1e-10)
     assert ratio > 1e3
     msg = str(ws[0].message)
-    assert msg.startswith(f"problem 'grows': neumann: the series grows: its last term (k={K}) has {ratio:.3g} ×")
+    assert msg.startswith(f"problem 'grows': neumann: the series grows: its last term (k={K}) "
+                          f"has {ratio:.3g} ×")
     assert f"alpha={alpha:g}" in msg and "0 < alpha < 2/λ_max(H)" in msg
     est = float(re.search(r"λ_max\(H\) ≈ ([0-9.e+-]+)", msg).group(1))
     assert abs(est - lam_max) < 0.1 * lam_max, (est, lam_max)
