@@ -100,7 +100,8 @@ def _problem_blob(engine, P) -> Dict[str, Any]:
     return {"module": module, "optimizer": optim, "optimizer_class": _cls_name(type(P.optimizer)),
             "scheduler": P.scheduler.state_dict() if P.scheduler is not None else None,
             "scheduler_class": _cls_name(type(P.scheduler)) if P.scheduler is not None else None,
-            "step_count": P.step_count, "ready_count": P.ready_count}
+            "step_count": P.step_count, "ready_count": P.ready_count,
+            "batches_taken": engine.state[P.name].batches_taken}
 
 
 def _digest(blob: Any) -> str:
@@ -276,6 +277,9 @@ def _check_problem(engine, name: str, st: Any, errors: List[str]) -> None:
     if missing:
         errors.append(f"{pre}: entry has no {missing}")
         return
+    for k in ("step_count", "ready_count", "batches_taken"):
+        if k in st and not _is_int(st[k]):
+            errors.append(f"{pre}: {k!r} is {st[k]!r}, not an integer >= 0")
     have, saved = P.module.state_dict(), st["module"]
     if not isinstance(saved, dict):
         errors.append(f"{pre}: 'module' is a {type(saved).__name__}, not a state dict")
@@ -381,13 +385,20 @@ def _validate(engine, blob: Dict[str, Any], path: str) -> None:
                                   f"nothing was loaded")
 
 
-def load(engine, path: PathLike) -> None:
+def load(engine, path: PathLike, realign_data: bool = False) -> None:
     """Restores ``engine`` (built with the same problems) from ``path``.
 
     Validates everything before changing anything (module docstring): on any error
     the engine is exactly as before. Also restores the global RNG state (CPU, and
     CUDA when saved and available). Warns (``RuntimeWarning``) when the checkpoint
     was saved inside an open window.
+
+    Args:
+        realign_data: also start every problem's data over and consume the batches it
+            had consumed when saved (:meth:`mlo.Problem.skip_batches`), before the RNG
+            state is restored — for data that is re-iterable in the same order or a
+            fresh deterministic stream (e.g. seeded generators of its own): the resumed
+            run then sees the batches the uninterrupted one saw.
 
     Raises:
         UnreadableCheckpointError: ``not a readable mlo checkpoint: PATH (reason)`` —
@@ -412,10 +423,14 @@ def load(engine, path: PathLike) -> None:
     engine.state.load_counters({
         "iteration": blob["iteration"], "resume": blob.get("resume", 0),
         "problems": {n: {"step_count": st["step_count"], "ready_count": st["ready_count"],
-                         "since": blob["since"].get(n, {}), "last_block": last_block.get(n)}
+                         "since": blob["since"].get(n, {}), "last_block": last_block.get(n),
+                         "batches_taken": st.get("batches_taken", st["step_count"])}
                      for n, st in blob["problems"].items()}})
     for name, rec in (blob.get("records") or {}).items():
         engine.records[name] = dict(rec)
+    if realign_data:
+        for name, P in engine.problems.items():
+            P.skip_batches(engine.state[name].batches_taken)
     rng = blob.get("rng")
     if rng is not None:
         torch.set_rng_state(rng["cpu"])

@@ -428,6 +428,7 @@ class Problem:
         """The next batch of ``data`` (``None`` without data), consumed."""
         batch = self.__dict__.pop("_peeked") if "_peeked" in self.__dict__ else self._fetch()
         self._taken = (batch,)
+        self._run.batches_taken += 1
         return batch
 
     def begin_taking(self) -> None:
@@ -441,6 +442,17 @@ class Problem:
         taken, self._taken = self._taken, None
         if taken is not None and "_peeked" not in self.__dict__:
             self._peeked = taken[0]
+            self._run.batches_taken -= 1
+
+    def skip_batches(self, n: int) -> None:
+        """Starts the data over and consumes ``n`` batches: after a checkpoint is loaded
+        into a fresh engine, a deterministic data stream is where it was when saved
+        (``mlo.checkpoint.load(..., realign_data=True)``)."""
+        self.__dict__.pop("_peeked", None)
+        self._iter = None
+        for _ in range(n):
+            self._fetch()
+        self._taken = None
 
     def _fetch(self):
         if self.data is None:

@@ -98,6 +98,7 @@ class ProblemRun:
     step_count: int = 0
     ready_count: int = 0
     edits: int = 0          # in-place edits of the parameters outside updates (set_params)
+    batches_taken: int = 0  # batches consumed from its data (checkpoints realign with it)
     since: Dict[str, int] = field(default_factory=dict)
     last_block: Optional[int] = None
     loop_start: bool = True
@@ -160,7 +161,8 @@ class RunState:
         """The schedule counters (what a checkpoint must restore to resume the schedule)."""
         return {"iteration": self.iteration, "resume": self.resume,
                 "problems": {n: {"step_count": r.step_count, "ready_count": r.ready_count,
-                                 "since": dict(r.since), "last_block": r.last_block}
+                                 "since": dict(r.since), "last_block": r.last_block,
+                                 "batches_taken": r.batches_taken}
                              for n, r in self.problems.items()}}
 
     def load_counters(self, counters: Mapping[str, Any]) -> None:
@@ -172,6 +174,7 @@ class RunState:
             r.step_count, r.ready_count = int(c["step_count"]), int(c["ready_count"])
             r.since.update(c.get("since") or {})
             r.last_block = c.get("last_block")
+            r.batches_taken = int(c.get("batches_taken", r.batches_taken))
             r.loop_start = True
 
 

@@ -339,3 +339,93 @@ def test_the_example_script_is_the_jobs_command_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --checkpoint-every must be >= 1, got 0"]
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler (the one mlo defers), whatever the test runner set."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def _tensors(path):
+    blob = torch.load(path, weights_only=True)
+    return {n: p["module"] for n, p in blob["problems"].items()}, blob["iteration"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resume_line_continues_bit_for_bit(
+        script, capsys, quick_run, tmp_path, monkeypatch, default_sigint):
+    """Ctrl-C during iteration 7 stops at its end (the cpu preset's methods open no
+    window) with exit code 130, a checkpoint and one line saying how to resume; running
+    that line ends exactly where the uninterrupted 20-step run ended."""
+    import os
+    import shlex
+    import signal
+    real = mlo_mae_job.MetricsRows.after_iteration
+
+    def after_iteration(self, engine):
+        real(self, engine)
+        if engine.iteration == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(mlo_mae_job.MetricsRows, "after_iteration", after_iteration)
+    out = tmp_path / "stopped"
+    with pytest.raises(SystemExit) as e:
+        run(script, capsys, out, "--preset", "cpu", "--steps", "20")
+    assert e.value.code == 130
+    lines = capsys.readouterr().out.strip().splitlines()
+    line = lines[-1]
+    assert line.startswith("[mlo_mae] SIGINT (Ctrl-C) received: run stopped after iteration 7") and \
+        f"saved {out / 'checkpoint.pt'} (iteration 7 of 20)" in line, line
+    command = shlex.split(line.split("Resume with: ", 1)[1])
+    assert command[:2] == ["python", "examples/mlo_mae_cifar.py"] and command[-2:] == [
+        "--resume", str(out / "checkpoint.pt")]
+    monkeypatch.setattr(mlo_mae_job.MetricsRows, "after_iteration", real)
+    acc = script.main(command[2:])
+    assert acc == quick_run[1]
+    got, it = _tensors(out / "checkpoint.pt")
+    ref, it_ref = _tensors(quick_run[0] / "checkpoint.pt")
+    assert it == it_ref == 20
+    assert got.keys() == ref.keys() and all(
+        got[n].keys() == ref[n].keys() and all(torch.equal(got[n][k], ref[n][k]) for k in ref[n]) for n in ref)
+
+
+def test_resume_accepts_a_run_folder(script, capsys, quick_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[0], out)
+    acc, lines = run(script, capsys, out, "--preset", "cpu", "--steps", "22", "--resume", str(out))
+    assert any("resumed from" in line and "at iteration 20" in line for line in lines)
+    with pytest.raises(SystemExit):
+        run(script, capsys, tmp_path / "x", "--resume", str(tmp_path))
+    err = capsys.readouterr().err
+    assert f"error: --resume {tmp_path} is a folder with no checkpoint.pt" in err
+
+
+def test_sigterm_stops_the_script_with_exit_code_143(tmp_path):
+    """The real script under SIGTERM (as a scheduler or torchrun sends it): the run stops at
+    an iteration boundary, saves its checkpoint and exits with 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    script_path = Path(__file__).resolve().parents[1] / "examples" / "mlo_mae_cifar.py"
+    proc = subprocess.Popen([sys.executable, str(script_path), "--quick", "--preset", "cpu", "--steps", "100000",
+                             "--no-progress", "--device", "cpu", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600          # generous: the machine may be loaded
+        while not (out / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "SIGTERM received: run stopped after iteration" in stdout and "Resume with: " in stdout
+    assert (out / "checkpoint.pt").is_file() and "Traceback" not in stderr

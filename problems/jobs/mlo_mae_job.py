@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 import mlo
 import mlo.checkpoint
+import mlo.interrupt
 from mlo import distributed as mdist
 from mlo.loggers import CSVLogger, TensorBoardLogger, csv_header
 from problems.mlo_mae import MLOMAEGraph, MLOMAESettings, build
@@ -74,7 +76,9 @@ def build_graph(args: argparse.Namespace, settings: MLOMAESettings, train: Data,
 def resume(graph: MLOMAEGraph, path: Path) -> None:
     """Loads the checkpoint ``path`` into ``graph`` (a :class:`UsageError` when it cannot)."""
     try:
-        mlo.checkpoint.load(graph.engine, path)
+        # The job's data are seeded streams: consuming the batches taken before the save
+        # puts them where they were, and the resumed run is the uninterrupted one.
+        mlo.checkpoint.load(graph.engine, path, realign_data=True)
     except (EOFError, pickle.UnpicklingError) as e:  # empty, truncated, not from torch.save
         raise UsageError(f"cannot resume from {path}: not a readable checkpoint file "
                          f"({type(e).__name__}); expected a checkpoint.pt written by this script") from None
@@ -157,6 +161,11 @@ def train(graph: MLOMAEGraph, steps: int, out: Path, args: argparse.Namespace) -
 def _check_flags(args: argparse.Namespace) -> None:
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.resume is not None and args.resume.is_dir():     # a run folder: its checkpoint
+        if not (args.resume / "checkpoint.pt").is_file():
+            raise UsageError(f"--resume {args.resume} is a folder with no checkpoint.pt; give a "
+                             f"checkpoint file (its checkpoint.pt or checkpoints/ckpt-<iteration>.pt)")
+        args.resume = args.resume / "checkpoint.pt"
     if args.resume is not None and not args.resume.is_file():
         raise UsageError(f"resume file {args.resume} does not exist")
     for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--checkpoint-keep", args.checkpoint_keep)):
@@ -188,6 +197,31 @@ def _report(graph: MLOMAEGraph, preset: Dict[str, Any], args: argparse.Namespace
     return accuracy
 
 
+def resume_command(args: argparse.Namespace, checkpoint: Path) -> str:
+    """The command line that continues this run from ``checkpoint``: the same options
+    (``args.argv``), ``--resume`` replaced, ``--overwrite`` dropped."""
+    argv, out, skip = list(getattr(args, "argv", None) or []), [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--resume", "--overwrite") or a.startswith("--resume="):
+            skip = a == "--resume"
+        else:
+            out.append(a)
+    return " ".join(shlex.quote(a) for a in ["python", "examples/mlo_mae_cifar.py", *out,
+                                              "--resume", str(checkpoint)])
+
+
+def save_interrupted(graph: MLOMAEGraph, args: argparse.Namespace, stop: Exception, steps: int) -> None:
+    """Ctrl-C or SIGTERM stopped training at an iteration boundary (no update cut short,
+    no window open): the checkpoint is written atomically and one line says how to resume."""
+    graph.engine.close_windows()
+    path = args.out / "checkpoint.pt"
+    mlo.checkpoint.save(graph.engine, path)   # every rank calls; rank 0 writes
+    print(f"[mlo_mae] {stop}; saved {path} (iteration {graph.engine.iteration} of {steps}). "
+          f"Resume with: {resume_command(args, path)}", flush=True)
+
+
 def run(args: argparse.Namespace) -> float:
     """The whole job for parsed options (:func:`problems.jobs.mlo_mae_options.parse_args`);
     returns the linear probe's test accuracy (``nan`` on ranks other than 0)."""
@@ -216,7 +250,11 @@ def run(args: argparse.Namespace) -> float:
     if args.resume is not None:
         resume(graph, args.resume)
     args.out.mkdir(parents=True, exist_ok=True)
-    seconds = train(graph, settings.steps, args.out, args)
+    try:
+        seconds = train(graph, settings.steps, args.out, args)
+    except mlo.interrupt.Interrupted as stop:
+        save_interrupted(graph, args, stop, settings.steps)
+        raise SystemExit(stop.exit_code) from None
     graph.engine.close_windows()   # iterates back into the modules; the checkpoint has no open window
     mlo.checkpoint.save(graph.engine, args.out / "checkpoint.pt")   # every rank calls; rank 0 writes
     if mdist.is_distributed():
@@ -231,6 +269,7 @@ def main(argv: Optional[List[str]] = None, description: Optional[str] = None) ->
     """Parses ``argv`` and runs the job; bad input is one ``error: ...`` line on stderr and
     exit code 2. ``description``: the ``--help`` text (the example's docstring)."""
     args = parse_args(argv, description)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
     except UsageError as e:
