@@ -25,17 +25,18 @@ from . import solvers
 from .base import (Lower, check_bool, check_int, check_number, detach_all, fill_unreached, grad_mode,
                    no_inputs_reached, register)
 
-__all__ = ["implicit", "neumann", "cg", "CG_MAX_ITER", "CG_TOL", "CG_TOL_LOW"]
+__all__ = ["implicit", "neumann", "cg", "CG_MAX_ITER", "CG_TOL", "CG_RESOLVED_LOW"]
 
 Tensors = Tuple[Tensor, ...]
 
 #: CG's default iteration bound: Hessian-vector products per solve (docs/methods.md#diagnostics).
 CG_MAX_ITER = 50
-#: CG's default relative residual tolerance ``‖r‖/‖v‖`` for float64 cotangents ...
+#: CG's default relative residual tolerance ``‖r‖/‖v‖``.
 CG_TOL = 1e-10
-#: ... and for lower precision (float32: the recurrence goes below what the true residual
-#: can reach; 1e-10 there only costs iterations and warns about rounding).
-CG_TOL_LOW = 1e-6
+#: Below float64, a final residual at most this counts as converged for the warning: CG's
+#: recurrence goes on shrinking after the true residual has stalled at float32's rounding
+#: level, so a smaller ``tol`` cannot be confirmed there (docs/methods.md#diagnostics).
+CG_RESOLVED_LOW = 1e-6
 
 _WARNED: set = set()     # (label, method, options) already warned about, once each in a process
 
@@ -104,11 +105,10 @@ def _check_neumann(*, iterations: int = 10, alpha: float = 1.0, create_graph: bo
     check_bool("neumann", "create_graph", create_graph)
 
 
-def _check_cg(*, max_iter: Optional[int] = CG_MAX_ITER, tol: Optional[float] = None, damping: float = 0.0,
+def _check_cg(*, max_iter: Optional[int] = CG_MAX_ITER, tol: float = CG_TOL, damping: float = 0.0,
               create_graph: bool = False) -> None:
     check_int("cg", "max_iter", max_iter, low=1, none=True)
-    if tol is not None:
-        check_number("cg", "tol", tol, open_low=False)
+    check_number("cg", "tol", tol, open_low=False)
     check_number("cg", "damping", damping, open_low=False)
     check_bool("cg", "create_graph", create_graph)
 
@@ -171,29 +171,29 @@ def _neumann_message(ratio: float, iterations: int, alpha: float) -> str:
 
 @register("cg", check=_check_cg)
 def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = CG_MAX_ITER,
-       tol: Optional[float] = None, damping: float = 0.0, create_graph: bool = False) -> Tensors:
+       tol: float = CG_TOL, damping: float = 0.0, create_graph: bool = False) -> Tensors:
     """IFT with ``H⁻¹ v ≈ (H + δI)⁻¹ v`` by conjugate gradient (``δ = damping``).
 
     See :func:`engines.solvers.cg`: at most ``max_iter`` Hessian-vector products
     (default :data:`CG_MAX_ITER`; ``None``: the number of lower parameters, where exact
     arithmetic terminates), stopping early when the relative residual ``‖r‖/‖v‖`` is
-    at most ``tol`` (default ``None``: :data:`CG_TOL` when ``v`` is float64,
-    :data:`CG_TOL_LOW` otherwise). Reports ``cg_iterations`` and ``cg_residual`` (the final
-    relative residual) in ``lower.diagnostics``, and warns — once per problem and
-    options — when it stops at ``max_iter`` above ``tol`` (not for ``tol=0``: that
-    asks for exactly ``max_iter`` iterations). No host synchronisation beyond the
-    stopping test's, which reads the residual every iteration anyway.
+    at most ``tol``. Reports ``cg_iterations`` and ``cg_residual`` (the final relative
+    residual) in ``lower.diagnostics``, and warns — once per problem and options — when
+    it stops at ``max_iter`` above ``tol`` (not for ``tol=0``, which asks for exactly
+    ``max_iter`` iterations; nor, when ``v`` is not float64, at a residual at most
+    :data:`CG_RESOLVED_LOW`, below which float32 cannot confirm the solve). No host
+    synchronisation beyond the stopping test's, which reads the residual every iteration
+    anyway (and one after the last iteration when CG stops at ``max_iter``).
     """
     _check_cg(max_iter=max_iter, tol=tol, damping=damping, create_graph=create_graph)
     v = tuple(v)
-    if tol is None:
-        tol = CG_TOL if all(t.dtype == torch.float64 for t in v) else CG_TOL_LOW
     info: Dict[str, Any] = {}
     solve = solvers.get("cg", max_iter=max_iter, tol=tol, damping=damping, info=info)
     out = implicit(lower, v, solve, create_graph=create_graph)
     if info:                     # (empty: the loss does not couple θ and x, nothing solved)
         _note(lower, cg_iterations=info["iterations"], cg_residual=info["residual"])
-        if not info["converged"] and tol > 0:
+        resolved = 0.0 if all(t.dtype == torch.float64 for t in v) else CG_RESOLVED_LOW
+        if not info["converged"] and tol > 0 and not info["residual"] <= resolved:
             _warn_once(lower, ("cg", max_iter, tol, damping),
                        _cg_message(info["iterations"], info["residual"], max_iter, tol, damping))
     return out
