@@ -30,23 +30,16 @@ from .graph import Graph
 from .guard import describe_nonfinite, update_norms
 from .hypergrad import combine_gradients, hypergradient, path_contribution
 from .consumed import check_paths_live
-from .fastpath import sgd_step
 from .isolation import no_side_effects, rng_state
 from .nesting import BettyNesting, one_backward_top_gradient
 from .parallel import SingleProcess
 from .problem import Problem
 from .second_order import second_order_kernels
 from .state import Read, ReadContext, RunState, reading
+from .step import apply_hyperparameters, clip, step_in_place, step_in_window, step_scheduler
 from .windows import Windows
 
 __all__ = ["Updater", "UpdateResult", "Gradient"]
-
-
-def _float_hyperparameter(v):
-    """A hyperparameter for ``torch.optim``: tensors become floats, also inside tuples (betas)."""
-    if isinstance(v, (tuple, list)):
-        return type(v)(_float_hyperparameter(x) for x in v)
-    return float(v.detach()) if isinstance(v, Tensor) else v
 
 
 @dataclass
@@ -338,7 +331,7 @@ class Updater:
             grads = res.grads
             if not bad:
                 if P.config.grad_clip is not None:
-                    grads = self._clip(P, grads)
+                    grads = clip(P, grads)
                 if type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters:
                     self._set_hyperparameters(P, diff, res.reads)
         except BaseException:
@@ -356,46 +349,15 @@ class Updater:
         self._record(P, vals, res)
         run.last_loss = res.loss.detach()
         if diff:
-            self._step_in_window(P, grads, res.reads)
+            step_in_window(P, run, grads, res.reads, self.state.learned_hp.get(name, ()))
         else:
-            self._step_in_place(P, grads)
-        if P.scheduler is not None:
-            if diff:    # the twin stepped for torch.optim: torch's order check would misfire
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-                    P.scheduler.step()
-            else:
-                P.scheduler.step()
+            if name in self.keep_grad:
+                self.state.last_grad[name] = [None if g is None else g.detach() for g in grads]
+            step_in_place(P, grads)
+        step_scheduler(P, diff)
         run.step_count += 1
         extras = {k: v for k, v in res.out.items() if k != "loss"} if isinstance(res.out, dict) else {}
         return UpdateResult(True, extras)
-
-    def _step_in_window(self, P: Problem, grads, reads: List[Read]) -> None:
-        run = self.state[P.name]
-        win = run.window
-        if P.scheduler is not None:
-            # Schedulers change torch's param groups; the twin reads its own copy.
-            learned = self.state.learned_hp.get(P.name, ())
-            for tg, fg in zip(P.optimizer.param_groups, win.fopt.param_groups):
-                for k in fg:
-                    if k not in learned and k in tg:
-                        fg[k] = tg[k]
-        st = P.own_state()
-        new = win.fopt.step([st[k] for k in P.param_names], grads)
-        run.iterates = dict(zip(P.param_names, new))
-        win.add_reads(reads)
-        win.steps += 1
-
-    def _step_in_place(self, P: Problem, grads) -> None:
-        if P.name in self.keep_grad:
-            self.state.last_grad[P.name] = [None if gi is None else gi.detach() for gi in grads]
-        variables = P.variables
-        if P.scheduler is not None or not sgd_step(P.optimizer, variables, grads):
-            for p, gi in zip(variables, grads):     # (None: torch.optim skips p)
-                p.grad = gi.detach() if gi is not None and gi.requires_grad else gi
-            P.optimizer.step()
-            for p in variables:
-                p.grad = None
 
     def _record(self, P: Problem, vals: List[float], res: Gradient) -> None:
         """``vals``: ``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (``[loss]`` with nonfinite='ignore')."""
@@ -406,50 +368,8 @@ class Updater:
             rec["own_grad_norm"], rec["hypergrad_norm"] = (vals[2], vals[3]) if len(vals) > 1 else (None, None)
 
     def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
-        """Applies ``P.optimizer_hyperparameters()`` (e.g. a learnable lr) to the param
-        groups: a value to every group, a list one entry per group (in order)."""
+        """Applies ``P.optimizer_hyperparameters()`` (read under ``P``'s read context)."""
         with reading(ReadContext(P, self.windows.resolver(P, diff, reads))):
             hp = P.optimizer_hyperparameters() or {}
-        if not isinstance(hp, Mapping):
-            raise TypeError(f"problem {P.name!r}: optimizer_hyperparameters() must return a dict "
-                            f"{{name: value}} (a list value gives one entry per param group), got "
-                            f"{type(hp).__name__}")
         groups = self.state[P.name].window.fopt.param_groups if diff else P.optimizer.param_groups
-        opt = type(P.optimizer).__name__
-        writes = []       # every value checked before any is written
-        for k, v in hp.items():
-            if not isinstance(k, str) or k == "params" or k not in groups[0]:
-                raise KeyError(f"problem {P.name!r}: optimizer_hyperparameters() returned "
-                               f"{k!r}, which {opt} does not have (its hyperparameters: "
-                               f"{sorted(x for x in groups[0] if x != 'params')})")
-            per = isinstance(v, list)
-            if per and len(v) != len(groups):
-                raise ValueError(
-                    f"problem {P.name!r}: optimizer_hyperparameters()[{k!r}] is a list of {len(v)} "
-                    f"value(s), one per param group, but its {opt} has {len(groups)} param group(s); "
-                    f"give exactly one value per group (in param-group order), or one value that is "
-                    f"not a list (e.g. a tensor, or a tuple for betas) for every group")
-            for i, group in enumerate(groups):
-                x = v[i] if per else v
-                was = group[k]
-                if isinstance(was, (tuple, list)) and not (isinstance(x, (tuple, list)) and len(x) == len(was)):
-                    where = f"[{k!r}][{i}]" if per else f"[{k!r}]"
-                    raise ValueError(
-                        f"problem {P.name!r}: optimizer_hyperparameters(){where} is {x!r}, but {opt}'s "
-                        f"{k!r} takes {len(was)} values like {tuple(was)!r} (a tuple for every group, "
-                        f"or a list with one such tuple per param group)")
-                writes.append((group, k, x))
-        self.state.learned_hp[P.name] = set(hp)
-        for group, k, x in writes:
-            group[k] = x if diff else _float_hyperparameter(x)
-
-    @staticmethod
-    def _clip(P: Problem, grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
-        c = P.config.grad_clip
-        if c is None or all(x is None for x in grads):
-            return grads
-        # Same formula as torch.nn.utils.clip_grad_norm_ (which skips parameters without
-        # a gradient), but functional so that it stays differentiable inside unrolled windows.
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads if x is not None]))
-        coef = torch.clamp(c / (norm + 1e-6), max=1.0)
-        return [None if x is None else x * coef for x in grads]
+        self.state.learned_hp[P.name] = apply_hyperparameters(P, hp, groups, diff)

@@ -47,7 +47,7 @@ from torch.optim import optimizer as torch_optimizer
 
 import mlo
 import mlo.guard
-import mlo.update
+import mlo.step
 from mlo import fastpath
 from test_inplace import Lower as InplaceLower, Upper as InplaceUpper, grads_for, make_params, torch_step
 from test_reparam import Net, Tied
@@ -89,7 +89,7 @@ def taken(monkeypatch):
         count["norms_plain" if out is None else "norms_fast"] += 1
         return out
 
-    monkeypatch.setattr(mlo.update, "sgd_step", counting_sgd)
+    monkeypatch.setattr(mlo.step, "sgd_step", counting_sgd)
     monkeypatch.setattr(fastpath, "functional_call", counting_call)
     monkeypatch.setattr(fastpath, "norms", counting_norms)
     return count
