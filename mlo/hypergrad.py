@@ -82,9 +82,10 @@ class HypergradView(Protocol):
     def loss(self, P: Any, batch: Any) -> Tensor:
         """``P``'s scalar loss on ``batch``, as the engine evaluates it."""
 
-    # Optional (looked up with getattr): ``note_method(name, diagnostics)`` receives what
-    # problem ``name``'s method measured about its run (``engines.base.Lower.diagnostics``,
-    # e.g. ``{"cg_iterations": 7, "cg_residual": 3e-11}``) for its records.
+    def note_method(self, name: str, diagnostics: Dict[str, Any]) -> None:
+        """What problem ``name``'s method measured about its run
+        (``engines.base.Lower.diagnostics``, e.g. ``{"cg_iterations": 7,
+        "cg_residual": 3e-11}``), for its records."""
 
 def _run_method(method, name: str, P, lower, v, opts):
     """Runs a best-response method; a missing higher derivative becomes an error
@@ -94,13 +95,11 @@ def _run_method(method, name: str, P, lower, v, opts):
 
 
 def _note_method(view, name: str, diagnostics: Dict[str, Any], override) -> None:
-    """Hands what ``name``'s method reported (``Lower.diagnostics``) to the view's optional
+    """Hands what ``name``'s method reported (``Lower.diagnostics``) to the view's
     ``note_method``; nothing when the method reported nothing, or for an ``override``
     (a reference method is not the problem's own)."""
     if diagnostics and override is None:
-        note = getattr(view, "note_method", None)
-        if note is not None:
-            note(name, diagnostics)
+        view.note_method(name, diagnostics)
 
 
 Cot = Tuple[Optional[Dict[str, Tensor]], Dict[str, Tensor]]

@@ -135,6 +135,11 @@ class Updater:
             loss = loss.float()
         return (loss if loss.dim() == 0 else loss.reshape(())), out
 
+    def note_method(self, name: str, diagnostics: Dict[str, Any]) -> None:
+        """Problem ``name``'s method's numbers about its last run (e.g. CG's iterations and
+        final residual, Neumann's last term) go into ``state.records[name]``."""
+        self.state.records[name].update(diagnostics)
+
     def inner_lr(self, name: str) -> Union[float, tuple]:
         """Problem ``name``'s learning rate: one float, or one per variable when its
         optimizer's param groups have different learning rates."""

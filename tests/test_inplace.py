@@ -20,9 +20,9 @@ guarantee that it returns ``False`` and changes nothing. Every comparison is
    tensor not in the optimizer, a parameter not passed but with a hand-set ``.grad``,
    an AMP grad scale, complex parameters, sparse gradients; removing the cause
    (hook handle, wrapper, extra tensor, stray ``.grad``) makes it ``True`` again.
-3. through the engine (``mlo.update._update_inner``): two-problem engines (lower SGD
+3. through the engine (``mlo.step.step_in_place``): two-problem engines (lower SGD
    momentum + weight decay, upper SGD; ``"cg"`` and ``"finite_difference"``) run 5
-   steps with the fast path and with ``mlo.update.sgd_step`` patched to decline:
+   steps with the fast path and with ``mlo.step.sgd_step`` patched to decline:
    identical parameters and optimizer states; the fast path was taken on every update.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
 import mlo
-import mlo.update
+import mlo.step
 from mlo import fastpath
 from mlo.fastpath import sgd_step
 
@@ -404,7 +404,7 @@ def test_engine_same_with_and_without_fast_path(measured, monkeypatch, method):
         taken.append(out)
         return out
 
-    monkeypatch.setattr(mlo.update, "sgd_step", counting)
+    monkeypatch.setattr(mlo.step, "sgd_step", counting)
     fast, lo_f, up_f = build_engine(method)
     init = [t.detach().clone() for P in (lo_f, up_f) for t in P.variables]
     fast.run(5)
@@ -412,7 +412,7 @@ def test_engine_same_with_and_without_fast_path(measured, monkeypatch, method):
     assert fast.counts()["lo"] == 5 and fast.counts()["up"] >= 1
     assert taken == [True] * n_updates, f"fast path taken {sum(taken)} of {n_updates} updates ({taken})"
 
-    monkeypatch.setattr(mlo.update, "sgd_step", lambda *a: False)
+    monkeypatch.setattr(mlo.step, "sgd_step", lambda *a: False)
     slow, lo_s, up_s = build_engine(method)
     slow.run(5)
     assert slow.counts() == fast.counts()
