@@ -103,7 +103,7 @@ class EngineConfig:
             the one applied; cosine and relative error go to
             ``engine.records[name]["monitor_cosine" / "monitor_rel_error"]`` and the
             loggers. The run is unchanged. Default reference:
-            ``("cg", {"max_iter": 50, "tol": 1e-10})``.
+            ``("cg", {"max_iter": 100, "tol": 1e-10})``.
         nonfinite: what an update does when its loss, its own gradient or its
             hypergradient holds a NaN or an infinity (checked before every optimizer
             step, in place or inside an unrolled window): ``"raise"`` (default) raises
@@ -239,7 +239,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.monitor must be a dict with 'every' and optional "
                                  f"'reference' (method, options) and 'problems', got {m!r}")
             m.setdefault("every", 1)
-            m.setdefault("reference", ("cg", {"max_iter": 50, "tol": 1e-10}))
+            m.setdefault("reference", ("cg", {"max_iter": 100, "tol": 1e-10}))
             e, ref = m["every"], m["reference"]
             if not isinstance(e, int) or isinstance(e, bool) or e < 1:
                 raise ValueError(f"EngineConfig.monitor['every'] must be an integer >= 1, got {e!r}")

@@ -87,6 +87,7 @@ class HypergradView(Protocol):
         (``engines.base.Lower.diagnostics``, e.g. ``{"cg_iterations": 7,
         "cg_residual": 3e-11}``), for its records."""
 
+
 def _run_method(method, name: str, P, lower, v, opts):
     """Runs a best-response method; a missing higher derivative becomes an error
     that names the problem and the way out."""

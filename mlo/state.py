@@ -116,7 +116,9 @@ class RunState:
         records: per problem, ``updates``, ``seconds`` (own gradient + hypergradient +
             step), ``skipped`` (non-finite updates skipped), and the last update's
             ``loss``, ``grad_norm`` and, with paths, ``own_grad_norm``/``hypergrad_norm``
-            (and the monitor's ``monitor_cosine``/``monitor_rel_error``).
+            (and the monitor's ``monitor_cosine``/``monitor_rel_error``; a lower solved
+            by CG or Neumann: ``cg_iterations``/``cg_residual``/``neumann_last_term``
+            of its last solve).
         last_hypergradient: per problem with paths, the hypergradient (sum over paths,
             without ``∂F/∂λ``) applied at its last update, ``{variable: tensor}``.
         last_extras: per problem, the scalar extras of its last update's
