@@ -7,6 +7,15 @@ finite differences and unrolled backward passes are averaged over ranks inside t
 method (float64, relative error ≤ 1e-6; measured ~1e-15). Processes are started with
 ``torch.multiprocessing`` (spawn) and a file-based rendezvous (no network); every
 spawn is bounded by a timeout, and a rank that raises must stop both with its error.
+
+Ranks agree (issue 20): early stopping on rank-dependent metrics (rank 0's decide),
+``request_stop()`` and a SIGTERM on one rank only end ``run`` at the same iteration on
+both ranks, and the ranks then go on in lockstep; a metric one rank cannot read raises
+on both; a ``WindowProblem`` graph is refused with a named ``GraphError``.
+
+Time limits hold on a loaded 2-core machine: each spawn may take ``TIMEOUT`` (600 s)
+and the process group waits ``PG_TIMEOUT`` (600 s) for a collective — limits that only
+a hang reaches (a passing spawn takes seconds).
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import contextlib
 import datetime
 import io
 import os
+import signal
 import time
 
 import pytest
@@ -27,7 +37,8 @@ import mlo
 from mlo import distributed as mdist
 
 WORLD = 2
-TIMEOUT = 60          # seconds per spawned test
+TIMEOUT = 600         # seconds per spawned test (a deadline only a hang reaches, even under load)
+PG_TIMEOUT = 600      # seconds the process group waits for a collective (torch: 30 min)
 METHODS = {"unrolled": {}, "cg": {"max_iter": 10}, "neumann": {"iterations": 10, "alpha": 0.5},
            "finite_difference": {"epsilon": 0.01}}
 MAE_METHODS = {"unrolled": {}, "cg": {"max_iter": 3}, "neumann": {"iterations": 3, "alpha": 0.1},
@@ -125,7 +136,7 @@ def run_graph(graph, method, shard):
 def _init(rank, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=TIMEOUT))
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT))
 
 
 def _parity_worker(rank, init_file, graph, out):
@@ -256,3 +267,241 @@ def test_single_process_helpers_and_shard_semantics():
     assert [b.tolist() for b in batches[0]] == [[1, 3], [10, 30]]
     with pytest.raises(ValueError, match="divisible"):
         list(mdist.shard_batches([torch.arange(3)], 0, 2))
+
+
+# ------------------------------------------------------- ranks that agree (issue 20)
+# Rank-dependent validation values. Alone, rank 1 would stop at iteration 3 (best 1.0 at 1)
+# and rank 0 at iteration 5 (a NaN first, then best 4.0 at 3): rank 0's decide on both.
+ES_VALUES = {0: [float("nan"), 5.0, 4.0, 4.5, 4.2, 3.0, 2.0, 1.0],
+             1: [1.0, 2.0, 3.0, 0.5, 0.4, 0.3, 0.2, 0.1]}
+ES_PATIENCE = 2
+
+
+class _OnRank:
+    """A callback acting at the end of one iteration on one rank only."""
+
+    def __init__(self, rank, iteration, action):
+        self.rank, self.iteration, self.action = rank, iteration, action
+
+    def after_iteration(self, engine):
+        if mdist.rank() == self.rank and engine.iteration == self.iteration:
+            self.action(engine)
+
+
+class _Latent(mlo.WindowProblem):
+    def init_window(self, x):
+        return {"z": x @ self.up.params["W"]}, {}
+
+    def training_step(self, x):
+        return ((self.params["z"] - x[:, :2]) ** 2).sum()
+
+
+class _LatentUpper(mlo.Problem):
+    def training_step(self, x):
+        return ((self.lat.params["z"] - x[:, 2:]) ** 2).sum()
+
+
+def window_engine(config=None):
+    x = torch.randn(4, 4, dtype=torch.float64)
+    up = _LatentUpper("up", params={"W": torch.randn(4, 2, dtype=torch.float64)}, data=[x],
+                      optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.01})
+    lat = _Latent("latents", optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.1}, data=[x],
+                  config=mlo.ProblemConfig(method="unrolled", unroll_steps=2))
+    up.lat, lat.up = lat, up
+    return mlo.Engine([lat, up], {"u2l": {up: [lat]}, "l2u": {lat: [up]}}, config)
+
+
+def _early_stopping_case(rank):
+    values, seen = iter(ES_VALUES[rank]), []
+
+    def validation(engine):
+        seen.append(params_of(engine))
+        return {"loss": next(values)}
+
+    engine = quickstart_engine("cg", shard=True, config=mlo.EngineConfig(
+        validate_every=1, validation=validation, progress=False,
+        early_stopping={"metric": "loss", "mode": "min", "patience": ES_PATIENCE}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine.run(20)
+    es = engine.early_stopping
+    kept = {f"{n}.{k}": t for n, st in es.state.items() for k, t in st["module"].items()}
+    return {"iteration": engine.iteration, "stopped": engine.stop_requested, "best": es.best,
+            "best_iteration": es.best_iteration, "kept": kept, "seen": seen,
+            "history": [h["loss"] for h in engine.history]}
+
+
+def _request_stop_case(rank):
+    engine = quickstart_engine("cg", shard=True)
+    engine.run(10, callbacks=[_OnRank(1, 3, lambda e: e.request_stop())])
+    first = (engine.iteration, engine.stop_requested)
+    engine.run(2)                                    # both ranks go on together
+    return {"first": first, "then": engine.iteration, "params": params_of(engine)}
+
+
+def _signal_case(rank):
+    engine = quickstart_engine("cg", shard=True)
+    got = None
+    try:
+        engine.run(10, callbacks=[_OnRank(1, 2, lambda e: os.kill(os.getpid(), signal.SIGTERM))])
+    except mlo.interrupt.Interrupted as e:
+        got = (e.signum, e.iteration, engine.iteration, e.exit_code)
+    engine.run(1)
+    return {"interrupted": got, "then": engine.iteration, "params": params_of(engine)}
+
+
+def _metric_error_case(rank):
+    value = 1.0 if rank == 0 else "not a number"
+    engine = quickstart_engine("cg", shard=True, config=mlo.EngineConfig(
+        validate_every=2, validation=lambda e: {"loss": value}, progress=False,
+        early_stopping={"metric": "loss"}))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine.run(6)
+    except (TypeError, RuntimeError) as e:
+        return {"error": f"{type(e).__name__}: {e}", "iteration": engine.iteration}
+    return {"error": None, "iteration": engine.iteration}
+
+
+def _window_case(rank):
+    torch.manual_seed(0)
+    try:
+        window_engine()
+    except mlo.graph.GraphError as e:
+        refused = str(e)
+    else:
+        refused = None
+    single = window_engine(mlo.EngineConfig(distributed=False))    # each rank alone: allowed
+    single.run(2)
+    return {"refused": refused, "alone": single.counts()}
+
+
+AGREEMENT_CASES = {"early_stopping": _early_stopping_case, "request_stop": _request_stop_case,
+                   "signal": _signal_case, "metric_error": _metric_error_case, "window": _window_case}
+
+
+def _agreement_worker(rank, init_file, out):
+    _init(rank, init_file)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    result = {}
+    try:
+        for name, case in AGREEMENT_CASES.items():
+            t0 = time.perf_counter()
+            result[name] = case(rank)
+            result[name]["seconds"] = time.perf_counter() - t0
+            torch.save(result, f"{out}.{rank}")     # after each case: a later hang keeps it
+    finally:
+        torch.set_default_dtype(old)
+    _shutdown()
+
+
+@pytest.fixture(scope="module")
+def agreement(tmp_path_factory):
+    """Both ranks' results of :data:`AGREEMENT_CASES` (one spawn for all of them)."""
+    tmp = tmp_path_factory.mktemp("agreement")
+    out = str(tmp / "result")
+    try:
+        spawn(_agreement_worker, (str(tmp / "init"), out))
+        failure = None
+    except (Exception, pytest.fail.Exception) as e:     # a hang or a rank's error: each test
+        failure = f"{type(e).__name__}: {e}"             # says which case did not complete
+    results = [torch.load(f"{out}.{r}", weights_only=True) if os.path.isfile(f"{out}.{r}") else {}
+               for r in range(WORLD)]
+    return results, failure
+
+
+def case_results(agreement, name):
+    """Both ranks' results of case ``name``; fails naming the case when a rank lacks them."""
+    results, failure = agreement
+    if any(name not in r for r in results):
+        pytest.fail(f"case {name!r} did not complete on every rank ({failure})")
+    return [r[name] for r in results]
+
+
+def test_early_stopping_follows_rank_0s_metric_on_every_rank(agreement):
+    r0, r1 = case_results(agreement, "early_stopping")
+    assert r1["history"] == ES_VALUES[1][:5], "each rank validated with its own values"
+    for r in (r0, r1):
+        assert (r["iteration"], r["stopped"], r["best"], r["best_iteration"]) == (5, True, 4.0, 3)
+        for k, t in r0["seen"][2].items():          # the kept state: the parameters at iteration 3
+            assert torch.equal(r["kept"][k], t), k
+    assert r0["kept"].keys() == r1["kept"].keys()
+    for k in r0["kept"]:
+        assert torch.equal(r0["kept"][k], r1["kept"][k]), k
+
+
+def test_request_stop_on_one_rank_stops_every_rank(agreement):
+    r0, r1 = case_results(agreement, "request_stop")
+    assert r0["first"] == r1["first"] == (3, True)
+    assert r0["then"] == r1["then"] == 5
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+
+
+def test_a_signal_on_one_rank_interrupts_every_rank(agreement):
+    r0, r1 = case_results(agreement, "signal")
+    assert r0["interrupted"] == r1["interrupted"] == (signal.SIGTERM, 2, 2, 143)
+    assert r0["then"] == r1["then"] == 3
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+
+
+def test_a_metric_one_rank_cannot_read_raises_on_every_rank(agreement):
+    r0, r1 = case_results(agreement, "metric_error")
+    assert r0["iteration"] == r1["iteration"] == 2
+    assert r1["error"] == ("TypeError: EngineConfig.early_stopping: metric 'loss' must be a real number "
+                           "(or a one-element real tensor), got 'not a number' (str)")
+    assert r0["error"] == ("RuntimeError: EngineConfig.early_stopping: metric 'loss' could not be read "
+                           "on another rank (see that rank's error); every rank stops")
+
+
+def test_window_problem_graphs_are_refused_under_data_parallelism(agreement):
+    for a in case_results(agreement, "window"):
+        assert a["refused"] == (
+            "problem 'latents' has per-window variables (WindowProblem): they are not yet supported "
+            "with data parallelism over 2 ranks (each rank would adapt them for its own rows only and "
+            "the replicas would diverge); run this graph in one process (without torchrun)")
+        assert a["alone"] == {"latents": 2, "up": 1}
+
+
+# ------------------------------------------------------- init_from_env's timeout
+def test_init_from_env_has_a_bounded_settable_timeout(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("MLO_DIST_TIMEOUT", raising=False)
+    assert mdist.init_from_env("gloo") is False and calls == []        # not under torchrun
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def timeout_of(*args, **kw):
+        calls.clear()
+        assert mdist.init_from_env("gloo", *args, **kw) is True
+        (backend, kwargs), = calls
+        assert backend == "gloo"
+        return kwargs["timeout"]
+
+    assert mdist.DEFAULT_TIMEOUT_SECONDS == 300
+    assert timeout_of() == datetime.timedelta(seconds=300)
+    assert timeout_of(timeout_seconds=45) == datetime.timedelta(seconds=45)
+    monkeypatch.setenv("MLO_DIST_TIMEOUT", " 120.5 ")
+    assert timeout_of() == datetime.timedelta(seconds=120.5)
+    assert timeout_of(timeout_seconds=7) == datetime.timedelta(seconds=7)     # the argument wins
+    for bad in ("abc", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("MLO_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=r"^the environment variable MLO_DIST_TIMEOUT: the process "
+                                             r"group's timeout must be a positive finite number of seconds"):
+            timeout_of()
+    monkeypatch.setenv("MLO_DIST_TIMEOUT", "")
+    assert timeout_of() == datetime.timedelta(seconds=300)                  # empty: unset
+    for bad in (0, -1.0, float("nan"), "60", True):
+        with pytest.raises(ValueError, match=r"^init_from_env\(timeout_seconds=\.\.\.\): the process"):
+            timeout_of(timeout_seconds=bad)
+    assert calls == []
+
+
+def test_stop_agreement_in_one_process_is_the_local_decision():
+    strategy = mlo.parallel.SingleProcess()
+    assert strategy.agree_stop(False, None) == (False, None)
+    assert strategy.agree_stop(True, signal.SIGINT) == (True, signal.SIGINT)
+    assert strategy.main_value(2.5) == (2.5, True) and strategy.main_value(None) == (None, False)
+    assert mdist.agree_stop(True, None) == (True, None) and mdist.main_value(1.0) == (1.0, True)
