@@ -6,10 +6,12 @@ on ``cuda:LOCAL_RANK`` and back. Without a GPU the device choice is unit-tested 
 backend, and the move-and-copy-back path runs for real with gloo on the simulated
 device of ``tests/_fake_device.py`` (a device gloo does not take, as NCCL does not take
 the CPU): 2 ranks, differently initialised, must end with rank 0's parameters and the
-same run as on plain CPU tensors.
+same run as on plain CPU tensors. Time limits are test_distributed's (600 s for the
+spawn and for a collective: only a hang reaches them, even on a loaded machine).
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -87,9 +89,11 @@ def _values(engine):
 
 def _worker(rank, init_file, out):
     from _fake_device import FAKE, OnDevice, fake_device
+    from test_distributed import PG_TIMEOUT
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT))
     try:
         plain = engine_on("cpu", seed=rank)
         start_plain = _values(plain)
