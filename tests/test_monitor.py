@@ -77,7 +77,7 @@ def test_monitor_does_not_change_the_run(method, options, capsys):
     assert [it for it, _ in mons] == [8, 16, 24]          # upper updates 2, 4, 6
     out = capsys.readouterr().out
     assert "[mlo] iter 8 monitor upper: cosine " in out and f"lower={method}" in out
-    assert "vs cg {'max_iter': 50, 'tol': 1e-10}" in out
+    assert "vs cg {'max_iter': 100, 'tol': 1e-10}" in out
 
 
 def test_monitor_of_a_converged_cg_against_cg_is_exact():
