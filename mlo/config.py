@@ -224,11 +224,8 @@ class EngineConfig:
             es.setdefault("mode", "min")
             es.setdefault("patience", 5)
             es.setdefault("min_delta", 0.0)
-            p, d = es["patience"], es["min_delta"]
-            if es["mode"] not in ("min", "max") or not isinstance(p, int) or isinstance(p, bool) or p < 1 \
-                    or not isinstance(d, numbers.Real) or isinstance(d, bool) or not d >= 0:
-                raise ValueError(f"EngineConfig.early_stopping: mode must be 'min' or 'max', patience an "
-                                 f"integer >= 1, min_delta a number >= 0; got {es!r}")
+            from .callbacks import _check_settings     # (one place for the named errors)
+            _check_settings(es["metric"], es["mode"], es["patience"], es["min_delta"])
             if self.validation is None or self.validate_every is None:
                 raise ValueError("EngineConfig.early_stopping needs validation=fn and validate_every=N")
         m = self.monitor

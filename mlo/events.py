@@ -187,7 +187,11 @@ class Events:
 
     def restore_best(self) -> None:
         """Loads the state saved at the best validation (see :meth:`mlo.Engine.restore_best`)."""
-        if self.early_stopping is None or self.early_stopping.state is None:
+        es = self.early_stopping
+        if es is not None and es.state is None and self.state.history:
+            raise RuntimeError(f"restore_best: no finite value of {es.metric!r} yet in "
+                               f"{len(self.state.history)} validation(s): nothing to restore")
+        if es is None or es.state is None:
             raise RuntimeError("restore_best: no best state kept — set EngineConfig(early_stopping="
                                "{'metric': ..., 'mode': ..., 'patience': ...}) and run a validation first")
         _callbacks.restore(self.engine, self.early_stopping.state)

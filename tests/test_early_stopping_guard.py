@@ -122,7 +122,7 @@ def test_only_non_finite_values_stop_with_nothing_to_restore(capsys):
     es = engine.early_stopping
     assert engine.iteration == 2 and es.best is None and es.best_iteration is None
     assert "(no finite value yet, nothing to restore)" in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match="no best state"):
+    with pytest.raises(RuntimeError, match=r"no finite value of .m. yet in 2 validation\(s\): nothing to restore"):
         engine.restore_best()
 
 

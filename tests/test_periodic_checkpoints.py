@@ -199,7 +199,7 @@ def test_bad_settings_are_named(tmp_path, kwargs, match):
 
 
 # ------------------------------------------------------------- 2 gloo ranks
-WORLD, TIMEOUT = 2, 180
+WORLD, TIMEOUT = 2, 600
 
 
 def _worker(rank, init_file, directory):

@@ -262,7 +262,7 @@ def test_in_place_sgd_fast_path_skips_none_in_groups():
 
 
 # ---------------------------------------------------------------- data parallel
-WORLD, TIMEOUT = 2, 90
+WORLD, TIMEOUT = 2, 600
 DIST = {"top": ("sgd", None), "cg": ("adam", {"max_iter": 5}), "unrolled": ("adamw", {})}
 DT = torch.float64
 
