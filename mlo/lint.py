@@ -16,6 +16,12 @@ fix. For that first evaluation every read of another problem is made differentia
 (the engine's reads do so while the reader is not yet in ``RunState.linted``), so the
 check sees the connection whatever the method.
 
+The reads that count are those of the loss itself *and* those already recorded in the
+problem's open window: a :class:`mlo.WindowProblem` reads the problem above in
+``init_window`` (a MAML task's fast weights start from the meta-parameters) and its loss
+then only uses its own iterates, which carry that read's graph. A connection through
+either is a real one; a window that starts from a detached copy is still reported.
+
 The same first evaluation runs a second check, :func:`check_hyperparameters`: optimizer
 hyperparameters learned from other problems' variables (``optimizer_hyperparameters()``,
 e.g. a learnable learning rate) on a problem whose method does not step through a window
@@ -57,6 +63,17 @@ def _leaves(loss: Tensor) -> Set[int]:
     return out
 
 
+def _all_reads(P: Problem, reads: List) -> List:
+    """The reads ``P``'s loss may depend on: this evaluation's (``reads``) and those
+    recorded in ``P``'s open window — a per-window problem's ``init_window`` and the
+    window's earlier steps, whose graphs the current iterates carry."""
+    run = getattr(P, "_run", None)
+    window = getattr(run, "window", None)
+    seen = {id(r) for r in reads}
+    earlier = [r for r in (window.reads if window is not None else ()) if id(r) not in seen]
+    return list(reads) + earlier
+
+
 def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor, reads: List) -> None:
     """Warns once per declared edge into ``P`` whose read left no autograd connection
     (the caller checks each problem once: ``RunState.linted``); also runs
@@ -73,20 +90,24 @@ def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor
         S = problems[s]
         up, lo = (s, P.name) if P.name in g.u2l[s] else (P.name, s)
         edge = f"u2l {{{s!r}: [{P.name!r}]}}" if P.name in g.u2l[s] else f"l2u {{{s!r}: [{P.name!r}]}}"
-        read = next((r for r in reads if r.source == s), None)
-        if read is not None and read.live:
+        of_s = [r for r in _all_reads(P, reads) if r.source == s]
+        if any(r.live for r in of_s):
             continue    # exact nesting: the live iterates (maybe the real parameters) on purpose
+        aliases = [a for r in of_s for a in r.alias.values() if isinstance(a, Tensor)]
         raw = any(id(p) in leaves and id(p) not in mine for p in S.variables)
         if raw:
             cause = f"it uses the real parameters of {s!r} directly (e.g. {s}.module.<name>)"
-        elif read is None:
+        elif not of_s:
             if hp:     # the read may be in optimizer_hyperparameters()
                 continue
             cause = f"it never reads {s!r}"
-        elif not any(a.requires_grad and id(a) in leaves for a in read.alias.values()):
-            if not any(a.requires_grad for a in read.alias.values()):
+        elif not any(a.requires_grad and id(a) in leaves for a in aliases):
+            if not any(a.requires_grad for a in aliases):
                 continue   # not differentiable here: nothing to check
-            cause = f"it reads {s!r} but drops the graph (.item(), .detach(), torch.no_grad()?)"
+            where = "" if any(r.source == s for r in reads) else \
+                " (in init_window)" if getattr(P, "per_window", False) else " (in an earlier step)"
+            cause = (f"it reads {s!r}{where} but drops the graph (.item(), .detach(), "
+                     f"torch.no_grad()?)")
         else:
             continue
         warnings.warn(

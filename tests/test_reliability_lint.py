@@ -118,3 +118,76 @@ def test_lint_leaves_the_run_unchanged():
     for n in a.problems:
         for p, q in zip(a.problems[n].module.parameters(), b.problems[n].module.parameters()):
             assert torch.equal(p, q)
+
+
+# ------------------------------------------------ per-window reads (MAML, issue 21)
+# A MAML task reads the meta-parameters only in init_window (its fast weights start from
+# them) and its loss uses only its own iterates: a real connection, which the lint must not
+# report; a window started from a detached copy, or never from the meta problem, still is.
+class MetaW(mlo.Problem):
+    """Meta-parameters ``w``; loss: the tasks' mean query loss at their adapted weights."""
+
+    def training_step(self, batch):
+        return torch.stack([((t.batch[1] @ t.params["w"] - t.batch[1].sum(-1)) ** 2).mean()
+                            for t in self.tasks]).mean()
+
+
+class TaskW(mlo.WindowProblem):
+    """Fast weights started in ``init_window`` from the meta problem (or not: ``init``)."""
+
+    init = "params"
+
+    def init_window(self, batch):
+        if self.init == "params":
+            return {"w": self.meta.params["w"]}
+        if self.init == "detached":                      # the mistake: a copy without graph
+            return {"w": self.meta.params["w"].detach().clone().requires_grad_()}
+        return {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}   # never reads
+
+    def training_step(self, batch):
+        x = batch[0]
+        return ((x @ self.params["w"] - 2.0 * x.sum(-1)) ** 2).mean()
+
+
+def run_maml(init="params", first_order=False, steps=1, windows=2):
+    g = torch.Generator().manual_seed(3)
+    meta = MetaW("meta", params={"w": torch.randn(3, generator=g, dtype=torch.float64)},
+                 optimizer_kwargs={"lr": 0.05})
+    tasks = []
+    for i in range(2):
+        batches = [(torch.randn(6, 3, generator=g, dtype=torch.float64),
+                    torch.randn(4, 3, generator=g, dtype=torch.float64)) for _ in range(windows)]
+        t = TaskW(f"task{i}", optimizer_kwargs={"lr": 0.1}, data=batches, first_order=first_order,
+                  config=mlo.ProblemConfig(method="unrolled", unroll_steps=steps))
+        t.meta, t.init = meta, init
+        tasks.append(t)
+    meta.tasks = tasks
+    eng = mlo.Engine(tasks + [meta], {"u2l": {meta: tasks}, "l2u": {t: [meta] for t in tasks}})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        eng.run(steps * windows)
+    assert eng.state.linted == set(eng.problems)           # the lint did look at every problem
+    return eng, [str(x.message) for x in w if "graph lint" in str(x.message)]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_maml_read_in_init_window_gives_no_warning(steps, first_order):
+    eng, lint = run_maml(first_order=first_order, steps=steps)
+    assert lint == []
+    assert float(eng.last_hypergradient["meta"]["w"].abs().max()) > 1e-6
+
+
+def test_maml_window_started_from_a_detached_copy_warns_per_task():
+    eng, lint = run_maml("detached")
+    assert len(lint) == 2, lint
+    for i, msg in enumerate(lint):
+        assert f"problem 'task{i}' declares that it reads 'meta'" in msg
+        assert "it reads 'meta' (in init_window) but drops the graph" in msg
+        assert "the hypergradient of 'meta' through 'task" in msg
+    assert float(eng.last_hypergradient["meta"]["w"].abs().max()) == 0.0   # what it warns about
+
+
+def test_maml_window_that_never_reads_the_meta_problem_warns():
+    _, lint = run_maml("never")
+    assert len(lint) == 2 and all("it never reads 'meta'" in m for m in lint), lint
