@@ -51,6 +51,7 @@ class Events:
         self.periodic_checkpoints = None if config.checkpoint_every is None else _ckpt.PeriodicCheckpoints(
             config.checkpoint_path, config.checkpoint_every, config.checkpoint_keep)
         self.monitored = self._check_monitor(config.monitor) if config.monitor else set()
+        self._zero_reference_warned: set = set()    # monitored problems warned about once
 
     def _check_monitor(self, spec: Mapping[str, Any]) -> set:
         method, opts = spec["reference"]
@@ -69,7 +70,28 @@ class Events:
         if bad:
             raise ValueError(f"EngineConfig.monitor['problems']: {bad} have no hypergradient "
                              f"paths; problems with paths: {with_paths}")
+        self._refuse_per_window_paths(names, with_paths, method)
         return set(names)
+
+    def _refuse_per_window_paths(self, names, with_paths, method: str) -> None:
+        """A monitored problem whose paths run through a ``WindowProblem`` has no
+        reference: the reference method re-solves each lower at its iterate, and a
+        per-window problem's variables exist only inside its unrolled window (the
+        reference would be exactly zero at every check)."""
+        def through(n):
+            return sorted(m for m in self.graph.path_nodes(n) if self.problems[m].per_window)
+        hit = {n: w for n in names if (w := through(n))}
+        if not hit:
+            return
+        ok = [n for n in with_paths if not through(n)]
+        what = "; ".join(f"{n!r}'s paths run through {w}" for n, w in hit.items())
+        todo = (f"set EngineConfig.monitor['problems'] to problems whose paths avoid them "
+                f"({ok})" if ok else "no problem of this graph qualifies: remove EngineConfig.monitor")
+        raise ValueError(
+            f"EngineConfig.monitor: {what}, which have per-window variables (WindowProblem). "
+            f"The reference ({method!r}) re-solves every problem of the paths at its current "
+            f"iterate, and a per-window problem has no iterate outside its unrolled window: the "
+            f"reference would be exactly zero at every check. {todo[0].upper() + todo[1:]}")
 
     # ------------------------------------------------------------ a run
     def start_run(self, callbacks, iterations: int) -> None:
@@ -115,11 +137,18 @@ class Events:
         _callbacks.emit(self.callbacks, "after_update", self.engine, P)
 
     def _compare(self, P: Problem, ref) -> None:
-        cos, rel = monitor.compare(self.state.last_hypergradient[P.name], ref, P.param_names)
         rec = self.state.records[P.name]
-        rec["monitor_cosine"], rec["monitor_rel_error"] = cos, rel
         method, opts = self.config.monitor["reference"]
         it = self.state.iteration + 1     # the iteration in progress (1-based, as the other logs)
+        if monitor.is_zero(ref, P.param_names):
+            # cosine and relative error are undefined: one warning, not a nan line per check
+            rec["monitor_cosine"] = rec["monitor_rel_error"] = float("nan")
+            if self.is_main and P.name not in self._zero_reference_warned:
+                self._zero_reference_warned.add(P.name)
+                monitor.warn_zero_reference(P.name, method, opts, it)
+            return
+        cos, rel = monitor.compare(self.state.last_hypergradient[P.name], ref, P.param_names)
+        rec["monitor_cosine"], rec["monitor_rel_error"] = cos, rel
         paths = ", ".join(f"{n}={self.problems[n].config.method}"
                           for n in sorted(self.graph.path_nodes(P.name)))
         self.write(f"[mlo] iter {it} monitor {P.name}: cosine {cos:.6f}, relative "

@@ -1,28 +1,11 @@
 """Small helpers shared by the engine tests (imported as ``from _helpers import ...``)."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import torch
 
 import mlo
 
-__all__ = ["rel", "recording", "RecSGD", "Vars", "chain_levels", "load_example"]
-
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    """The module ``examples/<name>.py`` (examples are scripts, not a package).
-
-    Only for tests of an example's own command line (its ``main``); what examples reuse
-    is library code (``problems.jobs``, ``problems.nesting``, ``problems.weight_decay``,
-    ...) that tests import directly. Left users: test_exact_nesting, test_monitor."""
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+__all__ = ["rel", "recording", "RecSGD", "Vars", "chain_levels"]
 
 
 def rel(a, b) -> float:
