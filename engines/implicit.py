@@ -122,6 +122,21 @@ def _warn_once(lower: Lower, key: tuple, message: str) -> None:
     warnings.warn(f"{lower.label + ': ' if lower.label else ''}{message}", RuntimeWarning, stacklevel=3)
 
 
+#: Neumann's growth check reads two norms on the host: it runs on a problem's first
+#: NEUMANN_CHECK_FIRST solves and on every NEUMANN_CHECK_EVERY-th after (keyed like
+#: the warnings), not on every solve of a long run.
+NEUMANN_CHECK_FIRST, NEUMANN_CHECK_EVERY = 10, 100
+_SOLVES: Dict[tuple, int] = {}
+
+
+def _check_due(lower: Lower, key: tuple) -> bool:
+    """Whether this solve of ``lower`` (with options ``key``) runs its host-side check."""
+    key = (lower.label,) + key
+    n = _SOLVES.get(key, 0)
+    _SOLVES[key] = n + 1
+    return n < NEUMANN_CHECK_FIRST or n % NEUMANN_CHECK_EVERY == 0
+
+
 def _note(lower: Lower, **values: Any) -> None:
     """Fills ``lower.diagnostics`` (when the caller asked for them)."""
     if lower.diagnostics is not None:
@@ -136,13 +151,15 @@ def neumann(lower: Lower, v: Sequence[Tensor], *, iterations: int = 10,
     See :func:`engines.solvers.neumann`; converges when ``0 < α < 2/λ_max(H)``.
     Reports ``neumann_last_term = ‖(I − αH)^K α v‖ / ‖α v‖`` in ``lower.diagnostics``
     and warns (once per problem and options) when it exceeds 1: the series grows.
-    Costs one host synchronisation per call (the two norms, read together).
+    The check costs one host synchronisation (the two norms, read together); it runs on
+    a problem's first ``NEUMANN_CHECK_FIRST`` solves and every ``NEUMANN_CHECK_EVERY``-th
+    after, so the record is that of the last checked solve.
     """
     _check_neumann(iterations=iterations, alpha=alpha, create_graph=create_graph)
-    info: Dict[str, Tensor] = {}
+    info: Optional[Dict[str, Tensor]] = {} if _check_due(lower, ("neumann", iterations, alpha)) else None
     solve = solvers.get("neumann", iterations=iterations, alpha=alpha, info=info)
     out = implicit(lower, v, solve, create_graph=create_graph)
-    if "term_norms" in info:     # (absent: the loss does not couple θ and x, nothing solved)
+    if info is not None and "term_norms" in info:     # (absent: nothing solved, or not due)
         first, last = info["term_norms"].tolist()
         ratio = last / first if first > 0 else (0.0 if last == 0 else math.inf)
         _note(lower, neumann_last_term=ratio)

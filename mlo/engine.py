@@ -175,16 +175,16 @@ class Engine:
         iteration's start and ``state.resume`` counts the applied updates — so the next
         ``step`` (or a checkpoint saved now and loaded later) finishes the same
         iteration without repeating them, exactly as an uninterrupted run."""
-        schedule = self.schedule
+        schedule, events, update = self.schedule, self.events, self.updater.update
         schedule.begin()
         applied = 0
         try:
             for P in schedule.due(self.state.resume):
-                ref = self.events.monitor_reference(P)
-                result = self.updater.update(P)
+                ref = events.monitor_reference(P) if events.monitored else None
+                result = update(P)
                 applied += 1
                 if result.applied:
-                    self.events.after_update(P, result.extras, ref)
+                    events.after_update(P, result.extras, ref)
         except BaseException:
             schedule.interrupt(applied)
             raise
@@ -192,7 +192,8 @@ class Engine:
             self.windows.close(n)
         self.state.resume = 0
         self.state.iteration += 1
-        self.events.end_of_iteration()
+        if events.busy or events.callbacks:       # (nothing to do otherwise)
+            events.end_of_iteration()
 
     # ------------------------------------------------------------- gradients
     def gradient(self, name: str, batch: Any = None, by_path: bool = False,

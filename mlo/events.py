@@ -51,6 +51,11 @@ class Events:
         self.periodic_checkpoints = None if config.checkpoint_every is None else _ckpt.PeriodicCheckpoints(
             config.checkpoint_path, config.checkpoint_every, config.checkpoint_keep)
         self.monitored = self._check_monitor(config.monitor) if config.monitor else set()
+        #: Whether the end of an iteration has work besides callbacks (printing, loggers,
+        #: validation, periodic checkpoints).
+        self.busy = bool(config.log_every is not None or config.loggers
+                         or (config.validate_every and config.validation)
+                         or self.periodic_checkpoints is not None)
         self._zero_reference_warned: set = set()    # monitored problems warned about once
 
     def _check_monitor(self, spec: Mapping[str, Any]) -> set:

@@ -99,6 +99,9 @@ class Updater:
         self.windows, self.nesting, self.parallel = windows, nesting, parallel
         self._windowed, self.keep_grad, self.device = windowed, keep_grad, device
         self._plain_loss = config.precision == "fp32" and device is None   # no autocast, no moves
+        # The nesting strategy's answers for an update (no breakdown, no override), per problem.
+        self._top_live = {n: nesting.top_reads_live(n, False, None) for n in problems}
+        self._own_view = {n: nesting.own_view(n, True) for n in problems}
 
     # ------------------------------------------------ the hypergradient view
     @property
@@ -187,10 +190,11 @@ class Updater:
         name = P.name
         reads: List[Read] = []
         self.state[name].last_batch = batch
-        top_live = self.nesting.top_reads_live(name, by_path, override)
+        top_live = self.nesting.top_reads_live(name, by_path, override) \
+            if by_path or override is not None else self._top_live[name]
         resolve = self.windows.resolver(P, diff, reads, top_live)
         own_view = {k: t.view_as(t) for k, t in P.own_state().items()} \
-            if self.nesting.own_view(name, diff) else None
+            if diff and self._own_view[name] else None
         grad_wrt = own_view
         if diff and self.parallel.enabled:
             # Inside a window the loss reads every variable through averaging views: its
@@ -237,9 +241,11 @@ class Updater:
                                       retain_graph=True) if tracked else ())
         else:
             allg = torch.autograd.grad(loss, own + [a for *_, a in tracked], allow_unused=True)
-            allg = self.parallel.average_gradients(allg, own + [a for *_, a in tracked])
+            if self.parallel.enabled:   # the mean over ranks: the global batch's gradient
+                allg = self.parallel.average_gradients(allg, own + [a for *_, a in tracked])
             g, ga = allg[:len(own)], allg[len(own):]
-        loss = self.parallel.average_loss(loss)
+        if self.parallel.enabled:
+            loss = self.parallel.average_loss(loss)
         if all(x is None for x in g) and not tracked:
             raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
                                f"{P.param_names}; call the module through the problem (self(x)) "
@@ -326,9 +332,10 @@ class Updater:
             if self.config.nonfinite == "ignore":
                 vals, bad = [res.loss.item()], ""
             else:
-                vals = update_norms(res.loss, res.grads, res.parts())
+                parts = res.parts()
+                vals = update_norms(res.loss, res.grads, parts)
                 bad = "" if all(map(math.isfinite, vals)) else describe_nonfinite(
-                    P, vals, res.grads, res.parts(), self.state.iteration)
+                    P, vals, res.grads, parts, self.state.iteration)
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{bad}; its parameters and optimizer state are unchanged. "
@@ -359,7 +366,8 @@ class Updater:
             if name in self.keep_grad:
                 self.state.last_grad[name] = [None if g is None else g.detach() for g in grads]
             step_in_place(P, grads)
-        step_scheduler(P, diff)
+        if P.scheduler is not None:
+            step_scheduler(P, diff)
         run.step_count += 1
         extras = {k: v for k, v in res.out.items() if k != "loss"} if isinstance(res.out, dict) else {}
         return UpdateResult(True, extras)

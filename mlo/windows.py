@@ -38,6 +38,11 @@ class Windows:
                  windowed: Set[str], nesting: BettyNesting):
         self.problems, self.graph, self.state = problems, graph, state
         self.windowed, self.nesting = windowed, nesting
+        # (the strategy's answers that do not change during a run, looked up once)
+        self._always_live = nesting.reads_live(True, False)
+        self._nodes = {n: graph.path_nodes(n) for n in problems}
+        top = nesting.top
+        self._top_nodes = graph.path_nodes(top) if top is not None else set()
 
     # ------------------------------------------------------------ lifecycle
     def open(self, P: Problem, evaluate: Callable[[Problem, Callable[[Any], Any], Any], Any]) -> None:
@@ -78,7 +83,7 @@ class Windows:
     def resolver(self, reader: Problem, diff: bool, reads: List[Read], top_live: bool = False):
         """``resolve(source)`` for ``reader``'s loss: the state it sees of each problem ``source`` it
         calls, every read recorded in ``reads`` (one per source)."""
-        nodes = self.graph.path_nodes(reader.name)
+        nodes = self._nodes[reader.name]
         return lambda source: self.alias(reader, source, diff, nodes, reads, top_live)
 
     def alias(self, reader: Problem, source: Problem, diff: bool, nodes: Set[str], reads: List[Read],
@@ -92,12 +97,13 @@ class Windows:
             top_live: ``reader`` is a top that reads the nest's live iterates (the nesting
                 strategy's one-backward top).
         """
-        self._check_declared(reader, source)
+        if source.name not in self.graph.reads[reader.name] or self.problems.get(source.name) is not source:
+            self._undeclared(reader, source)
         for r in reads:
             if r.source == source.name:
                 return r.alias
         st = source.readable_state()
-        if self.nesting.reads_live(source.name in self.windowed, top_live):
+        if (top_live or self._always_live) and source.name in self.windowed:
             reads.append(Read(source.name, st, st, live=True))
             return st
         # Aliases carry a graph when a gradient may flow through them: reader differentiates
@@ -125,7 +131,8 @@ class Windows:
         reads.append(r)
         return alias
 
-    def _check_declared(self, reader: Problem, source: Problem) -> None:
+    def _undeclared(self, reader: Problem, source: Problem) -> None:
+        """Raises the error for a read no dependency declares (or of a foreign problem)."""
         if source.name not in self.problems or self.problems[source.name] is not source:
             raise GraphError(f"problem {reader.name!r} read problem {source.name!r}, which is not in this engine")
         if source.name not in self.graph.reads[reader.name]:
@@ -152,5 +159,4 @@ class Windows:
         except here: the top is the last problem of an iteration, it backpropagates
         through ``reader``'s window before its own in-place step, and that window is closed
         (never backpropagated again) at the end of the same iteration."""
-        top = self.nesting.top
-        return source.name == top and reader.name in self.graph.path_nodes(top)
+        return source.name == self.nesting.top and reader.name in self._top_nodes

@@ -36,8 +36,9 @@ DT = torch.float64
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    """Every test starts with no problem warned about (the memory is per process)."""
+    """Every test starts with no problem warned about or counted (the memory is per process)."""
     monkeypatch.setattr(implicit, "_WARNED", set())
+    monkeypatch.setattr(implicit, "_SOLVES", {})
 
 
 def ill_conditioned(n=120, cond=1e6, seed=0):
@@ -298,3 +299,20 @@ def test_engine_reference_method_leaves_records_alone(note_method):
     before = dict(eng.records["lo"])
     eng.gradient("up", method=("neumann", {"iterations": 4, "alpha": 0.5}))
     assert eng.records["lo"] == before and "cg_iterations" in before
+
+
+def test_neumann_checks_its_growth_on_the_first_solves_and_then_every_hundredth():
+    """The host read of the growth check is amortised: solves 1-10, then every 100th."""
+    A = torch.diag(torch.tensor([0.5, 1.0], dtype=torch.float64))
+    v = (torch.tensor([1.0, -2.0], dtype=torch.float64),)
+    checked = []
+    for i in range(1, 302):
+        diag = {}
+        lower = Lower(params=(torch.zeros(2, dtype=torch.float64, requires_grad=True),),
+                      inputs=(torch.zeros(2, dtype=torch.float64, requires_grad=True),),
+                      loss_fn=lambda ps, xs: 0.5 * ps[0] @ A @ ps[0] - ps[0] @ xs[0],
+                      label="problem 'lo'", diagnostics=diag)
+        implicit.neumann(lower, v, iterations=3, alpha=0.5)
+        if "neumann_last_term" in diag:
+            checked.append(i)
+    assert checked == list(range(1, 11)) + [101, 201, 301]
