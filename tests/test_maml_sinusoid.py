@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-import mlo
 from _helpers import recording, rel
 from problems.maml import (FastWeights, MetaLearner, maml_engine, meta_batches, mlp, run_higher,
                            run_mlo, run_torchopt, sample_tasks)
@@ -179,7 +178,8 @@ def test_example_without_peers_says_so(tmp_path):
     out, _ = example("--quick", "--compare-peers", block_peers=tmp_path)
     assert "note: torchopt is not installed, skipped" in out.stdout
     assert "note: higher is not installed, skipped" in out.stdout
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "implementation" not in line]
+    rows = [line for line in out.stdout.splitlines()
+            if line.startswith("| ") and "implementation" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["mlo"]
 
 
