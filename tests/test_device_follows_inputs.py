@@ -254,6 +254,40 @@ HOST_BY_DESIGN = {
         "a constructor's table (float64 arithmetic) on the default device",
     ("problems/pos_embed.py", "sincos_2d", "arange"):
         "a constructor's table (float64 arithmetic) on the default device",
+    ("engines/solvers.py", "_norm", "zeros"):
+        "the norm of an empty vector (a diagnostic): no tensor to take a device from",
+    ("mlo/distributed.py", "agree_stop", "tensor"):
+        "a control flag; _all_reduce_ moves it to the collective's device",
+    ("mlo/distributed.py", "main_value", "tensor"):
+        "a control value; _all_reduce_ moves it to the collective's device",
+    ("problems/betty_logreg_hpo.py", "build_betty", "ones"):
+        "the Betty port's parameters, as Betty's own example builds them on the host",
+    ("problems/betty_logreg_hpo.py", "build_betty", "zeros"):
+        "the Betty port's parameters, as Betty's own example builds them on the host",
+    ("problems/betty_logreg_hpo.py", "first_hypergradients", "ones"):
+        "the Betty port's parameters, as Betty's own example builds them on the host",
+    ("problems/betty_logreg_hpo.py", "make_data", "randn"):
+        "example data drawn on the host from a seeded generator (the caller moves it to its device)",
+    ("problems/betty_logreg_hpo.py", "split", "randn"):
+        "example data drawn on the host from a seeded generator (the caller moves it to its device)",
+    ("problems/maml.py", "uniform", "rand"):
+        "example data drawn on the host from a seeded generator (the caller moves it to its device)",
+    ("problems/nesting.py", "example_data", "eye"):
+        "example data drawn on the host from a seeded generator (the caller moves it to its device)",
+    ("problems/nesting.py", "example_data", "randn"):
+        "example data drawn on the host from a seeded generator (the caller moves it to its device)",
+    ("problems/nesting.py", "closed_form_hypergradient", "eye"):
+        "the closed form's identity, in float64 on the host like the example data",
+    ("problems/reweight_digits.py", "make_data", "rand"):
+        "example data drawn on the host from a seeded generator (the caller moves it to its device)",
+    ("problems/reweight_digits.py", "make_data", "randint"):
+        "example data drawn on the host from a seeded generator (the caller moves it to its device)",
+    ("problems/reweight_digits.py", "__iter__", "randperm"):
+        "a batch order drawn on the host (indices), as DataLoader draws it",
+    ("problems/weight_decay.py", "load", "tensor"):
+        "the quickstart's data loaded from scikit-learn's arrays on the host",
+    ("problems/weight_decay.py", "load", "randperm"):
+        "the quickstart's split drawn on the host from a seeded generator",
 }
 
 
