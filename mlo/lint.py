@@ -63,21 +63,20 @@ def _leaves(loss: Tensor) -> Set[int]:
     return out
 
 
-def _all_reads(P: Problem, reads: List) -> List:
+def _all_reads(reads: List, window_reads: List) -> List:
     """The reads ``P``'s loss may depend on: this evaluation's (``reads``) and those
-    recorded in ``P``'s open window — a per-window problem's ``init_window`` and the
-    window's earlier steps, whose graphs the current iterates carry."""
-    run = getattr(P, "_run", None)
-    window = getattr(run, "window", None)
+    recorded in ``P``'s open window (``window_reads``) — a per-window problem's
+    ``init_window`` and the window's earlier steps, whose graphs the current iterates carry."""
     seen = {id(r) for r in reads}
-    earlier = [r for r in (window.reads if window is not None else ()) if id(r) not in seen]
-    return list(reads) + earlier
+    return list(reads) + [r for r in window_reads if id(r) not in seen]
 
 
-def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor, reads: List) -> None:
+def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor, reads: List,
+                window_reads: List = ()) -> None:
     """Warns once per declared edge into ``P`` whose read left no autograd connection
     (the caller checks each problem once: ``RunState.linted``); also runs
-    :func:`check_hyperparameters` on ``P``."""
+    :func:`check_hyperparameters` on ``P``. ``window_reads``: the reads recorded in ``P``'s
+    open window before this evaluation."""
     check_hyperparameters(problems, P)
     g = graph
     if not g.reads[P.name] or loss.grad_fn is None:
@@ -90,7 +89,7 @@ def check_reads(graph, problems: Mapping[str, Problem], P: Problem, loss: Tensor
         S = problems[s]
         up, lo = (s, P.name) if P.name in g.u2l[s] else (P.name, s)
         edge = f"u2l {{{s!r}: [{P.name!r}]}}" if P.name in g.u2l[s] else f"l2u {{{s!r}: [{P.name!r}]}}"
-        of_s = [r for r in _all_reads(P, reads) if r.source == s]
+        of_s = [r for r in _all_reads(reads, window_reads) if r.source == s]
         if any(r.live for r in of_s):
             continue    # exact nesting: the live iterates (maybe the real parameters) on purpose
         aliases = [a for r in of_s for a in r.alias.values() if isinstance(a, Tensor)]

@@ -209,7 +209,9 @@ class Updater:
                 loss, out = self.evaluate(P, batch)
         if name not in self.state.linted:     # once per problem: declared reads without gradient
             try:
-                lint.check_reads(self.graph, self.problems, P, loss, reads)
+                window = self.state[name].window
+                lint.check_reads(self.graph, self.problems, P, loss, reads,
+                                 window.reads if window is not None else ())
             finally:
                 self.state.linted.add(name)
         if top_live:
