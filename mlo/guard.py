@@ -3,7 +3,8 @@
 Before every optimizer step the update's loss, own gradient and hypergradient norms
 are computed once (:func:`update_norms`, shared with ``engine.records``) and checked;
 a NaN or an infinity is described by problem, iteration and quantity
-(:func:`describe_nonfinite`; the updater raises or skips).
+(:func:`describe_nonfinite`; the updater raises or skips) and, for a hypergradient, by
+the lower whose loss a best response re-evaluated to a NaN (:mod:`mlo.nonfinite`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import fastpath
+from . import fastpath, nonfinite
 from .problem import Problem
 
 __all__ = ["update_norms", "describe_nonfinite"]
@@ -65,5 +66,7 @@ def describe_nonfinite(P: Problem, vals: List[float], grads: List[Optional[Tenso
             what.append("total gradient (own + hypergradient)" + where(grads))
     elif not math.isfinite(vals[1]):
         what.append("own gradient" + where(grads))
+    # which lower's loss a best response re-evaluated to a NaN (mlo.nonfinite)
+    origins = "; ".join(nonfinite.describe(o, P.name) for o in nonfinite.take(P))
     return (f"problem {P.name!r}: non-finite {' and '.join(what)} at iteration {iteration} "
-            f"(its update {P.step_count + 1})")
+            f"(its update {P.step_count + 1})" + (f": {origins}" if origins else ""))

@@ -35,6 +35,8 @@ iterations are those of the N training steps whatever the method.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, Union
 
@@ -43,6 +45,7 @@ from torch import Tensor
 
 import engines.base as eb
 
+from . import nonfinite
 from .distributed import grad_average
 from .isolation import no_side_effects, rng_state, set_rng_state
 from .precision import compute_dtype
@@ -217,6 +220,17 @@ def best_response_vjp(view: HypergradView, name: str, cots: Sequence[Cot], sourc
     for (s, k), g in zip(layout, grads):
         if g is not None:           # (None: the best response does not depend on it)
             out[s][k] = g
+    if nonfinite.all_finite(grads):     # one host read; the rest only when it fails
+        nonfinite.forget(view.problems, name, srcs)
+    else:
+        def replay(recording):          # the method once more, its loss recording
+            again = dataclasses.replace(lower, loss_fn=recording, diagnostics={})
+            with no_side_effects(view.problems.values(), rng), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _run_method(method, name, P, again, vv, opts)
+        nonfinite.found(view.problems, view.graph, name, method_name, vv, {s: out[s] for s in srcs},
+                        lambda: nonfinite.replay_description(loss_fn, params, vv, replay,
+                                                             entry.second_order, method_name))
     return [(s, src_states[s], out[s]) for s in srcs]
 
 
