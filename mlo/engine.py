@@ -89,6 +89,7 @@ class Engine:
         on_path = set().union(*(self.graph.path_nodes(n) for n in self.problems))
         _check_methods(self.problems, on_path)
         windowed = _windowed(self.problems, self.graph, on_path)
+        _check_solvers(self.problems, on_path)
         #: The run state (mlo.state.RunState): everything that changes during a run.
         self.state = RunState({n: self.graph.lowers(n) for n in self.problems})
         for n, P in self.problems.items():
@@ -408,6 +409,27 @@ def _windowed(problems: Mapping[str, Problem], graph: Graph, on_path) -> set:
                 f"{type(opt).__name__}. Use one of those, or an implicit / "
                 f"finite-difference method (config.method='cg', 'neumann' or 'finite_difference')")
     return windowed
+
+
+def _check_solvers(problems: Mapping[str, Problem], on_path) -> None:
+    """A problem with its own solver (``Problem.solve``) takes no steps: its method must
+    work at the current iterate, and a scheduler would have nothing to schedule."""
+    for n, P in problems.items():
+        if type(P).solve is Problem.solve:
+            continue
+        info = methods.info(P.config.method)
+        if n in on_path and (info.window or "optimizer" in info.needs):
+            raise GraphError(
+                f"problem {n!r} defines solve(batch): its updates take no optimizer steps, so "
+                f"method {P.config.method!r} has no steps to differentiate through; use an "
+                f"implicit or finite-difference method (config.method='cg', 'neumann', "
+                f"'finite_difference' or 'darts')")
+        if P.per_window:
+            raise GraphError(f"problem {n!r} defines solve(batch) but has per-window variables "
+                             f"(WindowProblem); use a Problem")
+        if P.scheduler is not None:
+            raise GraphError(f"problem {n!r} defines solve(batch): its optimizer is not stepped, "
+                             f"so its scheduler has nothing to schedule; remove it")
 
 
 def _check_per_window(P: Problem, graph: Graph) -> None:

@@ -214,6 +214,45 @@ class Problem:
         """
         return None
 
+    def solve(self, batch) -> Mapping[str, Tensor]:
+        """Optional: this problem's best response from your own solver, instead of
+        optimizer steps (a closed form, a linear solve, L-BFGS run to convergence).
+
+        Not overridden by default. When a problem overrides it, each of its updates calls
+        ``solve(batch)`` (with the batch the update takes) instead of an optimizer step;
+        the returned tensors become its variables, as constants (no autograd graph),
+        written like :meth:`set_params`. The update counts as one for the schedule, and
+        ``engine.records[name]["loss"]`` is ``training_step(batch)`` at the solution.
+        The problems above differentiate through the solution implicitly, so this
+        problem's ``config.method`` must work at the current iterate — ``"cg"``,
+        ``"neumann"``, ``"finite_difference"`` or ``"darts"`` (they evaluate
+        ``training_step`` on this batch at the solution): ``"unrolled"`` or
+        ``"sama"`` is a ``GraphError`` at construction (there are no steps to
+        differentiate through). Its ``optimizer`` is then not stepped (its learning rate
+        is still what ``finite_difference``'s ``scale_by_lr`` reads), and neither are a
+        scheduler, ``grad_clip`` or ``optimizer_hyperparameters()``.
+
+        Inside, read other problems as usual (``self.upper.params[...]``): the values
+        are detached (no graph), as is ``self.params`` (the current values, e.g. a warm
+        start). Autograd stays enabled, for a solver that needs gradients. Ridge
+        regression in closed form::
+
+            def solve(self, batch):
+                X, y = batch
+                lam = self.upper.params["log_lam"].exp()
+                eye = torch.eye(X.shape[1], dtype=X.dtype)
+                return {"w": torch.linalg.solve(X.T @ X + lam * eye, X.T @ y)}
+
+        Returns:
+            ``{variable name: tensor}`` with exactly this problem's variable names, and
+            their shapes and dtypes.
+
+        Raises (at the update):
+            TypeError: not a mapping, or a value that is not a tensor or has another dtype.
+            KeyError: missing or unknown names. ValueError: a wrong shape.
+        """
+        raise NotImplementedError(f"problem {self.name!r} does not define solve(batch)")
+
     # ---------------------------------------------------------------- hooks
     def on_window_start(self) -> None:
         """Hook (no-op by default): runs before the first update of each inner loop.

@@ -9,7 +9,7 @@ of a problem, its gradient and its run state, called by :class:`mlo.update.Updat
 from __future__ import annotations
 
 import warnings
-from typing import Any, List, Mapping, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import Tensor
@@ -18,7 +18,8 @@ from .fastpath import sgd_step
 from .problem import Problem
 from .state import ProblemRun, Read
 
-__all__ = ["step_in_window", "step_in_place", "step_scheduler", "apply_hyperparameters", "clip"]
+__all__ = ["step_in_window", "step_in_place", "step_by_solve", "check_solution", "step_scheduler",
+           "apply_hyperparameters", "clip"]
 
 
 def _float_hyperparameter(v):
@@ -56,6 +57,40 @@ def step_in_place(P: Problem, grads: Sequence[Optional[Tensor]]) -> None:
         P.optimizer.step()
         for p in variables:
             p.grad = None
+
+
+def check_solution(P: Problem, values: Any) -> Dict[str, Tensor]:
+    """``P.solve(batch)``'s result checked against ``P``'s variables: a mapping with exactly
+    their names, each a tensor of the variable's shape and dtype. Returns it detached."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"problem {P.name!r}: solve(batch) must return a dict {{variable name: "
+                        f"tensor}} for {P.param_names}, got {type(values).__name__}")
+    own = P.own_state()
+    missing = [k for k in P.param_names if k not in values]
+    unknown = [k for k in values if k not in own]
+    if missing or unknown:
+        raise KeyError(f"problem {P.name!r}: solve(batch) must return exactly its variables "
+                       f"{P.param_names}; missing {missing}, unknown {unknown}")
+    out = {}
+    for k in P.param_names:
+        v, t = values[k], own[k]
+        if not isinstance(v, Tensor):
+            raise TypeError(f"problem {P.name!r}: solve(batch)[{k!r}] must be a tensor, got "
+                            f"{type(v).__name__}")
+        if tuple(v.shape) != tuple(t.shape):
+            raise ValueError(f"problem {P.name!r}: solve(batch)[{k!r}] has shape {tuple(v.shape)}, "
+                             f"the variable has {tuple(t.shape)}")
+        if v.dtype != t.dtype:
+            raise TypeError(f"problem {P.name!r}: solve(batch)[{k!r}] has dtype {v.dtype}, the "
+                            f"variable has {t.dtype}")
+        out[k] = v.detach()
+    return out
+
+
+def step_by_solve(P: Problem, values: Mapping[str, Tensor]) -> None:
+    """``P``'s update by its own solver: the checked solution (:func:`check_solution`)
+    becomes its variables, as :meth:`mlo.Problem.set_params` writes them (constants)."""
+    P.set_params(values)
 
 
 def step_scheduler(P: Problem, in_window: bool) -> None:

@@ -36,7 +36,8 @@ from .parallel import SingleProcess
 from .problem import Problem
 from .second_order import second_order_kernels
 from .state import Read, ReadContext, RunState, reading
-from .step import apply_hyperparameters, clip, step_in_place, step_in_window, step_scheduler
+from .step import (apply_hyperparameters, check_solution, clip, step_by_solve, step_in_place, step_in_window,
+                   step_scheduler)
 from .windows import Windows
 
 __all__ = ["Updater", "UpdateResult", "Gradient"]
@@ -102,6 +103,8 @@ class Updater:
         # The nesting strategy's answers for an update (no breakdown, no override), per problem.
         self._top_live = {n: nesting.top_reads_live(n, False, None) for n in problems}
         self._own_view = {n: nesting.own_view(n, True) for n in problems}
+        # The problems whose updates call their own solver (Problem.solve) instead of a step.
+        self._solved = {n for n, P in problems.items() if type(P).solve is not Problem.solve}
 
     # ------------------------------------------------ the hypergradient view
     @property
@@ -322,6 +325,8 @@ class Updater:
         BatchNorm statistics of a forward that ran before the exception are not
         rolled back: Ctrl-C inside ``run`` waits for the iteration's end instead.)"""
         name = P.name
+        if name in self._solved:
+            return self._update_by_solve(P)
         diff = name in self._windowed
         run = self.state[name]
         opened = diff and run.window is None
@@ -373,6 +378,52 @@ class Updater:
         run.step_count += 1
         extras = {k: v for k, v in res.out.items() if k != "loss"} if isinstance(res.out, dict) else {}
         return UpdateResult(True, extras)
+
+    def _update_by_solve(self, P: Problem) -> UpdateResult:
+        """An update of ``P`` by ``P.solve(batch)`` (:meth:`mlo.Problem.solve`): the checked
+        solution, its loss on the batch (the record; implicit methods evaluate there), the
+        non-finite guard, then the solution written. Nothing changes when it raises."""
+        run = self.state[P.name]
+        last_batch = run.last_batch
+        P.begin_taking()
+        try:
+            batch = P.update_batch()
+            with self._detached_reads(P, None):
+                sol = P.solve(batch if self.device is None else _precision.to_device(batch, self.device))
+            sol = check_solution(P, sol)
+            with torch.no_grad(), self._detached_reads(P, sol):
+                loss, out = self.evaluate(P, batch)
+            run.last_batch = batch
+            bad = self.config.nonfinite != "ignore" and not (
+                math.isfinite(float(loss)) and all(bool(torch.isfinite(t).all()) for t in sol.values()))
+            if bad and self.config.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"problem {P.name!r}: solve(batch) at iteration {self.state.iteration} gave a "
+                    f"non-finite solution or loss ({float(loss)}); its variables are unchanged")
+        except BaseException:
+            P.return_taken()
+            run.last_batch = last_batch
+            raise
+        if bad:
+            warnings.warn(f"problem {P.name!r}: solve(batch) at iteration {self.state.iteration} gave "
+                          f"a non-finite solution or loss: update skipped; its variables are "
+                          f"unchanged", RuntimeWarning, stacklevel=5)
+            return UpdateResult(False)
+        step_by_solve(P, sol)
+        rec = self.state.records[P.name]
+        rec["loss"], rec["grad_norm"] = float(loss), None
+        run.last_loss = loss.detach()
+        run.step_count += 1
+        extras = {k: v for k, v in out.items() if k != "loss"} if isinstance(out, dict) else {}
+        return UpdateResult(True, extras)
+
+    def _detached_reads(self, P: Problem, own: Optional[Dict[str, Tensor]]) -> reading:
+        """The read context of ``P.solve``: other problems' states as detached values, and
+        ``P``'s own as ``own`` (``None``: its current values, detached)."""
+        base = self.windows.resolver(P, False, [])
+        if own is None:
+            own = {k: t.detach() for k, t in P.own_state().items()}
+        return reading(ReadContext(P, lambda s: {k: t.detach() for k, t in base(s).items()}, own=own))
 
     def _record(self, P: Problem, vals: List[float], res: Gradient) -> None:
         """``vals``: ``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (``[loss]`` with nonfinite='ignore')."""
