@@ -385,6 +385,50 @@ def _validate(engine, blob: Dict[str, Any], path: str) -> None:
                                   f"nothing was loaded")
 
 
+# Group keys a scheduler drives: with a scheduler, the configured value is compared
+# through "initial_lr" (the rate the schedule starts from) instead.
+_SCHEDULED = ("lr", "momentum", "betas")
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Whether two parameter-group values are equal (tensors by value, ``1 == 1.0``)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        try:
+            return torch.equal(torch.as_tensor(a).detach().cpu().double(),
+                               torch.as_tensor(b).detach().cpu().double())
+        except (TypeError, RuntimeError, ValueError):
+            return False
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def _replaced_settings(engine, blob: Dict[str, Any]) -> List[str]:
+    """``"problem 'lo' group 0: lr 0.1 -> 0.05"`` for every parameter-group setting
+    that loading ``blob`` changes: the engine's value, then the checkpoint's. Not
+    compared: ``params``; the keys a problem learns (``optimizer_hyperparameters``,
+    recomputed before its next step; a problem that overrides it and has not stepped
+    yet is skipped); with a scheduler, ``lr``/``momentum``/``betas`` (``initial_lr``
+    is)."""
+    from .problem import Problem
+    out = []
+    for name, P in engine.problems.items():
+        learned = engine.state.learned_hp.get(name)
+        if learned is None and type(P).optimizer_hyperparameters is not Problem.optimizer_hyperparameters:
+            continue                 # it learns some keys; which, its first step will say
+        skip = set(learned or ()) | {"params"} | (set(_SCHEDULED) if P.scheduler is not None else set())
+        saved = blob["problems"][name]["optimizer"]["param_groups"]
+        for i, (sg, g) in enumerate(zip(saved, P.optimizer.param_groups)):
+            changes = [f"{k} {g[k]!r} -> {sg[k]!r}" for k in g
+                       if k not in skip and k in sg and not _same_setting(g[k], sg[k])]
+            if changes:
+                out.append(f"problem {name!r} group {i}: {', '.join(changes)}")
+    return out
+
+
 def load(engine, path: PathLike, realign_data: bool = False) -> None:
     """Restores ``engine`` (built with the same problems) from ``path``.
 
@@ -392,6 +436,18 @@ def load(engine, path: PathLike, realign_data: bool = False) -> None:
     the engine is exactly as before. Also restores the global RNG state (CPU, and
     CUDA when saved and available). Warns (``RuntimeWarning``) when the checkpoint
     was saved inside an open window.
+
+    Optimizer settings come from the checkpoint. Like torch's
+    ``optimizer.load_state_dict``, which it calls, loading restores every parameter
+    group's hyperparameters (``lr``, ``momentum``, ``betas``, ``weight_decay``, ...)
+    as they were saved, replacing those the engine was built with: resuming continues
+    the saved run. When a saved value differs from the engine's, one
+    ``RuntimeWarning`` lists each (problem, group, key, the engine's value and the
+    checkpoint's); to run on with the engine's values, set them again after loading
+    (``for g in P.optimizer.param_groups: g["lr"] = ...``). Not compared: values a
+    problem learns (``optimizer_hyperparameters``, recomputed before its next step)
+    and, under a scheduler, ``lr``/``momentum``/``betas`` (the schedule's state is
+    restored too; its ``initial_lr`` is compared).
 
     Args:
         realign_data: also start every problem's data over and consume the batches it
@@ -411,6 +467,7 @@ def load(engine, path: PathLike, realign_data: bool = False) -> None:
     path = os.fspath(path)
     blob = _read(path)
     _validate(engine, blob, path)
+    replaced = _replaced_settings(engine, blob)
     # ---- apply (validated: nothing below is expected to fail)
     engine.close_windows()
     for name, P in engine.problems.items():
@@ -437,6 +494,13 @@ def load(engine, path: PathLike, realign_data: bool = False) -> None:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     _warn_open(blob.get("open_windows") or {}, f"{path}: checkpoint was saved")
+    if replaced:
+        warnings.warn(f"{path}: loading replaced optimizer settings the engine was built with by "
+                      f"the checkpoint's (engine -> checkpoint; torch's optimizer.load_state_dict "
+                      f"restores parameter groups, so the resumed run continues with the saved "
+                      f"ones): {'; '.join(replaced)}. To run on with the engine's values, set them "
+                      f"again after loading (for g in P.optimizer.param_groups: g[key] = value)",
+                      RuntimeWarning, stacklevel=2)
 
 
 # ------------------------------------------------------------ periodic checkpoints
