@@ -27,14 +27,19 @@ UP_LR = 0.8
 
 
 def ridge_data(seed=3):
-    """``XᵀX/n`` has spectral norm 0.5, so ``A``'s eigenvalues lie in ``[e^a, e^a + 0.5]``."""
+    """Two training batches (the lower cycles through them: the hypergradient must be taken
+    at the batch of the solve) and a validation set. Each batch's ``XᵀX/n`` has spectral
+    norm 0.5, so ``A``'s eigenvalues lie in ``[e^a, e^a + 0.5]``."""
     gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(N, D, generator=gen, dtype=DT)
-    X = X * (0.5 / torch.linalg.matrix_norm(X.T @ X / N, ord=2)) ** 0.5
-    y = X @ torch.randn(D, generator=gen, dtype=DT) + 0.3 * torch.randn(N, generator=gen, dtype=DT)
+    w_true = torch.randn(D, generator=gen, dtype=DT)
+    batches = []
+    for _ in range(2):
+        X = torch.randn(N, D, generator=gen, dtype=DT)
+        X = X * (0.5 / torch.linalg.matrix_norm(X.T @ X / N, ord=2)) ** 0.5
+        batches.append((X, X @ w_true + 0.3 * torch.randn(N, generator=gen, dtype=DT)))
     Xv = torch.randn(NV, D, generator=gen, dtype=DT)
     yv = torch.randn(NV, generator=gen, dtype=DT)
-    return X, y, Xv, yv
+    return batches, Xv, yv
 
 
 def w_star(X, y, a):
@@ -71,13 +76,14 @@ class Upper(mlo.Problem):
 class RidgeLower(mlo.Problem):
     """Solved in closed form; ``SGD(lr=0.05)`` would need many steps (and is not used)."""
 
-    def __init__(self, upper, X, y, method="cg", options=None, result=None):
-        super().__init__("lower", params={"w": torch.zeros(D, dtype=DT)}, data=[(X, y)],
+    def __init__(self, upper, batches, method="cg", options=None, result=None):
+        super().__init__("lower", params={"w": torch.zeros(D, dtype=DT)}, data=batches,
                          optimizer_kwargs={"lr": 0.05},
                          config=mlo.ProblemConfig(method=method, method_options=options or {}))
         self.upper = upper
         self.result = result        # a function of the correct solution (refusal tests)
         self.solved_at = []         # the log λ each solve saw
+        self.batches = []           # and its batch
 
     def training_step(self, batch):
         X, y = batch
@@ -90,29 +96,30 @@ class RidgeLower(mlo.Problem):
         a = self.upper.params["log_lam"]
         assert not a.requires_grad and a.grad_fn is None     # a plain detached value
         self.solved_at.append(float(a))
+        self.batches.append(batch)
         eye = torch.eye(X.shape[1], dtype=X.dtype)
         w = torch.linalg.solve(X.T @ X / len(y) + a.exp() * eye, X.T @ y / len(y))
         return {"w": w} if self.result is None else self.result(w)
 
 
 def ridge_engine(method="cg", options=None, result=None, lr=UP_LR):
-    X, y, Xv, yv = ridge_data()
+    batches, Xv, yv = ridge_data()
     up = Upper(Xv, yv, lr)
-    lo = RidgeLower(up, X, y, method, options, result)
+    lo = RidgeLower(up, batches, method, options, result)
     up.lower = lo
     eng = mlo.Engine([lo, up], {"u2l": {up: [lo]}, "l2u": {lo: [up]}})
-    return eng, up, lo, (X, y, Xv, yv)
+    return eng, up, lo, (batches, Xv, yv)
 
 
 class CheckLower:
     """After each lower update: the lower equals ``w*(a)`` at the ``a`` its solve saw."""
 
-    def __init__(self, data):
-        self.data, self.errors = data, []
+    def __init__(self):
+        self.errors = []
 
     def after_update(self, engine, problem):
         if problem.name == "lower":
-            X, y = self.data[:2]
+            X, y = problem.batches[-1]
             a = problem.solved_at[-1]
             assert a == float(problem.upper.params["log_lam"].detach())
             err = float((problem.params["w"] - w_star(X, y, a)).abs().max())
@@ -122,11 +129,12 @@ class CheckLower:
 # ------------------------------------------------------------------ (a) the solution
 def test_lower_is_the_closed_form_solution_after_each_update():
     eng, up, lo, data = ridge_engine()
-    check = CheckLower(data)
+    check = CheckLower()
     eng.run(4, callbacks=[check])
     assert len(check.errors) == 4 and max(check.errors) <= 1e-12, check.errors
     assert eng.counts() == {"lower": 4, "upper": 4}
-    X, y = data[:2]
+    assert [b[0] is data[0][i % 2][0] for i, b in enumerate(lo.batches)] == [True] * 4
+    X, y = lo.batches[-1]
     a = lo.solved_at[-1]
     w = w_star(X, y, a)
     f = 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * math.exp(a) * (w ** 2).sum()
@@ -144,7 +152,7 @@ def test_implicit_hypergradient_is_the_closed_form(method, options, tol):
     eng, up, lo, data = ridge_engine(method, options)
     eng.run(3)
     got = [float(g) for g in up.optimizer.record]
-    want = [exact_hypergradient(*data, a) for a in lo.solved_at]
+    want = [exact_hypergradient(*b, *data[1:], a) for a, b in zip(lo.solved_at, lo.batches)]
     assert len(got) == 3
     for g, w in zip(got, want):
         assert abs(g - w) <= tol * max(1.0, abs(w)), (got, want)
@@ -156,11 +164,11 @@ def test_finite_difference_hypergradient_at_the_solution(method):
     eng, up, lo, data = ridge_engine(method, {"epsilon": 0.05})
     eng.run(3)
     got = [float(g) for g in up.optimizer.record]
-    want = [darts_hypergradient(*data, a) for a in lo.solved_at]
+    want = [darts_hypergradient(*b, *data[1:], a) for a, b in zip(lo.solved_at, lo.batches)]
     # ∂f/∂a is quadratic in w: the central difference is exact up to rounding.
     for g, w in zip(got, want):
         assert abs(g - w) <= 1e-12, (got, want)
-    exact = [exact_hypergradient(*data, a) for a in lo.solved_at]
+    exact = [exact_hypergradient(*b, *data[1:], a) for a, b in zip(lo.solved_at, lo.batches)]
     assert max(abs(g - e) for g, e in zip(got, exact)) > 1e-3   # (a different quantity)
 
 
@@ -169,14 +177,14 @@ def test_run_matches_a_hand_written_loop():
     T = 6
     eng, up, lo, data = ridge_engine("cg", {"max_iter": 30, "tol": 1e-14})
     eng.run(T)
-    a, history = A0, []
-    for _ in range(T):
+    (batches, Xv, yv), a, history = data, A0, []
+    for t in range(T):
         history.append(a)
-        a -= UP_LR * exact_hypergradient(*data, a)
+        a -= UP_LR * exact_hypergradient(*batches[t % 2], Xv, yv, a)
     assert lo.solved_at == pytest.approx(history, abs=1e-10, rel=0)
     assert abs(float(up.params["log_lam"]) - a) <= 1e-10
     assert abs(a - A0) > 1e-2                     # λ moved
-    w = w_star(data[0], data[1], history[-1])
+    w = w_star(*batches[(T - 1) % 2], history[-1])
     assert float((lo.params["w"] - w).abs().max()) <= 1e-12
 
 
@@ -274,9 +282,9 @@ def test_step_methods_are_refused_with_a_solver(method):
 
 
 def test_default_method_is_refused_with_a_solver():
-    X, y, Xv, yv = ridge_data()
+    batches, Xv, yv = ridge_data()
     up = Upper(Xv, yv)
-    lo = RidgeLower(up, X, y)
+    lo = RidgeLower(up, batches)
     lo.config = mlo.ProblemConfig()               # the default method: unrolled
     up.lower = lo
     with pytest.raises(GraphError, match="'lower' defines solve"):
@@ -308,9 +316,9 @@ def test_nonfinite_solution_raises_and_changes_nothing():
 
 
 def test_scheduler_is_refused_with_a_solver():
-    X, y, Xv, yv = ridge_data()
+    batches, Xv, yv = ridge_data()
     up = Upper(Xv, yv)
-    lo = RidgeLower(up, X, y)
+    lo = RidgeLower(up, batches)
     lo.scheduler = torch.optim.lr_scheduler.StepLR(lo.optimizer, step_size=1)
     up.lower = lo
     with pytest.raises(GraphError, match="'lower' defines solve.*scheduler"):
