@@ -201,3 +201,55 @@ def test_the_example_script_is_the_jobs_command_line(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --checkpoint-every must be >= 1, got 0"]
+
+
+def test_fashion_mnist_preset_on_an_idx_fixture(capsys, tmp_path, monkeypatch):
+    """examples/configs/meta_mae_fmnist.yaml's data path end to end on a tiny IDX fixture
+    (never the installed files: the system location is pointed at an empty folder): the
+    config's data.root is read by load_mnist_like, quick_train / quick_test pick a fixed
+    subset (labels kept with their images), patch 7 gives 16 tokens, the job runs and
+    probes; bad data settings and missing files are one error line."""
+    import yaml
+    from problems.datasets import idx
+    monkeypatch.setitem(idx.IDX_SYSTEM_DIRS, "fashion-mnist", str(tmp_path / "no-system-files"))
+    root = idx.write_mnist_like(tmp_path / "idx", n_train=256, n_test=128, seed=3)
+    fx, fy = (torch.from_numpy(idx.read_idx(f"{root}/train-{k}-idx{d}-ubyte.gz")) for k, d in
+              (("images", 3), ("labels", 1)))                       # [256, 28, 28] uint8, [256]
+    preset = yaml.safe_load((setup.CONFIGS / "meta_mae_fmnist.yaml").read_text())
+    assert preset["modality"] == "image" and preset["data"]["name"] == "fashion-mnist"
+    assert (preset["data"]["quick_train"], preset["data"]["quick_test"]) == (256, 128)
+    preset["data"]["root"] = root
+    conf = tmp_path / "fmnist.yaml"
+    conf.write_text(yaml.safe_dump(preset))
+    cfg = setup.read_config(conf)
+
+    (x, y), (xt, yt) = setup.image_data(cfg, quick=True)
+    assert x.shape == (256, 1, 28, 28) and x.dtype == torch.float32 and xt.shape == (128, 1, 28, 28)
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x[:, 0], fx[perm].float() / 255, rtol=0, atol=0)
+    assert torch.equal(y, fy[perm].long())
+    cfg["data"].update(train=100, test=50)                           # the full-run keys, smaller
+    (x2, y2), (xt2, _) = setup.image_data(cfg)
+    assert (len(x2), len(xt2)) == (100, 50) and torch.equal(x2, x[:100]) and torch.equal(y2, y[:100])
+
+    r = job.main(["--modality", "image", "--config", str(conf), "--quick", "--steps", "3", "--no-progress",
+                  "--out", str(tmp_path / "run")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "train 256, test 128, 16 tokens; encoder 64x3" in lines[0], lines[0]
+    assert LAST_LINE.match(lines[-1]) and r["steps"] == 3 and r["tokenizer"] == {"patch_size": 7}
+    assert all(0.0 <= r[k] <= 1.0 for k in ("accuracy", "random_init_accuracy", "raw_accuracy"))
+
+    for change, message in (({"train": 257}, r"data\.train must be an integer in 1\.\.256"),
+                            ({"name": "cifar"}, r"data\.name must be one of"),
+                            ({"rooot": "x"}, r"unknown data key\(s\) \['rooot'\]"),
+                            ({"root": str(tmp_path / "empty")}, r"fashion-mnist: no complete set of IDX files")):
+        bad = {**cfg, "data": {**cfg["data"], **change}}
+        with pytest.raises(UsageError, match=message):
+            setup.image_data(bad)
+    preset["data"]["root"] = str(tmp_path / "empty")
+    conf.write_text(yaml.safe_dump(preset))
+    with pytest.raises(SystemExit) as e:
+        job.main(["--modality", "image", "--config", str(conf), "--quick", "--no-progress",
+                  "--out", str(tmp_path / "run2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: config data: fashion-mnist")

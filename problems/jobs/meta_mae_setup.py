@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import mlo
-from problems.datasets import (infinite_loader, load_basic_motions, load_breast_cancer,
-                               load_cmudict_syllables, load_digits)
+from problems.datasets import (IDXFormatError, infinite_loader, load_basic_motions, load_breast_cancer,
+                               load_cmudict_syllables, load_digits, load_mnist_like)
 from problems.evaluation import linear_probe
 from problems.jobs.common import UsageError, read_yaml
 from problems.latent_adaptation import MetaMAEOptions
@@ -27,7 +27,7 @@ from problems.meta_mae import MetaMAEPretrain, build_graph
 from problems.tokenizers import DiscreteTokenizer, ImageTokenizer, SequenceTokenizer, TabularTokenizer
 
 __all__ = ["CONFIGS", "MODALITIES", "SETTINGS", "read_config", "make_settings", "options", "length_buckets",
-           "load", "tabular_embedding", "build_mae", "probe", "build"]
+           "load", "image_data", "tabular_embedding", "build_mae", "probe", "build"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 MODALITIES = ("image", "tabular", "timeseries", "tokens")
@@ -40,7 +40,9 @@ SETTINGS = {"width": int, "depth": int, "heads": int, "mlp_ratio": float, "decod
 # settings a config may leave out (older configs): MaskedAutoencoder's defaults
 DEFAULTS = {"probe_max_iter": 500, "decoder_dropout": 0.0, "input_dropout": 0.0, "qkv_bias": True}
 TABULAR_EMBEDDINGS = ("shared", "per_feature")
-TOP_KEYS = {"modality", "tokenizer", "paper", "cpu", "quick"}
+TOP_KEYS = {"modality", "data", "tokenizer", "paper", "cpu", "quick"}
+IMAGE_DATA = ("digits", "fashion-mnist", "mnist")     # the image modality's datasets (config `data.name`)
+DATA_KEYS = ("name", "root", "train", "test", "quick_train", "quick_test")
 Data = Tuple[Tensor, Tensor]
 
 
@@ -124,11 +126,12 @@ def length_buckets(x: Tensor, batch_size: int, seed: int) -> Iterator[Tuple[Tens
 
 
 def load(modality: str, cfg: Dict[str, Any], s: Dict[str, Any], seed: int, quick: bool = False):
-    """``(train, test, tokenizer, loader, raw_features)`` for the modality."""
+    """``(train, test, tokenizer, loader, raw_features)`` for the modality (the image
+    modality's dataset is the config's ``data`` table, :func:`image_data`)."""
     tk, width = cfg["tokenizer"], s["width"]
     if modality == "image":
-        d = load_digits(seed=0, fractions=(0.8, 0.0, 0.2))
-        tok = ImageTokenizer(8, int(tk.get("patch_size", 2)), 1, width)
+        train, test = image_data(cfg, quick)
+        tok = ImageTokenizer(train[0].shape[-1], int(tk.get("patch_size", 2)), 1, width)
         raw = lambda x: x.flatten(1)  # noqa: E731
     elif modality == "tabular":
         d = load_breast_cancer(seed=0, fractions=(0.8, 0.0, 0.2))
@@ -145,12 +148,60 @@ def load(modality: str, cfg: Dict[str, Any], s: Dict[str, Any], seed: int, quick
         vocab = len(d.info["vocab"])
         tok = DiscreteTokenizer(vocab, max_len, width, pad_id=0)
         raw = lambda x: F.one_hot(x, vocab).flatten(1).float()  # noqa: E731
-    train, test = d.train.tensors, d.test.tensors
+    if modality != "image":
+        train, test = d.train.tensors, d.test.tensors
     if modality == "tokens":
         batches = length_buckets(train[0], s["batch_size"], seed)
     else:
         batches = infinite_loader((train[0],), s["batch_size"], seed=seed)
     return train, test, tok, batches, raw
+
+
+def image_data(cfg: Dict[str, Any], quick: bool = False) -> Tuple[Data, Data]:
+    """The image modality's ``(train, test)``, each ``(x [N, 1, H, W] in [0, 1], y [N])``.
+
+    The config's ``data`` table (absent: ``{name: digits}``): ``name`` one of
+    :data:`IMAGE_DATA` -- ``digits`` is scikit-learn's 8×8 digits (a fixed 80/20 split),
+    ``fashion-mnist`` / ``mnist`` the 28×28 IDX files read by
+    :func:`problems.datasets.load_mnist_like` (``root``, relative to the working
+    directory, is searched before the system location); ``train`` / ``test`` (with
+    ``--quick``: ``quick_train`` / ``quick_test``) keep that many images of the official
+    training / test set, a fixed random subset (seed 0, whatever the run's seed); absent:
+    all. The pretraining data and the probe's training set are the same ``train`` images.
+    """
+    data = cfg.get("data") or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config: data must be a mapping with keys {list(DATA_KEYS)}, got {data!r}")
+    unknown = sorted(set(data) - set(DATA_KEYS))
+    if unknown:
+        raise UsageError(f"config: unknown data key(s) {unknown}; known: {list(DATA_KEYS)}")
+    name = data.get("name", "digits")
+    if name not in IMAGE_DATA:
+        raise UsageError(f"config: data.name must be one of {list(IMAGE_DATA)}, got {name!r}")
+    if name == "digits":
+        extra = sorted(set(data) - {"name"})
+        if extra:
+            raise UsageError(f"config: data key(s) {extra} apply to fashion-mnist / mnist, not digits")
+        d = load_digits(seed=0, fractions=(0.8, 0.0, 0.2))
+        return d.train.tensors, d.test.tensors
+    try:
+        d = load_mnist_like(name, root=data.get("root"))
+    except (FileNotFoundError, IDXFormatError) as e:
+        raise UsageError(f"config data: {e}") from None
+    prefix = "quick_" if quick else ""
+    return (_subset(d.train, data.get(prefix + "train", data.get("train")), f"data.{prefix}train", name),
+            _subset(d.test, data.get(prefix + "test", data.get("test")), f"data.{prefix}test", name))
+
+
+def _subset(xy: Data, n: Any, key: str, name: str) -> Data:
+    """The first ``n`` of a seed-0 permutation of ``xy`` (all of it when ``n`` is None)."""
+    if n is None:
+        return xy
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(xy[0]):
+        raise UsageError(f"config: {key} must be an integer in 1..{len(xy[0])} (the images {name} "
+                         f"has there), got {n!r}")
+    idx = torch.randperm(len(xy[0]), generator=torch.Generator().manual_seed(0))[:n]
+    return xy[0][idx], xy[1][idx]
 
 
 def tabular_embedding(cfg: Dict[str, Any]) -> str:
