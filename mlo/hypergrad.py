@@ -85,6 +85,9 @@ class HypergradView(Protocol):
     def loss(self, P: Any, batch: Any) -> Tensor:
         """``P``'s scalar loss on ``batch``, as the engine evaluates it."""
 
+    #: Whether non-finite results are traced to their origin (``nonfinite != "ignore"``).
+    check_nonfinite: bool
+
     def note_method(self, name: str, diagnostics: Dict[str, Any]) -> None:
         """What problem ``name``'s method measured about its run
         (``engines.base.Lower.diagnostics``, e.g. ``{"cg_iterations": 7,
@@ -133,37 +136,51 @@ def best_response_vjp(view: HypergradView, name: str, cots: Sequence[Cot], sourc
     entry = eb.info(method_name)
     method = entry.fn
     opts = dict(opts)
-    win = view.window(name)
     if entry.window and view.windowed(name):
-        # Unrolled: reverse mode from the iterates the cotangents sit on to the
-        # aliases this problem's steps read in the current window.
-        if win is None:
-            return []
-        outs: Dict[int, Tuple[Tensor, Tensor]] = {}
-        for state, vec in cots:
-            if state is None:
-                continue
-            for k, t in state.items():
-                if k in vec:
-                    key = id(t)
-                    outs[key] = (t, outs[key][1] + vec[k]) if key in outs else (t, vec[k])
-        reads = [r for r in win.reads if r.source in readable]
-        pairs = [(r, k, a) for r in reads for k, a in r.alias.items() if a.requires_grad]
-        outs = {k: v for k, v in outs.items() if v[0].requires_grad}
-        if not outs or not pairs:
-            return []
-        diagnostics: Dict[str, Any] = {}
-        lower = eb.Lower(params=(), inputs=tuple(a for _, _, a in pairs), loss_fn=_no_loss,
-                         outputs=tuple(t for t, _ in outs.values()), unused_as_none=True,
-                         diagnostics=diagnostics)
-        grads = _run_method(method, name, P, lower, tuple(v for _, v in outs.values()), opts)
-        _note_method(view, name, diagnostics, override)
-        result: Dict[int, Tuple[object, Dict[str, Tensor]]] = {}
-        for (r, k, _), g in zip(pairs, grads):
-            if g is not None:       # (None: the window's steps never reached this variable)
-                result.setdefault(id(r), (r, {}))[1][k] = g
-        return [(r.source, r.src_state, vec) for r, vec in result.values()]
-    # Implicit / finite difference: evaluated at the current iterate.
+        return _window_vjp(view, name, P, method, opts, cots, readable, override)
+    return _implicit_vjp(view, name, P, entry, method_name, opts, cots, readable, override)
+
+
+def _window_vjp(view: HypergradView, name: str, P, method, opts, cots: Sequence[Cot], readable: Set[str],
+                override: Override) -> List[Tuple[str, Optional[Dict[str, Tensor]], Dict[str, Tensor]]]:
+    """Unrolled: reverse mode from the iterates the cotangents sit on to the aliases
+    this problem's steps read in its current window (none: the window has closed)."""
+    win = view.window(name)
+    if win is None:
+        return []
+    outs: Dict[int, Tuple[Tensor, Tensor]] = {}
+    for state, vec in cots:
+        if state is None:
+            continue
+        for k, t in state.items():
+            if k in vec:
+                key = id(t)
+                outs[key] = (t, outs[key][1] + vec[k]) if key in outs else (t, vec[k])
+    reads = [r for r in win.reads if r.source in readable]
+    pairs = [(r, k, a) for r in reads for k, a in r.alias.items() if a.requires_grad]
+    outs = {k: v for k, v in outs.items() if v[0].requires_grad}
+    if not outs or not pairs:
+        return []
+    diagnostics: Dict[str, Any] = {}
+    lower = eb.Lower(params=(), inputs=tuple(a for _, _, a in pairs), loss_fn=_no_loss,
+                     outputs=tuple(t for t, _ in outs.values()), unused_as_none=True,
+                     diagnostics=diagnostics)
+    grads = _run_method(method, name, P, lower, tuple(v for _, v in outs.values()), opts)
+    _note_method(view, name, diagnostics, override)
+    result: Dict[int, Tuple[object, Dict[str, Tensor]]] = {}
+    for (r, k, _), g in zip(pairs, grads):
+        if g is not None:       # (None: the window's steps never reached this variable)
+            result.setdefault(id(r), (r, {}))[1][k] = g
+    return [(r.source, r.src_state, vec) for r, vec in result.values()]
+
+
+def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, opts, cots: Sequence[Cot],
+                  readable: Set[str], override: Override
+                  ) -> List[Tuple[str, Optional[Dict[str, Tensor]], Dict[str, Tensor]]]:
+    """Implicit / finite difference: the method evaluated at the current iterate, on the
+    problem's last batch, with every derivative of the loss averaged over ranks under
+    data parallelism; a non-finite result is traced to its origin (:mod:`mlo.nonfinite`)."""
+    method = entry.fn
     v: Dict[str, Tensor] = {}
     for _, vec in cots:
         _add(v, vec)
@@ -220,7 +237,9 @@ def best_response_vjp(view: HypergradView, name: str, cots: Sequence[Cot], sourc
     for (s, k), g in zip(layout, grads):
         if g is not None:           # (None: the best response does not depend on it)
             out[s][k] = g
-    if nonfinite.all_finite(grads):     # one host read; the rest only when it fails
+    if not view.check_nonfinite:        # EngineConfig(nonfinite="ignore"): nothing to trace
+        pass
+    elif nonfinite.all_finite(grads):   # one host read; the rest only when it fails
         nonfinite.forget(view.problems, name, srcs)
     else:
         def replay(recording):          # the method once more, its loss recording

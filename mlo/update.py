@@ -112,6 +112,10 @@ class Updater:
         return self.parallel.enabled
 
     @property
+    def check_nonfinite(self) -> bool:
+        return self.config.nonfinite != "ignore"
+
+    @property
     def precision(self) -> str:
         return self.config.precision
 

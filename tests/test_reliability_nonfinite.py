@@ -105,7 +105,7 @@ def test_nonfinite_update_is_refused_and_changes_nothing(method, opts, clip, who
         with pytest.raises(FloatingPointError, match=msg + ".*unchanged"):
             eng.step()
     else:
-        with pytest.warns(RuntimeWarning, match=msg + ": update skipped"):
+        with pytest.warns(RuntimeWarning, match=msg + ".*: update skipped"):
             eng.step()
         assert eng.records[who]["skipped"] == 1
     assert same(snapshot(eng, who), before), "the refused update changed the problem"
