@@ -128,7 +128,7 @@ class CheckLower:
 
 # ------------------------------------------------------------------ (a) the solution
 def test_lower_is_the_closed_form_solution_after_each_update():
-    eng, up, lo, data = ridge_engine()
+    eng, _, lo, data = ridge_engine()
     check = CheckLower()
     eng.run(4, callbacks=[check])
     assert len(check.errors) == 4 and max(check.errors) <= 1e-12, check.errors
@@ -302,7 +302,7 @@ def test_default_method_is_refused_with_a_solver():
     (lambda w: [w], TypeError, r"must return a dict .* got list"),
 ])
 def test_bad_solutions_are_named_errors_and_change_nothing(result, error, match):
-    eng, up, lo, data = ridge_engine(result=result)
+    eng, _, lo, _ = ridge_engine(result=result)
     with pytest.raises(error, match=r"problem 'lower': solve\(batch\).*" + match):
         eng.run(1)
     assert float(lo.params["w"].abs().max()) == 0.0
@@ -310,7 +310,7 @@ def test_bad_solutions_are_named_errors_and_change_nothing(result, error, match)
 
 
 def test_nonfinite_solution_raises_and_changes_nothing():
-    eng, up, lo, data = ridge_engine(result=lambda w: {"w": w * float("nan")})
+    eng, _, lo, _ = ridge_engine(result=lambda w: {"w": w * float("nan")})
     with pytest.raises(FloatingPointError, match="problem 'lower': solve"):
         eng.run(1)
     assert float(lo.params["w"].abs().max()) == 0.0 and lo.step_count == 0
