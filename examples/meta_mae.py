@@ -21,6 +21,7 @@ the inner step itself (``problems.latent_adaptation.metamae_loss``)::
     python examples/meta_mae.py --modality image --no-contrastive                  # + latent adaptation
     python examples/meta_mae.py --modality tabular --support-ratio 0.5 --first-order
     python examples/meta_mae.py --modality image --form single                     # one-problem form
+    python examples/meta_mae.py --modality image --set mask_ratio=0.6 --set depth=4   # any setting
 
 Presets are YAML files ``examples/configs/meta_mae_<modality>.yaml`` with the
 paper's hyperparameters (Table 8: α, λ, decoder depth, mask ratio, batch; τ = 0.5,
@@ -52,6 +53,14 @@ share the default folder: the script stops with ``error: --out DIR already holds
 ``summary.json`` and checkpoints) or another ``--out``. Also
 probes the randomly initialised encoder and the raw input (one-hot ids for tokens)
 unless ``--no-floors``. The last line printed is ``linear-probe test accuracy: NN.NN%``.
+
+``--set KEY=VALUE`` overrides any setting of the config (the value read as YAML); the
+dedicated switches (``--alpha``, ``--lam``, ...) win over it. Every setting — from the
+config, ``--set`` or a switch — is checked against its type and range with no coercion
+(``depth: 2.7``, ``cosine: "false"``, ``--alpha nan``, ``--lam -1``, ``mask_ratio: 1.5``,
+``heads: 0`` are refused, as are configs with YAML anchors or aliases and an ``--out``
+that cannot be created): one line ``error: ...`` naming the source, the setting, the value
+and what is expected, exit code 2, nothing written.
 
 The job is library code: :mod:`problems.jobs.meta_mae_setup` (configs, settings, data,
 model, graph) and :mod:`problems.jobs.meta_mae_job` (``main``); this script is its

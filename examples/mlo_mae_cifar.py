@@ -57,9 +57,18 @@ the checkpoint and continues to ``--steps`` iterations in total. Data iterators
 restart from their beginning, and the learning-rate schedules are the saved ones
 (their length is the original run's ``steps``).
 
-Invalid input (a missing or corrupt checkpoint, a preset with unknown keys, an
-explicit ``--data-dir`` without CIFAR-10 for the paper preset, ...) prints one line
-``error: ...`` on stderr and exits with code 2.
+Invalid input prints one line ``error: ...`` on stderr and exits with code 2, before
+anything is trained or written: a missing or corrupt checkpoint, a preset with unknown
+keys, an explicit ``--data-dir`` without CIFAR-10 for the paper preset; a ``--set`` or
+preset value of the wrong type — checked with no coercion, so ``depth=2.7``,
+``depth="4"`` and ``cosine="false"`` are refused, ``method`` must name a registered
+method and ``method_options`` be a mapping —; ``num_classes`` below the data's classes or
+images that do not match ``in_chans``/``image_size``; an ``--out`` that cannot be created;
+a preset or ``--set`` value with YAML anchors or aliases (refused unexpanded). CIFAR-10's
+pickles are read with a restricted unpickler (dicts, lists, bytes, numbers and numeric
+numpy arrays only: a file naming any other global is refused and runs nothing), and each
+file's images (uint8 ``[N, 3072]``; float pixels are refused, not cast) and labels (one
+per image, in 0..9) are checked first; the error names the file.
 
 The job itself is library code, :mod:`problems.jobs` (options and presets in
 ``mlo_mae_options``, data in ``mlo_mae_data``, training — ``engine.run`` with

@@ -11,9 +11,14 @@ Each batch file is a Python pickle of a dict with byte-string keys:
 ``b"fine_labels"`` / ``b"coarse_labels"`` (CIFAR-100). Meta files hold
 ``b"label_names"`` (CIFAR-10) or ``b"fine_label_names"`` / ``b"coarse_label_names"``.
 
-Security note: pickle is the dataset's official format and unpickling runs code
-chosen by whoever wrote the file. Load only files that came from the official
-tarball (``download=True`` checks its published MD5) or that you wrote yourself.
+Pickle is the dataset's official format, and a plain ``pickle.load`` runs whatever code
+the file names. The files are therefore read with a restricted unpickler
+(:func:`read_pickle`) that builds only what the format holds — dicts, lists, tuples,
+bytes/str, numbers, and numpy arrays of a numeric dtype — and refuses any other global
+with a :class:`CifarFormatError` naming the file and the global. Then every file is
+checked before anything trains (:func:`check_batch`): the images are a uint8
+``[N, 3072]`` array (float pixel data is refused, never cast), there are as many labels
+as images, and every label is an integer in ``0..classes-1``.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CIFAR_RESOURCES", "CifarData", "load_cifar", "download_and_extract",
-           "safe_extract", "md5sum", "images_to_tensor", "write_cifar_like", "CIFAR_MEAN", "CIFAR_STD"]
+__all__ = ["CIFAR_RESOURCES", "CifarData", "CifarFormatError", "load_cifar", "download_and_extract",
+           "safe_extract", "md5sum", "images_to_tensor", "write_cifar_like", "CIFAR_MEAN", "CIFAR_STD",
+           "read_pickle", "check_batch", "PICKLE_GLOBALS"]
 
 # name -> (url, tarball md5, extracted directory, train files, test files, meta file)
 CIFAR_RESOURCES: Dict[str, dict] = {
@@ -151,10 +157,180 @@ def download_and_extract(url: str, root: str, md5: str) -> None:
             os.remove(tmp)
 
 
-def _unpickle(path: str) -> dict:
-    # Trusted data only: see the module docstring.
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+class CifarFormatError(ValueError):
+    """A CIFAR file that is not in the official format, or a pickle naming a global the
+    format never uses; the message names the file and the problem."""
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside :data:`PICKLE_GLOBALS`."""
+
+
+# dtype kinds an array may have when read: bool, signed/unsigned integers, floats (the
+# checks after reading then want exactly uint8 images and integer labels)
+_ARRAY_KINDS = "biuf"
+_PROBE = np.zeros(1, np.uint8)
+_RECONSTRUCT = _PROBE.__reduce__()[0]        # numpy's own array rebuilder (protocols 0-4)
+_FROMBUFFER = _PROBE.__reduce_ex__(5)[0]     # its protocol-5 rebuilder
+
+
+def _dtype(spec, align=False, copy=True):
+    """``numpy.dtype`` for a pickle, only of the kinds in :data:`_ARRAY_KINDS`."""
+    if isinstance(spec, bytes):               # Python 2 pickles read with encoding="bytes"
+        spec = spec.decode("ascii", "replace")
+    if not isinstance(spec, str):
+        raise _RefusedGlobal(f"a numpy dtype built from {type(spec).__name__}, not a type code")
+    dt = np.dtype(spec, bool(align), bool(copy))
+    if dt.kind not in _ARRAY_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise _RefusedGlobal(f"a numpy array of dtype {spec!r} (only numbers are read)")
+    return dt
+
+
+def _reconstruct(subtype, shape, code):
+    """numpy's ``_reconstruct``, only for plain ``numpy.ndarray``."""
+    if subtype is not np.ndarray:
+        raise _RefusedGlobal(f"an array of type {getattr(subtype, '__name__', type(subtype).__name__)}, "
+                             f"not numpy.ndarray")
+    return _RECONSTRUCT(np.ndarray, shape, code)
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """numpy's protocol-5 ``_frombuffer``, only with a dtype :func:`_dtype` admitted."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _ARRAY_KINDS or dtype.fields is not None:
+        raise _RefusedGlobal(f"a numpy array of dtype {dtype!r} (only numbers are read)")
+    return _FROMBUFFER(buf, dtype, shape, order)
+
+
+def _latin1(text, encoding):
+    """``_codecs.encode(text, "latin1")``: how Python 3 writes ``bytes`` at protocols 0-2."""
+    if not isinstance(text, str) or str(encoding).replace("-", "").lower() != "latin1":
+        raise _RefusedGlobal(f"_codecs.encode with encoding {encoding!r} (only latin1 builds bytes)")
+    return text.encode("latin1")
+
+
+# (module, name) a CIFAR pickle may name -> what it gets. numpy arrays need the array
+# rebuilder (under numpy 1.x's and 2.x's module names), ndarray, dtype, and for protocol 5
+# _frombuffer; bytes written by Python 3 at protocols 0-2 need _codecs.encode.
+PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`PICKLE_GLOBALS`."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"the global {module}.{name}, which the CIFAR format never "
+                                 f"uses (it could run code)") from None
+
+    def persistent_load(self, pid):
+        raise _RefusedGlobal("a persistent id, which the CIFAR format never uses")
+
+
+def read_pickle(path: str) -> object:
+    """The object in the pickle ``path``, read with the restricted unpickler (Python 2
+    strings as ``bytes``, as the official release was written).
+
+    Raises:
+        CifarFormatError: the pickle names a global outside :data:`PICKLE_GLOBALS` (nothing
+            it names is called), or is not a readable pickle.
+    """
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise CifarFormatError(f"{path}: refused to read: the pickle asks for {e}; a CIFAR file "
+                               f"holds only dicts, lists, bytes, str, numbers and numeric numpy "
+                               f"arrays") from None
+    except OSError:
+        raise
+    except Exception as e:  # truncated, not a pickle, malformed opcodes
+        raise CifarFormatError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:120]})") from None
+
+
+def _entry(d: dict, key: str, path: str):
+    """``d[b"key"]`` or ``d["key"]``."""
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    have = ", ".join(repr(k) for k in list(d)[:8])
+    raise CifarFormatError(f"{path}: no {key!r} entry (the file has {have})")
+
+
+def _labels(value, path: str, key: str) -> np.ndarray:
+    """The labels ``value`` (a list of ints or an integer array) as int64, else an error."""
+    if isinstance(value, np.ndarray):
+        y = value
+    elif isinstance(value, (list, tuple)):
+        y = np.asarray(value) if len(value) else np.zeros(0, np.int64)
+    else:
+        raise CifarFormatError(f"{path}: {key} must be a list of integers, got {type(value).__name__}")
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        kind = "booleans" if y.dtype.kind == "b" else f"dtype {y.dtype}" if y.ndim == 1 else f"shape {y.shape}"
+        raise CifarFormatError(f"{path}: {key} must be a flat list of integers, got {kind}")
+    return y.astype(np.int64)
+
+
+def check_batch(d: object, path: str, label_keys: Tuple[str, ...], classes: Tuple[int, ...]
+                ) -> Tuple[np.ndarray, ...]:
+    """``(images [N, 32, 32, 3] uint8, labels...)`` of one batch file, after checking it.
+
+    Args:
+        d: what :func:`read_pickle` returned.
+        path: the file (named in errors).
+        label_keys: ``("labels",)`` (CIFAR-10) or ``("fine_labels", "coarse_labels")``.
+        classes: the number of classes of each label key (10; 100 and 20).
+
+    Raises:
+        CifarFormatError: not a dict; images not a uint8 ``[N, 3072]`` array (float pixel
+            data is refused, not cast); a label list not of ``N`` integers in
+            ``0..classes-1``.
+    """
+    if not isinstance(d, dict):
+        raise CifarFormatError(f"{path}: expected a dict with 'data' and {list(label_keys)}, "
+                               f"got {type(d).__name__}")
+    x = _entry(d, "data", path)
+    if not isinstance(x, np.ndarray):
+        raise CifarFormatError(f"{path}: data must be a uint8 numpy array [N, 3072], got {type(x).__name__}")
+    if x.dtype != np.uint8:
+        raise CifarFormatError(f"{path}: image data has dtype {x.dtype}, expected uint8 (pixel values "
+                               f"0..255; other pixel data is not cast)")
+    if x.ndim != 2 or x.shape[1] != 3072:
+        raise CifarFormatError(f"{path}: image data has shape {list(x.shape)}, expected [N, 3072] "
+                               f"(one 3x32x32 image per row)")
+    ys = []
+    for key, n_classes in zip(label_keys, classes):
+        y = _labels(_entry(d, key, path), path, key)
+        if len(y) != len(x):
+            raise CifarFormatError(f"{path}: {len(y)} {key} for {len(x)} images (expected one per image)")
+        bad = np.flatnonzero((y < 0) | (y >= n_classes))
+        if len(bad):
+            raise CifarFormatError(f"{path}: {key} must be in 0..{n_classes - 1}; {len(bad)} are not, "
+                                   f"the first {int(y[bad[0]])} at position {int(bad[0])}")
+        ys.append(y)
+    return (x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), *ys)
+
+
+def _names(meta: object, path: str, key: str, n: int) -> List[str]:
+    """The ``n`` class names under ``key`` of a meta file."""
+    if not isinstance(meta, dict):
+        raise CifarFormatError(f"{path}: expected a dict with {key!r}, got {type(meta).__name__}")
+    names = _entry(meta, key, path)
+    if not isinstance(names, (list, tuple)) or len(names) != n \
+            or not all(isinstance(v, (bytes, str)) for v in names):
+        got = f"{len(names)} entries" if isinstance(names, (list, tuple)) else type(names).__name__
+        raise CifarFormatError(f"{path}: {key} must be a list of {n} names, got {got}")
+    return _decode(names)
 
 
 def _missing_message(name: str, root: str, folder: str, missing: List[str]) -> str:
@@ -171,15 +347,11 @@ def _decode(names) -> List[str]:
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _read(paths: List[str], keys: Tuple[bytes, ...]) -> Tuple[np.ndarray, ...]:
-    xs, ys = [], {k: [] for k in keys}
-    for p in paths:
-        d = _unpickle(p)
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        for k in keys:
-            ys[k].append(np.asarray(d[k], dtype=np.int64))
-    x = np.ascontiguousarray(np.concatenate(xs))
-    return (x, *(np.concatenate(ys[k]) for k in keys))
+def _read(paths: List[str], keys: Tuple[str, ...], classes: Tuple[int, ...]) -> Tuple[np.ndarray, ...]:
+    """The checked images and labels of ``paths``, concatenated."""
+    parts = [check_batch(read_pickle(p), p, keys, classes) for p in paths]
+    x = np.ascontiguousarray(np.concatenate([part[0] for part in parts]))
+    return (x, *(np.concatenate([part[1 + i] for part in parts]) for i in range(len(keys))))
 
 
 def load_cifar(root: str, name: str = "cifar10", download: bool = False) -> CifarData:
@@ -197,6 +369,9 @@ def load_cifar(root: str, name: str = "cifar10", download: bool = False) -> Cifa
     Raises:
         FileNotFoundError: files absent and ``download=False``; the message says
             which files to put where and how to get them.
+        CifarFormatError: a file that is not in the official format (a pickle naming
+            a global the format never uses, images not uint8 ``[N, 3072]``, labels not
+            one integer in range per image); nothing is trained on such data.
     """
     if name not in CIFAR_RESOURCES:
         raise ValueError(f"unknown CIFAR variant {name!r}; choose from {sorted(CIFAR_RESOURCES)}")
@@ -216,16 +391,18 @@ def load_cifar(root: str, name: str = "cifar10", download: bool = False) -> Cifa
         raise FileNotFoundError(_missing_message(name, root, folder, missing))
 
     path = lambda f: os.path.join(folder, f)  # noqa: E731
-    meta = _unpickle(path(res["meta"]))
+    meta = read_pickle(path(res["meta"]))
     if name == "cifar10":
-        x_tr, y_tr = _read([path(f) for f in res["train"]], (b"labels",))
-        x_te, y_te = _read([path(f) for f in res["test"]], (b"labels",))
-        return CifarData(x_tr, y_tr, x_te, y_te, _decode(meta[b"label_names"]))
-    keys = (b"fine_labels", b"coarse_labels")
-    x_tr, y_tr, c_tr = _read([path(f) for f in res["train"]], keys)
-    x_te, y_te, c_te = _read([path(f) for f in res["test"]], keys)
-    return CifarData(x_tr, y_tr, x_te, y_te, _decode(meta[b"fine_label_names"]),
-                     c_tr, c_te, _decode(meta[b"coarse_label_names"]))
+        classes = _names(meta, path(res["meta"]), "label_names", 10)
+        x_tr, y_tr = _read([path(f) for f in res["train"]], ("labels",), (10,))
+        x_te, y_te = _read([path(f) for f in res["test"]], ("labels",), (10,))
+        return CifarData(x_tr, y_tr, x_te, y_te, classes)
+    fine = _names(meta, path(res["meta"]), "fine_label_names", 100)
+    coarse = _names(meta, path(res["meta"]), "coarse_label_names", 20)
+    keys, classes_per_key = ("fine_labels", "coarse_labels"), (100, 20)
+    x_tr, y_tr, c_tr = _read([path(f) for f in res["train"]], keys, classes_per_key)
+    x_te, y_te, c_te = _read([path(f) for f in res["test"]], keys, classes_per_key)
+    return CifarData(x_tr, y_tr, x_te, y_te, fine, c_tr, c_te, coarse)
 
 
 def write_cifar_like(root: str, name: str = "cifar10", n_per_file: int = 4, n_test: int = 4,

@@ -1,23 +1,31 @@
-"""What the runnable jobs share: bad input as one ``error:`` line, and run folders.
+"""What the runnable jobs share: bad input as one ``error:`` line, YAML input, run folders.
 
 A job reports invalid input (a missing file, a preset with unknown keys, ...) by raising
 :class:`UsageError`; its ``main`` prints ``error: <message>`` on stderr and exits with
-code 2. :func:`claim_out` is the check every job makes before writing into ``--out``: a
-folder that already holds a run is never overwritten silently.
+code 2. Presets and ``--set`` values are YAML without anchors or aliases
+(:func:`read_yaml`, :func:`parse_yaml_value`): nested aliases can expand a few hundred
+bytes into billions of values, so they are refused before anything is built.
+:func:`claim_out` is the check every job makes before writing into ``--out``: a folder
+that cannot be written is named before any work, and one that already holds a run is
+never overwritten silently.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import yaml
 
 import mlo.checkpoint
+import mlo.config
 from mlo.config import load_yaml
 
-__all__ = ["UsageError", "one_line", "read_yaml", "CHECKPOINTS", "existing_run", "claim_out"]
+__all__ = ["UsageError", "one_line", "read_yaml", "parse_yaml_value", "refuse_aliases", "MAX_YAML_BYTES",
+           "CHECKPOINTS", "existing_run", "check_writable", "claim_out"]
 
 CHECKPOINTS = "checkpoints"   # the folder of --checkpoint-every's checkpoints under --out
+MAX_YAML_BYTES = 1 << 20      # a preset or config larger than this is refused unread
 
 
 class UsageError(Exception):
@@ -31,18 +39,55 @@ def one_line(e: BaseException, limit: Optional[int] = 400) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + " ..."
 
 
+def refuse_aliases(text: str, where: str) -> None:
+    """Raises :class:`UsageError` when the YAML ``text`` has an anchor (``&name``) or an
+    alias (``*name``). Only parses events — linear in the text, nothing is expanded — so a
+    "billion laughs" document is refused in microseconds; the message names ``where`` and
+    the line, never the values. Malformed YAML raises ``yaml.YAMLError``."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        alias = isinstance(event, yaml.AliasEvent)
+        if alias or getattr(event, "anchor", None) is not None:
+            what = "alias *" if alias else "anchor &"
+            name = str(event.anchor)[:40]
+            raise UsageError(f"{where}: line {event.start_mark.line + 1}: YAML {what}{name}: anchors and "
+                             f"aliases are not accepted (they can expand a few bytes into billions of "
+                             f"values); write the values out")
+
+
 def read_yaml(path: Path, what: str, limit: Optional[int] = 400) -> Any:
-    """``mlo.config.load_yaml(path)`` (strict: duplicate keys named, ``1e-3`` a float);
-    an unreadable or invalid file is a :class:`UsageError` starting with ``what``
-    (e.g. ``"preset"``)."""
+    """``mlo.config.load_yaml(path)`` (strict: duplicate keys named, ``1e-3`` a float)
+    after :func:`refuse_aliases` on its text; an unreadable, oversized (above
+    :data:`MAX_YAML_BYTES`) or invalid file is a :class:`UsageError` starting with
+    ``what`` (e.g. ``"preset"``)."""
     try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise UsageError(f"{what} {path} is {size} bytes; a {what} is at most {MAX_YAML_BYTES} bytes")
+        refuse_aliases(path.read_text(encoding="utf-8"), f"{what} {path}")
         return load_yaml(path)
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
     except ValueError as e:
         raise UsageError(f"{what} {one_line(e, limit)}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{what} {path} is not valid YAML: {one_line(e, limit)}") from None
+
+
+def parse_yaml_value(text: str, where: str) -> Any:
+    """One command-line value (``--set KEY=VALUE``'s VALUE) read as YAML the way presets
+    are (safe loader, ``1e-3`` a float, duplicate keys refused, no anchors or aliases);
+    a :class:`UsageError` starting with ``where`` when it is not valid YAML."""
+    try:
+        refuse_aliases(text, where)
+        return yaml.load(text, Loader=mlo.config._loader())
+    except yaml.YAMLError as e:
+        raise UsageError(f"{where}: the value is not valid YAML ({one_line(e, 200)})") from None
+    except Exception as e:   # a duplicate key in a mapping value
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{where}: {one_line(e, 200)}") from None
 
 
 def existing_run(out: Path, run_files: Sequence[str]) -> List[str]:
@@ -51,6 +96,24 @@ def existing_run(out: Path, run_files: Sequence[str]) -> List[str]:
     found = [f for f in run_files if (out / f).is_file()]
     periodic = mlo.checkpoint.list_checkpoints(out / CHECKPOINTS) if (out / CHECKPOINTS).is_dir() else []
     return found + [f"{CHECKPOINTS}/{Path(p).name}" for _, p in periodic[-1:]]
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Raises :class:`UsageError` unless the folder ``out`` exists and is writable, or can
+    be created: its nearest existing ancestor is a writable folder. Nothing is created."""
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"{flag} {out} is a file, not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {out}: the folder is not writable")
+        return
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {out}: the folder cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: the folder cannot be created, {parent} is not writable")
 
 
 def claim_out(out: Path, run_files: Sequence[str], overwrite: bool, resume: Optional[Path] = None,
@@ -69,11 +132,10 @@ def claim_out(out: Path, run_files: Sequence[str], overwrite: bool, resume: Opti
         delete: whether this process deletes the old run (``False`` on ranks other than 0).
 
     Raises:
-        UsageError: ``out`` is a file, or holds a run and neither ``overwrite`` nor a
-            ``resume`` from it was given.
+        UsageError: ``out`` is a file or cannot be written (:func:`check_writable`), or
+            holds a run and neither ``overwrite`` nor a ``resume`` from it was given.
     """
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    check_writable(out)
     found = existing_run(out, run_files)
     if not found:
         return

@@ -47,6 +47,9 @@ def parse_args(argv: Optional[List[str]] = None, description: Optional[str] = No
     p.add_argument("--alpha", type=float, help="inner step size α")
     p.add_argument("--lam", type=float, help="task-contrast weight λ")
     p.add_argument("--steps", type=int, help="pretraining iterations")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the config (value parsed as YAML, checked against the "
+                        "setting's type and range); repeatable; the switches above win over it")
     p.add_argument("--tabular-embedding", choices=TABULAR_EMBEDDINGS,
                    help="tabular feature embedding: shared (one Linear(1, D), the official code's "
                         "1x1 convolution) or per_feature; default: the config's tokenizer.embedding")
@@ -78,13 +81,17 @@ class TimedCSV(CSVLogger):
         super().log(iteration, {**metrics, "seconds": round(time.perf_counter() - self.t0, 4)})
 
 
-def _claim(out: Path, args: argparse.Namespace) -> None:
-    """Checks ``--checkpoint-every`` / ``--checkpoint-keep``, then refuses an ``out``
-    holding a run unless ``--overwrite`` (:func:`problems.jobs.common.claim_out`)."""
+def _claim(out: Path, args: argparse.Namespace, delete: bool = True) -> None:
+    """Checks ``--threads``, ``--checkpoint-every`` / ``--checkpoint-keep``, then refuses an
+    ``out`` that cannot be written or holds a run unless ``--overwrite``
+    (:func:`problems.jobs.common.claim_out`; ``delete=False``: the old run is only
+    checked, not deleted yet)."""
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--checkpoint-keep", args.checkpoint_keep)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    claim_out(out, RUN_FILES, args.overwrite)
+    claim_out(out, RUN_FILES, args.overwrite, delete=delete)
 
 
 def _print_setup(args: argparse.Namespace, s: Dict[str, Any], train, test, tok, opts) -> None:
@@ -109,8 +116,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.tabular_embedding is not None:
         cfg["tokenizer"]["embedding"] = args.tabular_embedding
     out = args.out or Path("runs/meta_mae_quick" if args.quick else "runs/meta_mae") / args.modality
-    _claim(out, args)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, args, delete=False)   # refused before any work; an old run is deleted only below
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -118,6 +124,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     mae = build_mae(tok, s, args.modality)
     random_init = copy.deepcopy(mae)
     opts = options(s)
+    _claim(out, args)                 # all input read: now --overwrite replaces the old run
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     _print_setup(args, s, train, test, tok, opts)
 
     sched = {}

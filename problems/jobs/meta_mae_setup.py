@@ -3,14 +3,21 @@
 A config is a YAML file ``examples/configs/meta_mae_<modality>.yaml`` with the keys
 ``modality``, ``tokenizer``, ``paper`` (the paper's settings), ``cpu`` (CPU-sized
 overrides) and ``quick``; :func:`make_settings` merges them with the command line of
-:mod:`problems.jobs.meta_mae_job` into one flat dict of typed settings (:data:`SETTINGS`).
+:mod:`problems.jobs.meta_mae_job` (``--set KEY=VALUE``, then the dedicated flags) into one
+flat dict of typed settings (:data:`SETTINGS`). Every value is checked where it comes
+from, with no coercion — an integer setting takes an integer (``depth: 2.7`` is refused),
+a flag ``true``/``false`` (``cosine: "false"`` is refused), a number a finite number in its
+range (:data:`RANGES`: ``--alpha nan``, ``mask_ratio: 1.5``, ``heads: 0`` are refused) —
+and a bad one is a :class:`~problems.jobs.common.UsageError` naming the source, the
+setting, the value and what is expected.
 Used by that job and by the MetaMAE benchmarks (ablation, timing, GPU smoke).
 """
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +27,14 @@ import mlo
 from problems.datasets import (IDXFormatError, infinite_loader, load_basic_motions, load_breast_cancer,
                                load_cmudict_syllables, load_digits, load_mnist_like)
 from problems.evaluation import linear_probe
-from problems.jobs.common import UsageError, read_yaml
+from problems.jobs.common import UsageError, parse_yaml_value, read_yaml
 from problems.latent_adaptation import MetaMAEOptions
 from problems.mae import MaskedAutoencoder
 from problems.meta_mae import MetaMAEPretrain, build_graph
 from problems.tokenizers import DiscreteTokenizer, ImageTokenizer, SequenceTokenizer, TabularTokenizer
 
-__all__ = ["CONFIGS", "MODALITIES", "SETTINGS", "read_config", "make_settings", "options", "length_buckets",
+__all__ = ["CONFIGS", "MODALITIES", "SETTINGS", "RANGES", "read_config", "check_setting", "parse_sets",
+           "make_settings", "options", "length_buckets",
            "load", "image_data", "tabular_embedding", "build_mae", "probe", "build"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -37,6 +45,29 @@ SETTINGS = {"width": int, "depth": int, "heads": int, "mlp_ratio": float, "decod
             "projector_hidden": int, "projector_out": int, "batch_size": int, "lr": float,
             "weight_decay": float, "cosine": bool, "steps": int, "probe_max_iter": int,
             "decoder_dropout": float, "input_dropout": float, "qkv_bias": bool}
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_RATE = (lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+# setting -> (test, what the test wants) on top of its type in SETTINGS
+RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    **{k: _AT_LEAST_1 for k in ("width", "depth", "heads", "decoder_dim", "decoder_heads", "inner_steps",
+                                "projector_hidden", "projector_out", "steps", "probe_max_iter")},
+    "decoder_depth": (lambda v: v >= 0, ">= 0 (0: a linear decoder)"),
+    "batch_size": (lambda v: v >= 2, ">= 2 (the task contrast needs two samples)"),
+    "mlp_ratio": (lambda v: v > 0, "> 0"),
+    "dropout": _RATE, "decoder_dropout": _RATE, "input_dropout": _RATE,
+    "mask_ratio": (lambda v: 0.0 < v < 1.0, "in (0, 1) (some tokens masked, some visible)"),
+    "alpha": (lambda v: v >= 0, ">= 0 (the inner step size)"),
+    "lam": (lambda v: v >= 0, ">= 0 (the task-contrast weight)"),
+    "tau": (lambda v: v > 0, "> 0 (the contrast's temperature)"),
+    "support_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+}
+# the tokenizer table's counts (words / quick_words may also be null: all words)
+TOKENIZER_COUNTS = ("patch_size", "patch_length", "max_len", "words", "quick_words")
+# the command line's switches that set a setting
+FLAGS = {"decoder_depth": "--decoder-depth", "support_ratio": "--support-ratio", "alpha": "--alpha",
+         "lam": "--lam", "steps": "--steps"}
 # settings a config may leave out (older configs): MaskedAutoencoder's defaults
 DEFAULTS = {"probe_max_iter": 500, "decoder_dropout": 0.0, "input_dropout": 0.0, "qkv_bias": True}
 TABULAR_EMBEDDINGS = ("shared", "per_feature")
@@ -49,24 +80,85 @@ Data = Tuple[Tensor, Tensor]
 # ------------------------------------------------------------------- settings
 def read_config(path: Path) -> Dict[str, Any]:
     """A config YAML with its ``paper``, ``cpu``, ``quick`` and ``tokenizer`` tables
-    (absent ones empty); a :class:`UsageError` for unknown keys or settings."""
+    (absent ones empty) and ``path``; a :class:`UsageError` for unknown keys or settings,
+    or a setting of the wrong type or out of range (:func:`check_setting`)."""
     d = read_yaml(path, "config", limit=None)
     if not isinstance(d, dict):
         raise UsageError(f"config {path}: expected a mapping with keys {sorted(TOP_KEYS)}")
-    bad = sorted(set(d) - TOP_KEYS)
+    bad = sorted(set(d) - TOP_KEYS, key=str)
     if bad:
         raise UsageError(f"config {path}: unknown key(s) {bad}; known: {sorted(TOP_KEYS)}")
     for key in ("paper", "cpu", "quick"):
         d[key] = d.get(key) or {}
-        unknown = sorted(set(d[key]) - set(SETTINGS))
+        if not isinstance(d[key], dict):
+            raise UsageError(f"config {path}: {key} must be a mapping of settings, got {d[key]!r}"[:300])
+        unknown = sorted(set(d[key]) - set(SETTINGS), key=str)
         if unknown:
             raise UsageError(f"config {path}: unknown {key} setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        for name, value in d[key].items():
+            d[key][name] = check_setting(name, value, f"config {path} ({key})")
     d["tokenizer"] = d.get("tokenizer") or {}
+    if not isinstance(d["tokenizer"], dict):
+        raise UsageError(f"config {path}: tokenizer must be a mapping, got {d['tokenizer']!r}"[:300])
+    for key, value in d["tokenizer"].items():
+        if key in TOKENIZER_COUNTS and not (value is None and key in ("words", "quick_words")) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"config {path}: tokenizer.{key} must be an integer >= 1, got "
+                             f"{value!r} ({_kind(value)})"[:300])
+    d["path"] = str(path)
     return d
 
 
+def _kind(value: Any) -> str:
+    for t, name in ((bool, "a bool"), (int, "an integer"), (float, "a float"), (str, "a string"),
+                    (dict, "a mapping"), ((list, tuple), "a list")):
+        if isinstance(value, t):
+            return name
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def check_setting(key: str, value: Any, where: Optional[str] = None) -> Any:
+    """``value`` as setting ``key`` (an int given for a float setting becomes a float;
+    nothing else is converted), else a :class:`UsageError`: ``"<where>: <key> must be
+    ..."``, or ``"<flag> must be ..."`` when ``where`` is ``None`` (a switch of
+    :data:`FLAGS`)."""
+    kind = SETTINGS[key]
+    if kind is bool:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        expected = "a finite number"
+    test, wanted = RANGES.get(key, (None, ""))
+    if ok and test is not None and not test(value):
+        ok = False
+    if not ok:
+        expected += f" {wanted}" if wanted else ""
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+        name = f"{where}: {key}" if where is not None else FLAGS.get(key, key)
+        raise UsageError(f"{name} must be {expected}, got {shown} ({_kind(value)})")
+    return float(value) if kind is float else value
+
+
+def parse_sets(items) -> Dict[str, Any]:
+    """``--set KEY=VALUE`` items → ``{key: checked value}`` (values read as YAML like a config)."""
+    out: Dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        where = f"--set {item if len(item) <= 80 else item[:80] + '...'}"
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in SETTINGS:
+            raise UsageError(f"{where}: unknown setting {key!r}; known: {sorted(SETTINGS)}")
+        out[key] = check_setting(key, parse_yaml_value(text, where), where)
+    return out
+
+
 def make_settings(cfg: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
-    """``paper`` ∪ preset ∪ quick ∪ command-line switches, typed."""
+    """``paper`` ∪ preset ∪ quick ∪ ``--set`` ∪ command-line switches, each value checked
+    (:func:`check_setting`), then the settings' joint constraints (heads divide widths)."""
     s = dict(cfg["paper"])
     if args.preset == "cpu":
         s.update(cfg["cpu"])
@@ -76,26 +168,24 @@ def make_settings(cfg: Dict[str, Any], args: argparse.Namespace) -> Dict[str, An
         s.setdefault(key, value)
     missing = sorted(set(SETTINGS) - set(s))
     if missing:
-        raise UsageError(f"config: missing setting(s) {missing}")
-    for key, kind in SETTINGS.items():
-        try:
-            s[key] = kind(s[key]) if kind is not bool else bool(s[key])
-        except (TypeError, ValueError):
-            raise UsageError(f"config: {key} must be {kind.__name__}, got {s[key]!r}") from None
-    for key in ("decoder_depth", "support_ratio", "alpha", "lam", "steps"):
+        raise UsageError(f"config {cfg.get('path', '')}: missing setting(s) {missing}")
+    where = f"config {cfg.get('path', '')}"
+    for key in SETTINGS:                     # configs built in code skip read_config
+        s[key] = check_setting(key, s[key], where)
+    s.update(parse_sets(getattr(args, "overrides", None)))
+    for key in FLAGS:
         value = getattr(args, key)
         if value is not None:
-            s[key] = value
+            s[key] = check_setting(key, value)
     s["adapt"] = not (args.no_adapt or args.variant == "mae")
     if args.no_contrastive or args.variant == "mae":
         s["lam"] = 0.0
     s["first_order"] = bool(args.first_order)
-    if s["steps"] < 1 or s["batch_size"] < 2:
-        raise UsageError("steps must be >= 1 and batch_size >= 2")
-    if not 0.0 <= s["support_ratio"] <= 1.0:
-        raise UsageError(f"--support-ratio must be in [0, 1], got {s['support_ratio']}")
-    if s["decoder_depth"] < 0:
-        raise UsageError(f"--decoder-depth must be >= 0, got {s['decoder_depth']}")
+    if s["width"] % s["heads"]:
+        raise UsageError(f"settings: width {s['width']} is not divisible by heads {s['heads']}")
+    if s["decoder_depth"] > 0 and s["decoder_dim"] % s["decoder_heads"]:
+        raise UsageError(f"settings: decoder_dim {s['decoder_dim']} is not divisible by decoder_heads "
+                         f"{s['decoder_heads']}")
     return s
 
 

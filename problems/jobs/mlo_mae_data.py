@@ -20,9 +20,10 @@ from torch import Tensor
 from problems.datasets import (CIFAR_RESOURCES, IDX_RESOURCES, IDXFormatError, find_mnist_like, load_cifar,
                                load_digits, load_mnist_like, search_places)
 from problems.jobs.common import UsageError, one_line
+from problems.mlo_mae import MLOMAESettings
 from problems.jobs.mlo_mae_options import DEFAULT_DATA_DIRS, IDX_DATA, IDX_PRESET, PRESETS, read_preset
 
-__all__ = ["Data", "cifar_root", "has_cifar", "online", "choose_preset", "load_idx", "load_data"]
+__all__ = ["Data", "cifar_root", "has_cifar", "online", "choose_preset", "load_idx", "load_data", "check_data"]
 
 Data = Tuple[Tensor, Tensor]
 
@@ -128,3 +129,23 @@ def load_data(preset: Dict[str, Any], args: argparse.Namespace) -> Tuple[Dict[st
     except Exception as e:  # corrupt or foreign files, MD5 mismatch
         raise UsageError(f"cannot read CIFAR-10 in {root}: {one_line(e)}") from None
     return preset, cifar.tensors("train"), cifar.tensors("test")
+
+
+def check_data(settings: MLOMAESettings, data: str, train: Data, test: Data) -> None:
+    """Raises :class:`UsageError` before anything is built when the ``data`` set's tensors do
+    not fit the settings: images not ``[N, in_chans, image_size, image_size]``, labels
+    beyond ``num_classes`` (the head would index past its logits mid-training), or an
+    empty split."""
+    want = (settings.in_chans, settings.image_size, settings.image_size)
+    for split, (x, _) in (("train", train), ("test", test)):
+        if len(x) == 0:
+            raise UsageError(f"the {data} {split} split has no images")
+        if tuple(x.shape[1:]) != want:
+            got, said = "x".join(map(str, x.shape[1:])), "x".join(map(str, want))
+            raise UsageError(f"the {data} images are {got} but the settings say {said} (in_chans x image_size "
+                             f"x image_size); set in_chans and image_size to match (e.g. --set "
+                             f"in_chans={x.shape[1]} --set image_size={x.shape[-1]})")
+    classes = int(max(int(train[1].max()), int(test[1].max()))) + 1
+    if settings.num_classes < classes:
+        raise UsageError(f"num_classes is {settings.num_classes} but the {data} labels run 0..{classes - 1} "
+                         f"({classes} classes); set num_classes to at least {classes}")

@@ -27,9 +27,9 @@ from mlo import distributed as mdist
 from mlo.loggers import CSVLogger, TensorBoardLogger, csv_header
 from problems.mlo_mae import MLOMAEGraph, MLOMAESettings, build
 from problems.jobs.common import CHECKPOINTS, UsageError, claim_out, one_line
-from problems.jobs.mlo_mae_data import Data, choose_preset, load_data
+from problems.jobs.mlo_mae_data import Data, check_data, choose_preset, load_data
 from problems.jobs.mlo_mae_figures import plot_class_masks, plot_masks
-from problems.jobs.mlo_mae_options import make_settings, parse_args
+from problems.jobs.mlo_mae_options import make_settings, parse_args, parse_overrides
 from problems.jobs.mlo_mae_report import head_test_accuracy, mask_statistics, probe_accuracy, write_summary
 
 __all__ = ["LOG_EVERY", "RUN_FILES", "pick_device", "build_graph", "resume", "MetricsRows",
@@ -159,6 +159,9 @@ def train(graph: MLOMAEGraph, steps: int, out: Path, args: argparse.Namespace) -
 
 # ---------------------------------------------------------------------- main
 def _check_flags(args: argparse.Namespace) -> None:
+    """The flags' own checks, before anything is read or built (``--set`` values
+    included: :func:`problems.jobs.mlo_mae_options.parse_overrides`)."""
+    parse_overrides(args.overrides)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.resume is not None and args.resume.is_dir():     # a run folder: its checkpoint
@@ -228,8 +231,8 @@ def run(args: argparse.Namespace) -> float:
     _check_flags(args)
     if mdist.init_from_env() and not mdist.is_main():   # under torchrun: rank 0 alone prints
         sys.stdout = open(os.devnull, "w")
-    claim_out(args.out, RUN_FILES, args.overwrite, args.resume, resume_file="checkpoint.pt",
-              delete=mdist.is_main())
+    claim = dict(run_files=RUN_FILES, overwrite=args.overwrite, resume=args.resume, resume_file="checkpoint.pt")
+    claim_out(args.out, **claim, delete=False)   # refused before any work; deleted only below
     device = pick_device(args)
     if device.type == "cuda" and mdist.is_distributed():   # one GPU per rank
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -237,6 +240,7 @@ def run(args: argparse.Namespace) -> float:
         torch.set_num_threads(args.threads)
     preset, train_data, test_data = load_data(choose_preset(args), args)
     settings = make_settings(preset, args)
+    check_data(settings, preset["data"], train_data, test_data)
     train_data = tuple(t.to(device) for t in train_data)
     test_data = tuple(t.to(device) for t in test_data)
     print(f"[mlo_mae] {args.variant}, method {settings.method}, preset {Path(preset['name']).name} "
@@ -249,7 +253,11 @@ def run(args: argparse.Namespace) -> float:
         torch.manual_seed(args.seed + mdist.rank())   # independent dropout / noise per rank
     if args.resume is not None:
         resume(graph, args.resume)
-    args.out.mkdir(parents=True, exist_ok=True)
+    claim_out(args.out, **claim, delete=mdist.is_main())   # all input read: --overwrite replaces the old run
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
     try:
         seconds = train(graph, settings.steps, args.out, args)
     except mlo.interrupt.Interrupted as stop:
