@@ -254,6 +254,8 @@ HOST_BY_DESIGN = {
         "a constructor's table (float64 arithmetic) on the default device",
     ("problems/pos_embed.py", "sincos_2d", "arange"):
         "a constructor's table (float64 arithmetic) on the default device",
+    ("mlo/checkpoint.py", "_same_setting", "as_tensor"):
+        "a host-side comparison of two optimizer settings (both moved to the CPU in float64)",
     ("engines/solvers.py", "_norm", "zeros"):
         "the norm of an empty vector (a diagnostic): no tensor to take a device from",
     ("mlo/distributed.py", "agree_stop", "tensor"):
