@@ -34,7 +34,6 @@ and (c) fail for ``cg`` and ``finite_difference``.
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
