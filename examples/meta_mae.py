@@ -13,6 +13,8 @@ engine's unrolled SGD, the MAE + projector the upper problem; ``single`` is one
 the inner step itself (``problems.latent_adaptation.metamae_loss``)::
 
     python examples/meta_mae.py --modality image          # digits       (cpu preset, ~1 min on one core)
+    python examples/meta_mae.py --modality image --config examples/configs/meta_mae_fmnist.yaml --out runs/meta_mae/image_fmnist
+                                                          # Fashion-MNIST (~2-4 min on one core)
     python examples/meta_mae.py --modality tabular        # breast cancer
     python examples/meta_mae.py --modality timeseries     # aeon BasicMotions
     python examples/meta_mae.py --modality tokens         # CMU-dict spellings -> syllables
