@@ -49,7 +49,7 @@ import mlo
 import mlo.guard
 import mlo.step
 from mlo import fastpath
-from test_inplace import Lower as InplaceLower, Upper as InplaceUpper, grads_for, make_params, torch_step
+from test_inplace import Lower as InplaceLower, Upper as InplaceUpper, grads_for, make_params, same, torch_step
 from test_reparam import Net, Tied
 from test_unused_parameters import PartiallyUsed
 
@@ -111,18 +111,6 @@ def run(build, iterations, taken, fast):
             engine.run(iterations, callbacks=[updates])
     assert fastpath.enabled()
     return engine, problems, updates.seen, dict(taken)
-
-
-def same(measured, check, got, ref):
-    """``torch.equal`` on every tensor pair (recorded as max |diff|, tolerance 0)."""
-    assert len(got) == len(ref), f"{check}: {len(got)} vs {len(ref)} tensors"
-    err = 0.0
-    for a, b in zip(got, ref):
-        assert a.shape == b.shape and a.dtype == b.dtype, f"{check}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
-        if a.numel():
-            err = max(err, float((a.detach().double() - b.detach().double()).abs().max()))
-    measured(check, err, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(got, ref)), check
 
 
 def optimizer_state(P):

@@ -22,6 +22,7 @@ from torch import nn
 import mlo
 from mlo import checkpoint
 from mlo.interrupt import Interrupted
+from test_reliability_checkpoint import equal  # exact, dtype-checked, nested
 
 DT = torch.float64
 N, K = 12, 3
@@ -102,16 +103,6 @@ def picture(engine):
         out[n] = {k: t.detach().clone() for k, t in P.module.state_dict().items()}
         out[n + ".opt"] = P.optimizer.state_dict()
     return out
-
-
-def equal(a, b):
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def reference(method):
