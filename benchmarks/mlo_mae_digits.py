@@ -43,7 +43,7 @@ import yaml
 from mlo.monitor import compare
 from problems.datasets import load_digits
 from problems.evaluation import linear_probe
-from problems.mae import num_masked
+from problems.mask_statistics import mask_probabilities, mask_statistics
 from problems.mlo_mae import MLOMAESettings, build
 
 # The main job's cpu preset (examples/configs/mlo_mae_cpu.yaml) is the single source of the settings.
@@ -66,15 +66,12 @@ def probe(mae, d, pool):
     return (linear_probe(f, d.train, d.val).accuracy, linear_probe(f, d.train, d.test).accuracy)
 
 
-@torch.no_grad()
 def mask_stats(g, x):
-    p = g.masker(g.mae.patch_embeddings(x))                  # [N, L]
-    k = num_masked(p.shape[1], g.settings.mask_ratio)
-    top = p.topk(k, dim=1).values                            # the masked patches' weights
-    return {"mean_p_per_position": p.mean(0).tolist(),
-            "std_across_images": float(p.std(0).mean()),
-            "masked_p_below_0.1": float((top < 0.1).float().mean()),
-            "masked_p_mean": float(top.mean())}
+    """The masker's statistics on ``x`` (problems.mask_statistics, as the main job's
+    summary.json: the masker reads its input as in training, with or without positions)."""
+    st = mask_statistics(mask_probabilities(g, x), g.settings.mask_ratio)
+    return {k: st[k] for k in ("mean_p_per_position", "std_across_images", "std_across_positions",
+                               "masked_p_below_0.1", "masked_p_mean")}
 
 
 def run_accuracy(args):

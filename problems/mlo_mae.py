@@ -215,7 +215,13 @@ def mask_split(n: int, finetune_fraction: float = 0.8, seed: int = 0) -> Tuple[T
 # --------------------------------------------------------------------- problems
 def _probability_masker(net, detach: bool = False, normalize: bool = False, ratio: float = 0.75,
                         position: bool = True):
-    """``masker(x, pretrain) -> (scores, weights)``: top-k of ``p`` masked, losses × ``p``.
+    """``masker(x, pretrain[, noise]) -> (scores, weights)``: the masked patches' losses × ``p``.
+
+    Without ``noise`` the top-k of ``p`` are masked (the paper). With ``noise``
+    (``u [N, L]`` uniform, drawn with the batch: ``mask_sampling: gumbel``) the k
+    masked patches are *sampled* without replacement with probabilities ∝ ``p``
+    (Gumbel top-k: the k largest ``log p − log(−log u)``), so masks keep MAE's
+    diversity while the masking network shifts where they fall.
 
     ``net`` is the mask problem (its current state) or a fixed module. Ablations:
     ``detach`` feeds the embeddings to the masking network as constants (by default
@@ -223,15 +229,30 @@ def _probability_masker(net, detach: bool = False, normalize: bool = False, rati
     weights the masked losses by ``p_i / mean_{j masked} p_j`` per sample, so the
     masking network can move weight between patches but not scale the loss down;
     ``position=False`` feeds the embeddings' patch part alone (no position)."""
-    def masker(x: Tensor, pre: MAEPretrain):
+    def masker(x: Tensor, pre: MAEPretrain, noise: Optional[Tensor] = None):
         emb = pre.patch_embeddings(x, position=position)  # [N, L, D]
         p = net(emb.detach() if detach else emb)  # [N, L]
+        scores = p
+        if noise is not None:   # Gumbel top-k; a selection, never differentiated
+            logp = p.detach().clamp_min(torch.finfo(p.dtype).tiny).log()
+            scores = logp - (-noise.clamp(1e-12, 1.0 - 1e-7).log()).log()  # [N, L]
         if not normalize:
-            return p, p
+            return scores, p
         k = num_masked(p.shape[1], ratio)
-        top = p.topk(k, dim=1).values  # [N, k], the masked patches' probabilities
-        return p, p / top.mean(dim=1, keepdim=True)
+        masked = scores.detach().topk(k, dim=1).indices  # [N, k], the masked patches
+        return scores, p / p.gather(1, masked).mean(dim=1, keepdim=True)
     return masker
+
+
+def with_mask_noise(stream, num_tokens: int, seed: int):
+    """``{"x": x, "noise": u [N, L]}`` for each batch ``(x, ...)`` of ``stream``: the
+    uniform noise of a sampled mask, from the stream's own seeded generator (so a
+    resumed run that replays the stream draws the same masks)."""
+    gen = torch.Generator().manual_seed(seed)
+    for batch in stream:
+        x = batch[0]
+        u = torch.rand(x.shape[0], num_tokens, generator=gen, dtype=x.dtype)  # [N, L]
+        yield {"x": x, "noise": u.to(x.device)}
 
 
 class Finetune(mlo.Problem):
@@ -382,6 +403,8 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
     net = MaskingNetwork(mae.num_tokens, s.embed_dim, s.mask_hidden, input_norm=s.mask_input_norm)
     ft_idx, mk_idx = mask_split(len(x), s.finetune_fraction, seed if split_seed is None else split_seed)
     pre_data = _stream(s, "pretrain", (x,), seed)
+    if s.mask_sampling == "gumbel" and variant != "mae":
+        pre_data = with_mask_noise(pre_data, mae.num_tokens, seed + 5000)
     ft_data = _stream(s, "finetune", (x[ft_idx], y[ft_idx]), seed + 1)
     mk_data = _stream(s, "mask", (x[mk_idx], y[mk_idx]), seed + 2)
     no_decay = [{"params": no_decay_names(mae), "weight_decay": 0.0}] if s.no_decay_1d else None

@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["VARIANTS", "WEIGHTINGS", "SCALED_METHODS", "LEVELS", "MLOMAESettings"]
+__all__ = ["VARIANTS", "SAMPLINGS", "WEIGHTINGS", "SCALED_METHODS", "LEVELS", "MLOMAESettings"]
 
 VARIANTS = ("mlo-mae", "blo-mae", "mae", "frozen-mask")
+SAMPLINGS = ("topk", "gumbel")    # how the masked set is drawn from p (problems/mlo_mae.py)
 WEIGHTINGS = ("paper", "official")
 # methods whose best-response Jacobian uses H⁻¹ ≈ s·I, s chosen by the weighting
 SCALED_METHODS = ("finite_difference", "darts")   # (sama already carries η: u = η D ⊙ v)
@@ -42,6 +43,7 @@ class MLOMAESettings:
     mask_input_position: bool = True  # masker reads patch + position embeddings (paper); False: patch part only
     mask_input_norm: bool = False     # LayerNorm each token before the masker (not in the paper)
     normalize_weights: bool = False  # ablation: weights p / mean_masked(p) (loss scale fixed)
+    mask_sampling: str = "topk"      # "topk": mask the k highest p (paper); "gumbel": sample k ∝ p
     num_classes: int = 10
     head_dropout: float = 0.1
     learnable_pos: bool = False      # encoder + decoder position tables learnable (sin-cos init)
@@ -94,6 +96,9 @@ class MLOMAESettings:
         if self.hypergrad_weighting not in WEIGHTINGS:
             raise ValueError(f"MLOMAESettings: hypergrad_weighting must be one of {list(WEIGHTINGS)}, "
                              f"got {self.hypergrad_weighting!r}")
+        if self.mask_sampling not in SAMPLINGS:
+            raise ValueError(f"MLOMAESettings: mask_sampling must be one of {list(SAMPLINGS)}, "
+                             f"got {self.mask_sampling!r}")
         unknown = set(self.configs) - {"pretrain", "finetune", "mask"}
         if unknown:
             raise ValueError(f"MLOMAESettings.configs: unknown problem(s) {sorted(unknown)}; "

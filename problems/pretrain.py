@@ -20,8 +20,8 @@ import mlo
 
 __all__ = ["MAEPretrain", "Masker"]
 
-# masker(x, problem) -> scores [N, L]  or  (scores [N, L], token_weights [N, L] | None)
-Masker = Callable[[Tensor, "MAEPretrain"], Union[Tensor, Tuple[Tensor, Optional[Tensor]]]]
+# masker(x, problem[, noise]) -> scores [N, L]  or  (scores [N, L], token_weights [N, L] | None)
+Masker = Callable[..., Union[Tensor, Tuple[Tensor, Optional[Tensor]]]]
 
 
 class MAEPretrain(mlo.Problem):
@@ -31,8 +31,13 @@ class MAEPretrain(mlo.Problem):
         mae: a :class:`problems.mae.MaskedAutoencoder` (anything with the same
             ``forward(x, mask_ratio, scores, token_weights) -> (loss, pred, mask)``).
         data: iterable of batches; ``batch[0]`` (or the batch itself if a tensor) is x.
+            A batch may also be a dict ``{"x": x, "noise": u}``: ``u [N, L]`` uniform
+            noise drawn with the batch, passed to the masker as ``noise=u`` (a sampled
+            mask that is one function of the batch, so every re-evaluation of the loss —
+            Hessian-vector products, finite differences — masks the same tokens).
         mask_ratio: fraction of tokens masked (None: the model's own default).
-        masker: optional ``masker(x, problem)`` returning per-token ``scores`` ``[N, L]``,
+        masker: optional ``masker(x, problem)`` (``masker(x, problem, noise=u)`` for a
+            batch that carries noise) returning per-token ``scores`` ``[N, L]``,
             or ``(scores, token_weights)``. MLO-MAE's masking network returns its
             probabilities ``p`` as both (mask the top-k, weight their losses by ``p``);
             :meth:`patch_embeddings` gives it the MAE's embeddings at the current state.
@@ -61,10 +66,14 @@ class MAEPretrain(mlo.Problem):
         return self.call("patch_embeddings", x, position=False)
 
     def training_step(self, batch) -> Dict[str, Tensor]:
-        x = batch if isinstance(batch, Tensor) else batch[0]
+        noise = None
+        if isinstance(batch, dict):
+            x, noise = batch["x"], batch.get("noise")
+        else:
+            x = batch if isinstance(batch, Tensor) else batch[0]
         scores = token_weights = None
         if self.masker is not None:
-            out = self.masker(x, self)
+            out = self.masker(x, self) if noise is None else self.masker(x, self, noise=noise)
             scores, token_weights = out if isinstance(out, tuple) else (out, None)
         loss, _, _ = self(x, mask_ratio=self.mask_ratio, scores=scores, token_weights=token_weights)
         return {"loss": loss}
