@@ -8,7 +8,10 @@ import numbers
 import os
 from typing import Any, Callable, Dict, List, Optional, Union
 
-__all__ = ["ProblemConfig", "EngineConfig", "load_problem_configs", "load_yaml"]
+__all__ = ["ProblemConfig", "EngineConfig", "load_problem_configs", "load_yaml", "IMPLICIT_BATCHES"]
+
+#: The values of ``ProblemConfig.implicit_batch``.
+IMPLICIT_BATCHES = ("last", "fresh", "window")
 
 
 @dataclass
@@ -35,6 +38,29 @@ class ProblemConfig:
             "alpha": 0.1}`` for Neumann, ``{"first_order": True}`` for unrolled).
         grad_clip: clip the total gradient (own gradient + hypergradient) to this
             global norm before the optimizer step; ``None`` disables it.
+        implicit_batch: which of this problem's batches its loss is evaluated on when
+            an implicit or finite-difference method (``cg``, ``neumann``,
+            ``finite_difference``/``darts``, ``sama``: any method that does not step
+            through a window) differentiates its best response for a problem above
+            (docs/methods.md#which-batch-an-implicit-method-sees):
+
+            * ``"last"`` (default): the batch of its last update.
+            * ``"fresh"``: its data's next batch, as ``peek_batch()`` shows it when the
+              hypergradient is computed; every VJP of one hypergradient computation
+              (the Hessian-vector products, both sides of a difference, every path)
+              sees that one batch, and an update of a problem above *consumes* it
+              (after the update, applied or skipped; counted in ``batches_taken``, so
+              checkpoints realign past it). A report (``engine.gradient``, the
+              monitor) only peeks: it consumes nothing and sees the batch the next
+              update will take.
+            * ``"window"``: the mean of its loss over the batches of all its applied
+              updates since its window last restarted (the steps a problem above
+              consumes: ``unroll_steps`` of them, or more while that upper waits for
+              another lower); only the current window's batches are kept.
+
+            Meaningless for a window method (``unrolled``), which differentiates
+            through the actual steps and their batches: anything but ``"last"`` with
+            such a method is a ``ValueError``.
     """
 
     unroll_steps: int = 1
@@ -43,6 +69,7 @@ class ProblemConfig:
     method: str = "unrolled"
     method_options: Dict[str, Any] = field(default_factory=dict)
     grad_clip: Optional[float] = None
+    implicit_batch: str = "last"
 
     def __post_init__(self):
         for name in ("unroll_steps", "update_every"):
@@ -63,6 +90,28 @@ class ProblemConfig:
                               or not math.isfinite(c) or not c > 0):
             raise ValueError(f"ProblemConfig.grad_clip must be a positive finite number or None, "
                              f"got {c!r} ({type(c).__name__})")
+        self._check_implicit_batch()
+
+    def _check_implicit_batch(self) -> None:
+        b = self.implicit_batch
+        if not isinstance(b, str) or b not in IMPLICIT_BATCHES:
+            raise ValueError(f"ProblemConfig.implicit_batch must be one of "
+                             f"{', '.join(map(repr, IMPLICIT_BATCHES))}, got {b!r} ({type(b).__name__})")
+        if b == "last":
+            return
+        import engines.base as methods
+
+        try:
+            window = methods.info(self.method).window
+        except KeyError:        # an unknown method: the engine names it when it is built
+            return
+        if window:
+            raise ValueError(f"ProblemConfig.implicit_batch={b!r} with method={self.method!r}: the "
+                             f"choice of batch is for implicit and finite-difference methods, which "
+                             f"re-evaluate the lower loss at its current iterate; {self.method!r} "
+                             f"differentiates through the window's actual steps and their batches. "
+                             f"Leave implicit_batch='last' (the default) or pick another method "
+                             f"(e.g. 'cg', 'neumann', 'finite_difference')")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ProblemConfig":

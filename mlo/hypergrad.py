@@ -53,7 +53,7 @@ from .second_order import naming_second_order_errors, second_order_kernels
 from .state import ReadContext, reading
 
 __all__ = ["HypergradView", "hypergradient", "combine_gradients", "path_contribution", "best_response_vjp",
-           "second_order_kernels", "naming_second_order_errors"]
+           "implicit_batches", "take_fresh_batches", "second_order_kernels", "naming_second_order_errors"]
 
 
 class HypergradView(Protocol):
@@ -178,8 +178,9 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
                   readable: Set[str], override: Override
                   ) -> List[Tuple[str, Optional[Dict[str, Tensor]], Dict[str, Tensor]]]:
     """Implicit / finite difference: the method evaluated at the current iterate, on the
-    problem's last batch, with every derivative of the loss averaged over ranks under
-    data parallelism; a non-finite result is traced to its origin (:mod:`mlo.nonfinite`)."""
+    batches ``P.config.implicit_batch`` names (:func:`implicit_batches`), with every
+    derivative of the loss averaged over ranks under data parallelism; a non-finite
+    result is traced to its origin (:mod:`mlo.nonfinite`)."""
     method = entry.fn
     v: Dict[str, Tensor] = {}
     for _, vec in cots:
@@ -192,11 +193,7 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
     src_states = {s: view.problems[s].own_state() for s in srcs}
     layout = [(s, k) for s in srcs for k in src_states[s]]
     inputs = tuple(src_states[s][k].detach().requires_grad_() for s, k in layout)
-    batch = P.last_batch
-    if batch is None and P.data is not None:
-        # Never evaluated yet (engine.gradient before its first step): its next batch,
-        # left in place for its first training step (the run is unchanged).
-        batch = P.peek_batch()
+    batch, batches = implicit_batches(P)
     rng = rng_state()
     second = entry.second_order or bool(opts.get("create_graph"))
     data_parallel = view.data_parallel
@@ -220,6 +217,12 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
         # finite differences need one deterministic function.
         set_rng_state(rng)
         ctx = reading(ReadContext(P, resolve, own=dict(zip(names, ps))))
+        if batches is not None:     # implicit_batch="window": the mean over the window
+            if second:
+                with second_order_kernels(True), ctx:
+                    return _mean_loss(view, P, batches)
+            with ctx:
+                return _mean_loss(view, P, batches)
         if second:
             with second_order_kernels(True), ctx:
                 return view.loss(P, batch)
@@ -251,6 +254,59 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
                         lambda: nonfinite.replay_description(loss_fn, params, vv, replay,
                                                              entry.second_order, method_name))
     return [(s, src_states[s], out[s]) for s in srcs]
+
+
+def implicit_batches(P) -> Tuple[Any, Optional[List[Any]]]:
+    """``(batch, batches)``: what an implicit or finite-difference method evaluates
+    ``P``'s loss on (``ProblemConfig.implicit_batch``; docs/methods.md#which-batch-an-implicit-method-sees).
+
+    * ``"last"``: ``P.last_batch`` — before ``P``'s first evaluation (``engine.gradient``
+      before its first step) its next batch, left in place for that step.
+    * ``"fresh"``: its next batch, peeked: it stays the next one until an update of a
+      problem above consumes it (:func:`take_fresh_batches`), so every VJP of one
+      hypergradient computation — and a report or the monitor's reference before the
+      update — sees the same batch.
+    * ``"window"``: ``batches`` = the current window's batches (the loss is their
+      mean); an empty window (no applied update in it yet) falls back to ``"last"``.
+
+    ``batches`` is ``None`` unless the loss is a mean over several batches.
+    """
+    mode = P.config.implicit_batch
+    if mode == "fresh":
+        return P.peek_batch(), None
+    if mode == "window":
+        batches = P.window_batches
+        if len(batches) > 1:
+            return None, list(batches)
+        if batches:
+            return batches[0], None
+    batch = P.last_batch
+    if batch is None and P.data is not None:
+        # Never evaluated yet (engine.gradient before its first step): its next batch,
+        # left in place for its first training step (the run is unchanged).
+        batch = P.peek_batch()
+    return batch, None
+
+
+def _mean_loss(view: HypergradView, P, batches: Sequence[Any]) -> Tensor:
+    """The mean of ``P``'s loss over ``batches``, in order (under one read context and
+    one starting RNG state: one deterministic function of the variables)."""
+    total = view.loss(P, batches[0])
+    for b in batches[1:]:
+        total = total + view.loss(P, b)
+    return total / len(batches)
+
+
+def take_fresh_batches(view: HypergradView, U: str) -> None:
+    """After an update of ``U`` that computed its hypergradient (applied or skipped for
+    non-finite values; not one that raised, whose retry must see the same batches):
+    every problem on ``U``'s paths with ``implicit_batch="fresh"`` and an implicit
+    method consumes the batch its VJPs evaluated (:func:`implicit_batches`), one per
+    update of ``U``, counted in its ``batches_taken``."""
+    for name in view.graph.path_nodes(U):
+        P = view.problems[name]
+        if P.config.implicit_batch == "fresh" and not view.windowed(name):
+            P.next_batch()
 
 
 def _no_loss(params, inputs):  # pragma: no cover - unrolled never evaluates the loss

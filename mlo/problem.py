@@ -354,13 +354,21 @@ class Problem:
 
     @property
     def last_batch(self) -> Any:
-        """The batch of the last loss evaluation; implicit methods re-evaluate it."""
+        """The batch of the last loss evaluation; implicit methods re-evaluate it (with
+        ``config.implicit_batch="last"``, the default)."""
         return self._run.last_batch
 
     @last_batch.setter
     def last_batch(self, batch: Any) -> None:
         # (Comparisons evaluate several engines at one batch: set it on purpose.)
         self._run.last_batch = batch
+
+    @property
+    def window_batches(self) -> tuple:
+        """With ``config.implicit_batch="window"``: the batches of this problem's applied
+        updates in its current window, oldest first (implicit methods average its loss
+        over them); ``()`` otherwise (read-only)."""
+        return tuple(self._run.window_batches)
 
     @property
     def variables(self) -> tuple:
@@ -486,11 +494,20 @@ class Problem:
     def skip_batches(self, n: int) -> None:
         """Starts the data over and consumes ``n`` batches: after a checkpoint is loaded
         into a fresh engine, a deterministic data stream is where it was when saved
-        (``mlo.checkpoint.load(..., realign_data=True)``)."""
+        (``mlo.checkpoint.load(..., realign_data=True)``). With
+        ``config.implicit_batch="window"`` the last of them that the current window's
+        steps took (``RunState.load_counters`` counts them) become its window's batches
+        again: each of those steps took the next batch of this stream."""
         self.__dict__.pop("_peeked", None)
         self._iter = None
-        for _ in range(n):
-            self._fetch()
+        keep = self._run.window_recover if self.config.implicit_batch == "window" else 0
+        recent: List[Any] = []
+        for i in range(n):
+            batch = self._fetch()
+            if n - i <= keep:
+                recent.append(batch)
+        if keep:
+            self._run.window_batches = recent
         self._taken = None
 
     def _fetch(self):

@@ -89,6 +89,12 @@ class ProblemRun:
         loop_start: whether the next update starts an inner loop (``on_window_start``).
         initial, outputs, batch: a per-window problem's window (``init_window``'s
             variables and other outputs, and the window's batch).
+        window_batches: with ``ProblemConfig(implicit_batch="window")``, the batches of
+            its applied updates in its current window (:meth:`RunState.note_window_batch`),
+            which implicit methods average its loss over; empty otherwise.
+        window_recover: after a checkpoint is loaded, how many of the batches its data
+            is realigned past are the current window's (:meth:`RunState.load_counters`,
+            :meth:`mlo.Problem.skip_batches`).
     """
 
     iterates: Optional[State] = None
@@ -105,6 +111,8 @@ class ProblemRun:
     initial: State = field(default_factory=dict)
     outputs: Dict[str, Any] = field(default_factory=dict)
     batch: Any = None
+    window_batches: List[Any] = field(default_factory=list)
+    window_recover: int = 0
 
 
 class RunState:
@@ -178,6 +186,34 @@ class RunState:
             r.last_block = c.get("last_block")
             r.batches_taken = int(c.get("batches_taken", r.batches_taken))
             r.loop_start = True
+        for n, r in self.problems.items():
+            # The window batches of the run before the load are not this run's. A checkpoint
+            # holds no batches: the current window's are the last ``since`` ones its data is
+            # realigned past (Problem.skip_batches keeps them, realign_data=True).
+            r.window_batches = []
+            r.window_recover = self._window_steps(n) or 0
+
+    def _window_steps(self, name: str) -> Optional[int]:
+        """Steps of ``name`` since its window last restarted — the fewest any problem
+        directly above it has counted since its own last readiness (``None``: nothing
+        above it)."""
+        counts = [r.since[name] for r in self.problems.values() if name in r.since]
+        return min(counts) if counts else None
+
+    def note_window_batch(self, name: str, batch: Any) -> None:
+        """Records ``batch``, that of an applied update of ``name``
+        (``ProblemConfig(implicit_batch="window")``), in its current window. The window
+        restarts — its earlier batches are dropped — at its first update after a problem
+        directly above it became ready (that problem's count of its steps is back at 0),
+        so only the current window's batches are kept. A problem with nothing above it
+        keeps none."""
+        steps = self._window_steps(name)
+        if steps is None:
+            return
+        run = self.problems[name]
+        if steps == 0:
+            run.window_batches = []
+        run.window_batches.append(batch)
 
 
 class ReadContext:

@@ -28,7 +28,7 @@ from . import precision as _precision
 from .config import EngineConfig
 from .graph import Graph
 from .guard import describe_nonfinite, update_norms
-from .hypergrad import combine_gradients, hypergradient, path_contribution
+from .hypergrad import combine_gradients, hypergradient, path_contribution, take_fresh_batches
 from .consumed import check_paths_live
 from .isolation import no_side_effects, rng_state
 from .nesting import BettyNesting, one_backward_top_gradient
@@ -363,6 +363,7 @@ class Updater:
             P.return_taken()
             run.last_batch = last_batch
             raise
+        take_fresh_batches(self, name)      # (implicit_batch="fresh" lowers: the batch it used)
         if bad:
             if opened:
                 self.windows.discard(P)
@@ -380,6 +381,8 @@ class Updater:
         if P.scheduler is not None:
             step_scheduler(P, diff)
         run.step_count += 1
+        if P.config.implicit_batch == "window":
+            self.state.note_window_batch(name, run.last_batch)
         extras = {k: v for k, v in res.out.items() if k != "loss"} if isinstance(res.out, dict) else {}
         return UpdateResult(True, extras)
 
@@ -418,6 +421,8 @@ class Updater:
         rec["loss"], rec["grad_norm"] = float(loss), None
         run.last_loss = loss.detach()
         run.step_count += 1
+        if P.config.implicit_batch == "window":
+            self.state.note_window_batch(P.name, batch)
         extras = {k: v for k, v in out.items() if k != "loss"} if isinstance(out, dict) else {}
         return UpdateResult(True, extras)
 
