@@ -26,7 +26,12 @@ Torch internals. Two of the fast paths must look at torch-private attributes (th
 optimizer's step hooks, a module's parameter dictionary); all such reads go through
 :func:`_torch_private`, which names each attribute and why, and returns ``None`` when a
 torch version lacks it — the fast path is then not taken, so a future torch can make
-us slower but not wrong.
+us slower but not wrong. (:func:`_no_step_hooks`, run on every SGD step, reads the four
+hook tables with that function's check written out.)
+
+Per-call cost. These run on every update, so their checks are written with as few
+Python calls as they can be (loops rather than ``all``/``any`` over generators, which
+cost a call per element; ``benchmarks/call_count.py`` counts them).
 """
 from __future__ import annotations
 
@@ -117,11 +122,15 @@ def _torch_private(obj: Any, name: str) -> Optional[dict]:
 
 def _no_step_hooks(opt: torch.optim.Optimizer) -> bool:
     """Whether no step hook (the optimizer's or a global one) is registered; ``False``
-    when torch's hook tables cannot be read."""
-    tables = (_torch_private(opt, "_optimizer_step_pre_hooks"), _torch_private(opt, "_optimizer_step_post_hooks"),
-              _torch_private(_torch_optimizer, "_global_optimizer_pre_hooks"),
-              _torch_private(_torch_optimizer, "_global_optimizer_post_hooks"))
-    return all(t is not None and not t for t in tables)
+    when torch's hook tables cannot be read (:func:`_torch_private`'s check, inlined:
+    this runs on every SGD step)."""
+    for owner, name in ((opt, "_optimizer_step_pre_hooks"), (opt, "_optimizer_step_post_hooks"),
+                        (_torch_optimizer, "_global_optimizer_pre_hooks"),
+                        (_torch_optimizer, "_global_optimizer_post_hooks")):
+        table = getattr(owner, name, None)
+        if not isinstance(table, _PRIVATE[name]) or table:
+            return False
+    return True
 
 
 # ===================================================================== 1. the SGD step
@@ -150,10 +159,11 @@ def _single_tensor_case(plan) -> bool:
     """Whether ``step()`` would run torch's single-tensor SGD on plain-number settings."""
     for group, ps, gs in plan:
         if group.get("foreach") or group.get("fused") or group.get("differentiable") or \
-                any(isinstance(group[k], Tensor) for k in ("lr", "weight_decay", "momentum", "dampening")):
+                isinstance(group["lr"], Tensor) or isinstance(group["weight_decay"], Tensor) or \
+                isinstance(group["momentum"], Tensor) or isinstance(group["dampening"], Tensor):
             return False
         for p, g in zip(ps, gs):
-            if g is not None and (not p.is_cpu or g.is_sparse or p.is_complex()):
+            if g is not None and (not p.is_cpu or g.is_sparse or p.dtype.is_complex):
                 return False
     return True
 
@@ -305,7 +315,7 @@ class Slots:
         """``fn(*args, **kwargs)`` with ``state[name]`` in each parameter slot; ``fn`` is
         the module or, with ``method``, its bound method of that name."""
         slots = self._slots
-        if _enabled and slots is not None and all(d.get(leaf) is t for d, leaf, t in slots):
+        if _enabled and slots is not None and _holding(slots):
             try:
                 for (d, leaf, _), (_, name) in zip(slots, self._pairs):
                     d[leaf] = state[name]
@@ -318,6 +328,15 @@ class Slots:
         # functional_call runs forward only: a wrapper whose forward is the method
         return functional_call(_Method(self.module, method), self._by_slot(state, "m."),
                                args, kwargs, strict=False, tie_weights=False)
+
+
+def _holding(slots: List[Tuple[Dict[str, Any], str, Tensor]]) -> bool:
+    """Whether every slot still holds its tensor (not edited since, not swapped by an
+    enclosing call)."""
+    for d, leaf, t in slots:
+        if d.get(leaf) is not t:
+            return False
+    return True
 
 
 # ===================================================================== 3. the norms
@@ -363,13 +382,26 @@ def norms(loss: Tensor, groups: Sequence[Sequence[Optional[Tensor]]]) -> Optiona
     if not _enabled:
         return None
     cpu = loss.device.type == "cpu"
-    if cpu and len(groups) == 1:           # the common update: its own gradient only
+    n = len(groups)
+    if cpu and n == 1:                     # the common update: its own gradient only
         return [loss.item(), _read_each(groups[0])]
-    if cpu and len(groups) == 3 and all(o is None for o in groups[1]) and \
-            all(a is b or a is None for a, b in zip(groups[0], groups[2])):
+    if cpu and n == 3 and _top_of_hypergradient(groups):
         h = _read_each(groups[0])          # the top of a hypergradient: total = hyper
         return [loss.item(), h, 0.0, h]
     return _distinct(loss, groups, cpu)
+
+
+def _top_of_hypergradient(groups: Sequence[Sequence[Optional[Tensor]]]) -> bool:
+    """Whether ``[total, own, hyper]`` has no own gradient at all and every total entry
+    is the hypergradient's tensor or ``None``."""
+    total, own, hyper = groups
+    for o in own:
+        if o is not None:
+            return False
+    for t, h in zip(total, hyper):
+        if t is not h and t is not None:
+            return False
+    return True
 
 
 def _distinct(loss: Tensor, groups: Sequence[Sequence[Optional[Tensor]]], cpu: bool) -> List[float]:
