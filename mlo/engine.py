@@ -147,12 +147,16 @@ class Engine:
         try:
             with deferred_signals(self.config.defer_signals) as signals:
                 pending = None
+                events, parallel = self.events, self.parallel
                 for _ in range(iterations):
                     self.step()
-                    self.events.after_iteration_of_run()
-                    # Agreed by every rank under data parallelism (one all-reduce), so all
-                    # leave at the same iteration; in one process, this process's own.
-                    stop, pending = self.parallel.agree_stop(self.state.stop_requested, signals.signum)
+                    if events.shows_progress:
+                        events.after_iteration_of_run()
+                    if parallel.enabled:
+                        # Agreed by every rank (one all-reduce), so all leave at the same iteration.
+                        stop, pending = parallel.agree_stop(self.state.stop_requested, signals.signum)
+                    else:     # (one process: its own; SingleProcess.agree_stop, without the call)
+                        stop, pending = self.state.stop_requested, signals.signum
                     if pending is not None and not self.state.open_windows():
                         raise Interrupted(pending, self.state.iteration)
                     if stop:
@@ -177,7 +181,6 @@ class Engine:
         ``step`` (or a checkpoint saved now and loaded later) finishes the same
         iteration without repeating them, exactly as an uninterrupted run."""
         schedule, events, update = self.schedule, self.events, self.updater.update
-        schedule.begin()
         applied = 0
         try:
             for P in schedule.due(self.state.resume):

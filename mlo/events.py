@@ -44,6 +44,8 @@ class Events:
         self.config, self.gradient, self.is_main = config, gradient, is_main
         self.callbacks: List[Any] = []
         self.progress: Optional[_callbacks.Progress] = None
+        #: Whether ``run`` shows a progress bar (:meth:`after_iteration_of_run` has work).
+        self.shows_progress = False
         es = config.early_stopping
         #: The early-stopping tracker (``best``, ``best_iteration``), or ``None``.
         self.early_stopping = _callbacks.EarlyStopping(**es) if es else None
@@ -101,6 +103,7 @@ class Events:
     # ------------------------------------------------------------ a run
     def start_run(self, callbacks, iterations: int) -> None:
         self.callbacks, self.progress = list(callbacks or ()), _callbacks.Progress(self.engine, iterations)
+        self.shows_progress = self.progress.bar is not None
         self.state.stop_requested = False
 
     def after_iteration_of_run(self) -> None:
@@ -109,7 +112,7 @@ class Events:
     def end_run(self) -> None:
         if self.progress is not None:
             self.progress.close()
-        self.callbacks, self.progress = [], None
+        self.callbacks, self.progress, self.shows_progress = [], None, False
 
     def write(self, msg: str) -> None:
         """Prints ``msg`` (through the progress bar when one is shown; main rank only)."""
@@ -139,7 +142,8 @@ class Events:
         P.after_step()
         if ref and P.name in self.state.last_hypergradient:
             self._compare(P, ref)
-        _callbacks.emit(self.callbacks, "after_update", self.engine, P)
+        if self.callbacks:
+            _callbacks.emit(self.callbacks, "after_update", self.engine, P)
 
     def _compare(self, P: Problem, ref) -> None:
         rec = self.state.records[P.name]

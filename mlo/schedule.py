@@ -10,15 +10,19 @@ says which): they are closed at the end of the iteration.
 
 The schedule reads and writes only counters of :class:`mlo.state.RunState`.
 
-Interrupted iterations. :meth:`Schedule.begin` notes the counters at the start of
+Interrupted iterations. :meth:`Schedule.due` notes the counters at the start of
 an iteration; when an exception ends it early, :meth:`Schedule.interrupt` puts them
 back and adds the updates already applied to ``RunState.resume``. The next
 iteration then replays the same decisions and skips those updates
 (``due(skip=...)``): the run continues as if it had not been interrupted.
+
+``due`` runs once per iteration and visits every problem: its tests are written out in
+its loop (no helper calls), and what never changes during a run — which problems
+consume which windows — is looked up once, at construction.
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Set
+from typing import Dict, FrozenSet, Iterator, Mapping, Set
 
 from .graph import Graph
 from .nesting import BettyNesting
@@ -41,11 +45,10 @@ class Schedule:
         #: The problems whose windows the current iteration consumed.
         self.consumed: Set[str] = set()
         self._start: list = []
-
-    def begin(self) -> None:
-        """Notes the counters at the start of an iteration (for :meth:`interrupt`)."""
-        self._start = [(run, run.ready_count, dict(run.since), run.last_block, run.loop_start)
-                       for run in self.state.problems.values()]
+        # Per problem with lowers that consumes windows when ready (the nesting strategy's
+        # choice): the problems on its paths.
+        self._consumes: Dict[str, FrozenSet[str]] = {
+            n: frozenset(graph.path_nodes(n)) for n in graph.order if graph.below[n] and nesting.consumes(n)}
 
     def interrupt(self, applied: int) -> None:
         """An exception ended the iteration after ``applied`` more updates: the counters
@@ -62,23 +65,40 @@ class Schedule:
         updates it before asking for the next (an update counts for the problems above
         it when the generator resumes, whether it was applied or skipped). The first
         ``skip`` updates were applied before an interruption: their counters advance,
-        but they are not yielded and their ``on_window_start`` hooks do not run again."""
+        but they are not yielded and their ``on_window_start`` hooks do not run again.
+
+        Before anything changes, the counters are noted (for :meth:`interrupt`)."""
+        runs, problems, g, consumes = self.state.problems, self.problems, self.graph, self._consumes
+        self._start = [(run, run.ready_count, dict(run.since), run.last_block, run.loop_start)
+                       for run in runs.values()]
         self.consumed = consumed = set()
-        runs, problems, g = self.state.problems, self.problems, self.graph
         for name in g.order:
             P, run = problems[name], runs[name]
             lows = g.below[name]
-            if lows:
-                if not self._ready(run.since, lows):
+            if lows:     # ready: every lower took its unroll_steps steps since the last readiness
+                since = run.since
+                waiting = False
+                for lo in lows:
+                    if since[lo] < problems[lo].config.unroll_steps:
+                        waiting = True
+                        break
+                if waiting:
                     continue
                 for lo in lows:
-                    run.since[lo] = 0
+                    since[lo] = 0
                     runs[lo].loop_start = True
             run.ready_count += 1
-            if lows and self.nesting.consumes(name):
-                consumed |= g.path_nodes(name)
-            if not self._takes_update(P, run):
+            if name in consumes:
+                consumed |= consumes[name]
+            # an update_every-th readiness, in a new update_every_iterations block
+            cfg = P.config
+            if run.ready_count % cfg.update_every:
                 continue
+            if cfg.update_every_iterations is not None:
+                block = self.state.iteration // cfg.update_every_iterations
+                if run.last_block == block:
+                    continue
+                run.last_block = block
             if run.loop_start:
                 run.loop_start = False
                 if skip <= 0:
@@ -89,23 +109,3 @@ class Schedule:
                 yield P
             for up in g.above[name]:
                 runs[up].since[name] += 1
-
-    def _ready(self, since, lows) -> bool:
-        """Every lower has taken its ``unroll_steps`` steps since the last readiness."""
-        problems = self.problems
-        for lo in lows:
-            if since[lo] < problems[lo].config.unroll_steps:
-                return False
-        return True
-
-    def _takes_update(self, P: Problem, run) -> bool:
-        """This readiness is an ``update_every``-th one, in a new iterations block."""
-        if run.ready_count % P.config.update_every:
-            return False
-        period = P.config.update_every_iterations
-        if period is not None:
-            block = self.state.iteration // period
-            if run.last_block == block:
-                return False
-            run.last_block = block
-        return True
