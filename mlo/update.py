@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Set, Union
 
@@ -43,17 +43,21 @@ from .windows import Windows
 __all__ = ["Updater", "UpdateResult", "Gradient"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpdateResult:
     """What one update did.
 
     Attributes:
         applied: ``False`` when it was skipped (non-finite values, ``nonfinite="skip"``).
-        extras: its ``training_step`` dict without ``"loss"`` (``{}`` for a tensor loss).
+        extras: its ``training_step`` dict without ``"loss"`` (empty for a tensor loss).
     """
 
     applied: bool
-    extras: Dict[str, Any] = field(default_factory=dict)
+    extras: Mapping[str, Any]
+
+
+# The results without extras (most updates): made once.
+_APPLIED, _SKIPPED = UpdateResult(True, MappingProxyType({})), UpdateResult(False, MappingProxyType({}))
 
 
 @dataclass
@@ -77,8 +81,14 @@ class Gradient:
 
     def parts(self) -> Dict[str, Any]:
         """``{"own": ..., "hyper": ..., "paths": ...}`` for the parts it has."""
-        return {k: v for k, v in (("own", self.own), ("hyper", self.hyper), ("paths", self.paths))
-                if v is not None}
+        out: Dict[str, Any] = {}
+        if self.own is not None:
+            out["own"] = self.own
+        if self.hyper is not None:
+            out["hyper"] = self.hyper
+        if self.paths is not None:
+            out["paths"] = self.paths
+        return out
 
 
 class Updater:
@@ -99,28 +109,26 @@ class Updater:
         self.problems, self.graph, self.config, self.state = problems, graph, config, state
         self.windows, self.nesting, self.parallel = windows, nesting, parallel
         self._windowed, self.keep_grad, self.device = windowed, keep_grad, device
+        # What never changes during a run, looked up once (an update is a hot path).
+        self._runs = state.problems
         self._plain_loss = config.precision == "fp32" and device is None   # no autocast, no moves
         # The nesting strategy's answers for an update (no breakdown, no override), per problem.
         self._top_live = {n: nesting.top_reads_live(n, False, None) for n in problems}
         self._own_view = {n: nesting.own_view(n, True) for n in problems}
+        self._nodes = {n: graph.path_nodes(n) for n in problems}
         # The problems whose updates call their own solver (Problem.solve) instead of a step.
         self._solved = {n for n, P in problems.items() if type(P).solve is not Problem.solve}
+        # The problems with a lower on their paths that evaluates fresh batches (implicit_batch).
+        self._takes_fresh = {n for n in problems if any(
+            problems[m].config.implicit_batch == "fresh" and m not in windowed for m in self._nodes[n])}
+        # The hypergradient view's settings.
+        self.data_parallel: bool = parallel.enabled
+        self.check_nonfinite: bool = config.nonfinite != "ignore"
+        self.precision: str = config.precision
 
     # ------------------------------------------------ the hypergradient view
-    @property
-    def data_parallel(self) -> bool:
-        return self.parallel.enabled
-
-    @property
-    def check_nonfinite(self) -> bool:
-        return self.config.nonfinite != "ignore"
-
-    @property
-    def precision(self) -> str:
-        return self.config.precision
-
     def window(self, name: str):
-        return self.state[name].window
+        return self._runs[name].window
 
     def windowed(self, name: str) -> bool:
         return name in self._windowed
@@ -143,7 +151,7 @@ class Updater:
                             f"dict with a scalar 'loss', got {type(out).__name__}")
         if loss.dtype in (torch.bfloat16, torch.float16):
             loss = loss.float()
-        return (loss if loss.dim() == 0 else loss.reshape(())), out
+        return (loss if loss.ndim == 0 else loss.reshape(())), out
 
     def note_method(self, name: str, diagnostics: Dict[str, Any]) -> None:
         """Problem ``name``'s method's numbers about its last run (e.g. CG's iterations and
@@ -154,7 +162,10 @@ class Updater:
         """Problem ``name``'s learning rate: one float, or one per variable when its
         optimizer's param groups have different learning rates."""
         P = self.problems[name]
-        lr = {id(p): float(g.get("lr", 1.0)) for g in P.optimizer.param_groups for p in g["params"]}
+        groups = P.optimizer.param_groups
+        if len(groups) == 1:      # (every variable is in it: the optimizer was made from them)
+            return float(groups[0].get("lr", 1.0))
+        lr = {id(p): float(g.get("lr", 1.0)) for g in groups for p in g["params"]}
         per = tuple(lr[id(p)] for p in P.variables)
         return per[0] if len(set(per)) == 1 else per
 
@@ -181,7 +192,7 @@ class Updater:
         reads: List[Read] = []
         with second_order_kernels(True), reading(ReadContext(P, self.windows.resolver(P, True, reads), own={})):
             result = fn(_precision.to_device(batch, self.device))
-        self.state[P.name].window.add_reads(reads)
+        self._runs[P.name].window.add_reads(reads)
         return result
 
     def gradient(self, P: Problem, batch, diff: bool, by_path: bool = False, override=None,
@@ -196,7 +207,7 @@ class Updater:
         """
         name = P.name
         reads: List[Read] = []
-        self.state[name].last_batch = batch
+        self._runs[name].last_batch = batch
         top_live = self.nesting.top_reads_live(name, by_path, override) \
             if by_path or override is not None else self._top_live[name]
         resolve = self.windows.resolver(P, diff, reads, top_live)
@@ -216,15 +227,14 @@ class Updater:
                 loss, out = self.evaluate(P, batch)
         if name not in self.state.linted:     # once per problem: declared reads without gradient
             try:
-                window = self.state[name].window
+                window = self._runs[name].window
                 lint.check_reads(self.graph, self.problems, P, loss, reads,
                                  window.reads if window is not None else ())
             finally:
                 self.state.linted.add(name)
         if top_live:
-            nest = self.graph.path_nodes(name)
-            nest_reads = [r for n in nest for r in (self.state[n].window.reads
-                                                    if self.state[n].window is not None else ())]
+            runs, nest = self._runs, self._nodes[name]
+            nest_reads = [r for n in nest if runs[n].window is not None for r in runs[n].window.reads]
             loss, total, parts = one_backward_top_gradient(
                 P, loss, keep_graph, nest_reads, {n: self.problems[n].config.method for n in nest})
             return Gradient(loss, total, [], out, own=parts["own"], hyper=parts["hyper"])
@@ -233,7 +243,7 @@ class Updater:
     def _own_and_paths(self, P: Problem, loss: Tensor, out, reads: List[Read], diff: bool,
                        grad_wrt, by_path: bool, override) -> Gradient:
         name = P.name
-        nodes = self.graph.path_nodes(name)
+        nodes = self._nodes[name]
         st = grad_wrt if grad_wrt is not None else P.own_state()   # (not the data-parallel views)
         own = [st[k] for k in P.param_names]
         tracked = [(r, k, a) for r in reads if r.source in nodes and not r.live for k, a in r.alias.items()]
@@ -252,10 +262,11 @@ class Updater:
             allg = torch.autograd.grad(loss, own + [a for *_, a in tracked], allow_unused=True)
             if self.parallel.enabled:   # the mean over ranks: the global batch's gradient
                 allg = self.parallel.average_gradients(allg, own + [a for *_, a in tracked])
-            g, ga = allg[:len(own)], allg[len(own):]
+            n = len(own)
+            g, ga = allg[:n], allg[n:]
         if self.parallel.enabled:
             loss = self.parallel.average_loss(loss)
-        if all(x is None for x in g) and not tracked:
+        if not tracked and all(x is None for x in g):
             raise RuntimeError(f"problem {name!r}: its loss does not depend on its own variables "
                                f"{P.param_names}; call the module through the problem (self(x)) "
                                f"or read self.params")
@@ -332,7 +343,7 @@ class Updater:
         if name in self._solved:
             return self._update_by_solve(P)
         diff = name in self._windowed
-        run = self.state[name]
+        run = self._runs[name]
         opened = diff and run.window is None
         last_batch = run.last_batch
         P.begin_taking()
@@ -343,7 +354,7 @@ class Updater:
             if self.config.nonfinite == "ignore":
                 vals, bad = [res.loss.item()], ""
             else:
-                parts = res.parts()
+                parts = res.parts() if res.hyper is not None else {}
                 vals = update_norms(res.loss, res.grads, parts)
                 bad = "" if all(map(math.isfinite, vals)) else describe_nonfinite(
                     P, vals, res.grads, parts, self.state.iteration)
@@ -363,13 +374,14 @@ class Updater:
             P.return_taken()
             run.last_batch = last_batch
             raise
-        take_fresh_batches(self, name)      # (implicit_batch="fresh" lowers: the batch it used)
+        if name in self._takes_fresh:       # (implicit_batch="fresh" lowers: the batch it used)
+            take_fresh_batches(self, name)
         if bad:
             if opened:
                 self.windows.discard(P)
             warnings.warn(f"{bad}: update skipped; its parameters and optimizer state are "
                           f"unchanged", RuntimeWarning, stacklevel=5)
-            return UpdateResult(False)
+            return _SKIPPED
         self._record(P, vals, res)
         run.last_loss = res.loss.detach()
         if diff:
@@ -383,14 +395,16 @@ class Updater:
         run.step_count += 1
         if P.config.implicit_batch == "window":
             self.state.note_window_batch(name, run.last_batch)
-        extras = {k: v for k, v in res.out.items() if k != "loss"} if isinstance(res.out, dict) else {}
-        return UpdateResult(True, extras)
+        out = res.out
+        if isinstance(out, dict) and len(out) > 1:      # (extras besides its "loss")
+            return UpdateResult(True, {k: v for k, v in out.items() if k != "loss"})
+        return _APPLIED
 
     def _update_by_solve(self, P: Problem) -> UpdateResult:
         """An update of ``P`` by ``P.solve(batch)`` (:meth:`mlo.Problem.solve`): the checked
         solution, its loss on the batch (the record; implicit methods evaluate there), the
         non-finite guard, then the solution written. Nothing changes when it raises."""
-        run = self.state[P.name]
+        run = self._runs[P.name]
         last_batch = run.last_batch
         P.begin_taking()
         try:
@@ -415,7 +429,7 @@ class Updater:
             warnings.warn(f"problem {P.name!r}: solve(batch) at iteration {self.state.iteration} gave "
                           f"a non-finite solution or loss: update skipped; its variables are "
                           f"unchanged", RuntimeWarning, stacklevel=5)
-            return UpdateResult(False)
+            return _SKIPPED
         step_by_solve(P, sol)
         rec = self.state.records[P.name]
         rec["loss"], rec["grad_norm"] = float(loss), None
@@ -423,8 +437,9 @@ class Updater:
         run.step_count += 1
         if P.config.implicit_batch == "window":
             self.state.note_window_batch(P.name, batch)
-        extras = {k: v for k, v in out.items() if k != "loss"} if isinstance(out, dict) else {}
-        return UpdateResult(True, extras)
+        if isinstance(out, dict) and len(out) > 1:      # (extras besides its "loss")
+            return UpdateResult(True, {k: v for k, v in out.items() if k != "loss"})
+        return _APPLIED
 
     def _detached_reads(self, P: Problem, own: Optional[Dict[str, Tensor]]) -> reading:
         """The read context of ``P.solve``: other problems' states as detached values, and
@@ -437,14 +452,15 @@ class Updater:
     def _record(self, P: Problem, vals: List[float], res: Gradient) -> None:
         """``vals``: ``[loss, ‖grad‖, ‖own‖, ‖hyper‖]`` (``[loss]`` with nonfinite='ignore')."""
         rec = self.state.records[P.name]
-        rec["loss"], rec["grad_norm"] = vals[0], vals[1] if len(vals) > 1 else None
+        norms = len(vals) > 1
+        rec["loss"], rec["grad_norm"] = vals[0], vals[1] if norms else None
         if res.hyper is not None:
             self.state.last_hypergradient[P.name] = res.hyper
-            rec["own_grad_norm"], rec["hypergrad_norm"] = (vals[2], vals[3]) if len(vals) > 1 else (None, None)
+            rec["own_grad_norm"], rec["hypergrad_norm"] = (vals[2], vals[3]) if norms else (None, None)
 
     def _set_hyperparameters(self, P: Problem, diff: bool, reads: List[Read]) -> None:
         """Applies ``P.optimizer_hyperparameters()`` (read under ``P``'s read context)."""
         with reading(ReadContext(P, self.windows.resolver(P, diff, reads))):
             hp = P.optimizer_hyperparameters() or {}
-        groups = self.state[P.name].window.fopt.param_groups if diff else P.optimizer.param_groups
+        groups = self._runs[P.name].window.fopt.param_groups if diff else P.optimizer.param_groups
         self.state.learned_hp[P.name] = apply_hyperparameters(P, hp, groups, diff)
