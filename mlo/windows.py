@@ -38,6 +38,7 @@ class Windows:
                  windowed: Set[str], nesting: BettyNesting):
         self.problems, self.graph, self.state = problems, graph, state
         self.windowed, self.nesting = windowed, nesting
+        self._runs = state.problems
         # (the strategy's answers that do not change during a run, looked up once)
         self._always_live = nesting.reads_live(True, False)
         self._nodes = {n: graph.path_nodes(n) for n in problems}
@@ -53,13 +54,13 @@ class Windows:
 
     def discard(self, P: Problem) -> None:
         """Drops a window in which nothing stepped (also one that failed to open)."""
-        self.state[P.name].window = None
+        self._runs[P.name].window = None
         P.drop_window()
 
     def close(self, name: str) -> None:
         """Closes ``name``'s window: iterates written back (:meth:`mlo.Problem.end_window`),
         every path through it truncated, its reads released."""
-        run = self.state[name]
+        run = self._runs[name]
         win, run.window = run.window, None
         if win is None:
             return
@@ -77,7 +78,7 @@ class Windows:
 
     def get(self, name: str) -> Optional[Window]:
         """Problem ``name``'s open window, or ``None``."""
-        return self.state[name].window
+        return self._runs[name].window
 
     # ------------------------------------------------------------ reads
     def resolver(self, reader: Problem, diff: bool, reads: List[Read], top_live: bool = False):
@@ -97,7 +98,8 @@ class Windows:
             top_live: ``reader`` is a top that reads the nest's live iterates (the nesting
                 strategy's one-backward top).
         """
-        if source.name not in self.graph.reads[reader.name] or self.problems.get(source.name) is not source:
+        # (a declared source is a problem of this engine: the graph was made from them)
+        if source.name not in self.graph.reads[reader.name] or self.problems[source.name] is not source:
             self._undeclared(reader, source)
         for r in reads:
             if r.source == source.name:
@@ -109,10 +111,13 @@ class Windows:
         # Aliases carry a graph when a gradient may flow through them: reader differentiates
         # its steps, source is on reader's paths, or reader's first evaluation (mlo.lint sees every read).
         track = diff or source.name in nodes or reader.name not in self.state.linted
-        swin = self.state[source.name].window
-        rwin = self.state[reader.name].window if diff else None
+        srun = self._runs[source.name]
+        swin = srun.window
+        rwin = self._runs[reader.name].window if diff else None
+        # (source's version: changes whenever its values change — its steps, its in-place edits)
+        version = (srun.step_count, srun.edits)
         if rwin is not None and swin is None and track:
-            shared = self._shared(rwin, source)
+            shared = self._shared(rwin, source, version)
             if shared is not None:
                 reads.append(shared)
                 return shared.alias
@@ -127,7 +132,7 @@ class Windows:
         if swin is not None:
             swin.referrers.append(r)
         elif rwin is not None and track:
-            rwin.shared[source.name] = (self._version(source), r)
+            rwin.shared[source.name] = (version, r)
         reads.append(r)
         return alias
 
@@ -141,15 +146,12 @@ class Windows:
                 f"it: add {source.name!r} to u2l[...]/l2u[...] (u2l={{{source.name!r}: [{reader.name!r}]}} if "
                 f"{source.name!r} is the upper, l2u={{{source.name!r}: [{reader.name!r}]}} if it is the lower)")
 
-    def _version(self, source: Problem) -> tuple:
-        """Changes whenever ``source``'s values change: its steps and its in-place edits."""
-        return (source.step_count, self.state[source.name].edits)
-
-    def _shared(self, rwin: Window, source: Problem) -> Optional[Read]:
+    @staticmethod
+    def _shared(rwin: Window, source: Problem, version: tuple) -> Optional[Read]:
         """Inside ``reader``'s window, the read of ``source`` from an earlier step when ``source`` has
-        not changed since (one set of leaves per window, not one per step)."""
+        not changed since (its ``version`` is the same: one set of leaves per window, not one per step)."""
         hit = rwin.shared.get(source.name)
-        return hit[1] if hit is not None and hit[0] == self._version(source) else None
+        return hit[1] if hit is not None and hit[0] == version else None
 
     def _top_reads_below(self, source: Problem, reader: Problem) -> bool:
         """Whether ``source`` is the single top problem and ``reader`` lies on one of its paths.
