@@ -26,7 +26,10 @@ A *cotangent* is ``(state, vec)``: a vector ``vec`` on a problem's state tensors
 window was truncated).
 
 Implicit and finite-difference VJPs re-evaluate the lower loss (once for the
-Hessian-vector products, twice for central differences). Those evaluations are
+Hessian-vector products, twice for central differences), on the batches its
+``ProblemConfig.implicit_batch`` names — its last batch, its data's next batch, or
+the mean over its current window's batches (:func:`implicit_batches`;
+docs/methods.md#which-batch-an-implicit-method-sees). Those evaluations are
 not training steps and leave no trace: every problem's module buffers (e.g.
 BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked``, updated in
 place by a forward in training mode) and the global RNG state are restored
