@@ -21,7 +21,7 @@ The engine asks its strategy; nothing else on the update path tests the mode.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -160,11 +160,13 @@ def nesting_strategy(mode: str, graph: Graph, problems: Mapping[str, Any], windo
 
 
 def one_backward_top_gradient(P: Any, loss: Tensor, keep_graph: bool, nest_reads: List[Any],
-                              methods: Dict[str, str]) -> Tuple[Tensor, List[Optional[Tensor]], Dict[str, Any]]:
+                              nest: Tuple[Sequence[str], Sequence[str]]
+                              ) -> Tuple[Tensor, List[Optional[Tensor]], Dict[str, Any]]:
     """The top's gradient in one backward: its loss read the nest's live iterates, so
     one backward reaches every read of the top's variables made inside the nest's open
     windows (``nest_reads``: those windows' reads; aliases, new graphs) — the total
-    derivative.
+    derivative. ``nest``: the problems on the top's paths (sorted) and their methods,
+    for errors that name them.
 
     Returns ``(loss, total gradient, {"own": ..., "hyper": ...})``."""
     if not loss.requires_grad:
@@ -175,16 +177,18 @@ def one_backward_top_gradient(P: Any, loss: Tensor, keep_graph: bool, nest_reads
     for r in nest_reads:
         if r.source == P.name and not r.live:
             for k, a in r.alias.items():
-                if a.requires_grad and id(a) not in seen:
-                    seen.add(id(a))
-                    leaves.append((k, a))
-    names = sorted(methods)
-    with naming_second_order_errors(names, [methods[n] for n in names]):
+                if a.requires_grad:
+                    i = id(a)
+                    if i not in seen:
+                        seen.add(i)
+                        leaves.append((k, a))
+    with naming_second_order_errors(*nest):
         allg = torch.autograd.grad(loss, own + [a for _, a in leaves], allow_unused=True,
                                    retain_graph=keep_graph or None)
+    n = len(own)
     acc: Dict[str, Tensor] = {}
-    for (k, _), x in zip(leaves, allg[len(own):]):
+    for (k, _), x in zip(leaves, allg[n:]):
         if x is not None:
             acc[k] = acc[k] + x if k in acc else x
-    own_d, hyper, total = combine_gradients(P.param_names, own, allg[:len(own)], acc)
+    own_d, hyper, total = combine_gradients(P.param_names, own, allg[:n], acc)
     return loss, total, {"own": own_d, "hyper": hyper}

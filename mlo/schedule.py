@@ -45,6 +45,7 @@ class Schedule:
         #: The problems whose windows the current iteration consumed.
         self.consumed: Set[str] = set()
         self._start: list = []
+        self._runs = list(state.problems.values())     # (the same ProblemRun objects all run long)
         # Per problem with lowers that consumes windows when ready (the nesting strategy's
         # choice): the problems on its paths.
         self._consumes: Dict[str, FrozenSet[str]] = {
@@ -70,7 +71,7 @@ class Schedule:
         Before anything changes, the counters are noted (for :meth:`interrupt`)."""
         runs, problems, g, consumes = self.state.problems, self.problems, self.graph, self._consumes
         self._start = [(run, run.ready_count, dict(run.since), run.last_block, run.loop_start)
-                       for run in runs.values()]
+                       for run in self._runs]
         self.consumed = consumed = set()
         for name in g.order:
             P, run = problems[name], runs[name]

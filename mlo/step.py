@@ -40,9 +40,9 @@ def step_in_window(P: Problem, run: ProblemRun, grads: Sequence[Optional[Tensor]
             for k in fg:
                 if k not in learned and k in tg:
                     fg[k] = tg[k]
-    st = P.own_state()
-    new = win.fopt.step([st[k] for k in P.param_names], grads)
-    run.iterates = dict(zip(P.param_names, new))
+    st, names = P.own_state(), P.param_names
+    new = win.fopt.step([st[k] for k in names], grads)
+    run.iterates = dict(zip(names, new))
     win.add_reads(reads)
     win.steps += 1
 

@@ -91,6 +91,11 @@ class Gradient:
         return out
 
 
+def _not_a_loss(P: Problem, out: Any) -> TypeError:
+    return TypeError(f"problem {P.name!r}: training_step must return a scalar tensor or a "
+                     f"dict with a scalar 'loss', got {type(out).__name__}")
+
+
 class Updater:
     """Updates of an engine's problems (see the module).
 
@@ -116,6 +121,9 @@ class Updater:
         self._top_live = {n: nesting.top_reads_live(n, False, None) for n in problems}
         self._own_view = {n: nesting.own_view(n, True) for n in problems}
         self._nodes = {n: graph.path_nodes(n) for n in problems}
+        # (the problems on each one's paths, sorted, and their methods: for error messages)
+        self._nest = {n: (sorted(self._nodes[n]), [problems[m].config.method for m in sorted(self._nodes[n])])
+                      for n in problems}
         # The problems whose updates call their own solver (Problem.solve) instead of a step.
         self._solved = {n for n, P in problems.items() if type(P).solve is not Problem.solve}
         # The problems with a lower on their paths that evaluates fresh batches (implicit_batch).
@@ -145,10 +153,14 @@ class Updater:
         else:
             with _precision.autocast(self.config.precision, self.device):
                 out = P.training_step(_precision.to_device(batch, self.device))
-        loss = out.get("loss") if isinstance(out, dict) else out
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(f"problem {P.name!r}: training_step must return a scalar tensor or a "
-                            f"dict with a scalar 'loss', got {type(out).__name__}")
+        if isinstance(out, Tensor):         # (the usual case, with a single check)
+            loss = out
+        else:
+            loss = out.get("loss") if isinstance(out, dict) else None
+            if not isinstance(loss, Tensor):
+                raise _not_a_loss(P, out)
+        if loss.ndim != 0 and loss.numel() != 1:
+            raise _not_a_loss(P, out)
         if loss.dtype in (torch.bfloat16, torch.float16):
             loss = loss.float()
         return (loss if loss.ndim == 0 else loss.reshape(())), out
@@ -235,8 +247,7 @@ class Updater:
         if top_live:
             runs, nest = self._runs, self._nodes[name]
             nest_reads = [r for n in nest if runs[n].window is not None for r in runs[n].window.reads]
-            loss, total, parts = one_backward_top_gradient(
-                P, loss, keep_graph, nest_reads, {n: self.problems[n].config.method for n in nest})
+            loss, total, parts = one_backward_top_gradient(P, loss, keep_graph, nest_reads, self._nest[name])
             return Gradient(loss, total, [], out, own=parts["own"], hyper=parts["hyper"])
         return self._own_and_paths(P, loss, out, reads, diff, grad_wrt, by_path, override)
 
