@@ -138,9 +138,12 @@ def _sgd_plan(opt: torch.optim.SGD, params: Sequence[Tensor], grads: Sequence[Op
     """``[(group, params, grads)]`` in the optimizer's order, or ``None`` when ``step()``
     would see something else (a tensor not in the optimizer, a hand-set ``.grad``)."""
     groups = opt.param_groups
-    if len(groups) == 1 and len(groups[0]["params"]) == len(params) and \
-            all(a is b for a, b in zip(groups[0]["params"], params)):
-        return [(groups[0], params, grads)]          # (the usual case: one group, in order)
+    if len(groups) == 1 and len(groups[0]["params"]) == len(params):
+        for a, b in zip(groups[0]["params"], params):
+            if a is not b:
+                break
+        else:
+            return [(groups[0], params, grads)]      # (the usual case: one group, in order)
     by_id = {id(p): g for p, g in zip(params, grads)}
     plan, n = [], 0
     for group in groups:

@@ -270,9 +270,10 @@ class Updater:
             ga = (torch.autograd.grad(loss, [a for *_, a in tracked], allow_unused=True,
                                       retain_graph=True) if tracked else ())
         else:
-            allg = torch.autograd.grad(loss, own + [a for *_, a in tracked], allow_unused=True)
+            wrt = own + [a for *_, a in tracked] if tracked else own
+            allg = torch.autograd.grad(loss, wrt, allow_unused=True)
             if self.parallel.enabled:   # the mean over ranks: the global batch's gradient
-                allg = self.parallel.average_gradients(allg, own + [a for *_, a in tracked])
+                allg = self.parallel.average_gradients(allg, wrt)
             n = len(own)
             g, ga = allg[:n], allg[n:]
         if self.parallel.enabled:
