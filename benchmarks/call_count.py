@@ -17,7 +17,13 @@ Cases (the ``linear`` problem of ``benchmarks/hypergradients.py``: logistic regr
   ours / floor table times it;
 - ``… ignore``: the same with ``EngineConfig(nonfinite="ignore")`` (ours·ignore);
 - ``unrolled K=1 run``: ``engine.run(10)`` (the loop of ``run`` around ``step``: the
-  progress bar, the stop agreement), per iteration.
+  progress bar, the stop agreement), per iteration;
+- ``mlo-mae fd`` / ``mlo-mae unrolled``: ``engine.step()`` of the three-level MLO-MAE
+  graph (``problems/mlo_mae.py``, ``tests/test_mlo_mae_graph.py``'s tiny settings: 4×4
+  images, width 8, one block; ``unroll_steps=2``, so the average of 10 steps — a
+  pretrain step every iteration, finetune and mask every second), with its default
+  ``finite_difference`` and with ``unrolled``. (``--root``: that checkout's
+  ``problems`` too.)
 
 ``--root DIR`` counts the ``mlo`` of another checkout (e.g. a base commit in a git
 worktree) with this checkout's benchmark problems, so two versions are compared on
@@ -73,7 +79,23 @@ def cases(hg) -> Dict[str, Tuple[Callable[[], object], int]]:
     lams = spec.lam_init(spec.make_module(), hg.torch.float32)
     eng = hg.build_mlo(spec, hg.METHODS[0], spec.make_module(), lams)
     out["unrolled K=1 run"] = (lambda: eng.run(RUN)), RUN
+    for method in ("finite_difference", "unrolled"):
+        g = mlo_mae(method)
+        out[f"mlo-mae {'fd' if method == 'finite_difference' else method}"] = (
+            lambda eng=g.engine: [eng.step() for _ in range(RUN)]), RUN
     return out
+
+
+def mlo_mae(method: str):
+    """The tiny MLO-MAE graph of ``tests/test_mlo_mae_graph.py`` with ``method``."""
+    import torch
+    from problems.mlo_mae import MLOMAESettings, build
+    s = MLOMAESettings(image_size=4, patch_size=2, in_chans=1, embed_dim=8, depth=1, num_heads=2,
+                       decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_hidden=8, batch_size=8,
+                       steps=10 ** 6, num_classes=3, method=method)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 4, 4, generator=g)
+    return build("mlo-mae", s, (x, torch.randint(0, 3, (40,), generator=g)))
 
 
 def count(fn: Callable[[], object], warmup: int, iterations: int) -> Tuple[float, float, pstats.Stats]:
