@@ -45,12 +45,9 @@ class BettyNesting:
 
     def __init__(self, graph: Graph, top: Optional[str], fused: bool):
         self.graph, self.top, self.fused = graph, top, fused
-
-    @property
-    def keeps_graph(self) -> bool:
-        """Whether a reported gradient must keep the autograd graph (the live iterates
-        it backpropagates through are still needed by the next update)."""
-        return self.fused
+        #: Whether a reported gradient must keep the autograd graph (the live iterates
+        #: it backpropagates through are still needed by the next update).
+        self.keeps_graph: bool = fused
 
     def consumes(self, name: str) -> bool:
         """Whether ``name`` (a problem with lowers) becoming ready consumes the windows
@@ -76,9 +73,9 @@ class ExactNesting(BettyNesting):
 
     name = "exact"
 
-    @property
-    def keeps_graph(self) -> bool:
-        return True
+    def __init__(self, graph: Graph, top: Optional[str], fused: bool):
+        super().__init__(graph, top, fused)
+        self.keeps_graph = True
 
     def consumes(self, name: str) -> bool:
         return name == self.top          # only the top consumes: the windows stay open

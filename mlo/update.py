@@ -286,10 +286,12 @@ class Updater:
             # None where the loss does not use a variable: torch.optim skips it (no weight
             # decay, momentum or state update), and so do the twins and the SGD fast path.
             return Gradient(loss, list(g), reads, out)
-        direct: Dict[int, Any] = {}
+        direct: Dict[Read, Any] = {}      # (reads hash by identity)
         for (r, k, a), x in zip(tracked, ga):
             if x is not None:
-                direct.setdefault(id(r), (r.source, (r.src_state, {})))[1][1][k] = x
+                if r not in direct:
+                    direct[r] = (r.source, (r.src_state, {}))
+                direct[r][1][1][k] = x
         direct_list = list(direct.values())
         paths = None
         if by_path:
