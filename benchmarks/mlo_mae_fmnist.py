@@ -62,6 +62,10 @@ VARIANTS = {
     "frozen-mask": ("frozen-mask", {}),
     "mlo-mae/paper/unroll1": ("mlo-mae", {"unroll_steps": 1}),
     "mlo-mae/paper/unroll5": ("mlo-mae", {"unroll_steps": 5}),
+    # sampled masks (Gumbel top-k ∝ p) and/or weights p / mean(masked p): problems/mlo_mae.py
+    "mlo-mae/paper/gumbel": ("mlo-mae", {"mask_sampling": "gumbel"}),
+    "mlo-mae/paper/norm": ("mlo-mae", {"normalize_weights": True}),
+    "mlo-mae/paper/gumbel-norm": ("mlo-mae", {"mask_sampling": "gumbel", "normalize_weights": True}),
 }
 DEFAULT_ORDER = ["mlo-mae/paper", "mlo-mae/official", "mae", "mlo-mae/paper/no-pos", "mlo-mae/paper/ln",
                  "blo-mae", "frozen-mask"]

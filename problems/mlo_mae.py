@@ -270,16 +270,29 @@ class Finetune(mlo.Problem):
 
 class MaskLevel(mlo.Problem):
     """Level III: the masking network; its loss is the CE on the mask split through
-    the levels below (``classify(x) -> logits``). No direct gradient."""
+    the levels below (``classify(x) -> logits``). No direct gradient — unless
+    ``budget > 0``: then ``budget · mean_n (mean_i p_{n,i} − k/L)²`` is added, with
+    ``probabilities(x) -> p [N, L]`` the network's output on the current (detached)
+    embeddings. Read as masking probabilities, each image's ``p`` should sum to the
+    ``k`` patches it masks; the term keeps them there while the hypergradient moves
+    them between patches (``mask_budget``; not in the paper)."""
 
-    def __init__(self, net: MaskingNetwork, classify, data, **kw):
+    def __init__(self, net: MaskingNetwork, classify, data, probabilities=None, budget: float = 0.0,
+                 share: float = 0.75, **kw):
         super().__init__("mask", module=net, data=data, **kw)
         self.classify = classify
+        self.probabilities, self.budget, self.share = probabilities, budget, share
 
     def training_step(self, batch):
         x, y = batch
         logits = self.classify(x)  # [N, C]
-        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+        ce = F.cross_entropy(logits, y)
+        out = {"loss": ce, "acc": (logits.argmax(-1) == y).float().mean()}
+        if self.budget:
+            gap = self.probabilities(x).mean(dim=1) - self.share  # [N]: Σ_i p / L − k / L
+            out["loss"] = ce + self.budget * gap.pow(2).mean()
+            out["ce"], out["budget_gap"] = ce.detach(), gap.detach().abs().mean()
+        return out
 
 
 class MergedLower(MAEPretrain):
@@ -314,6 +327,15 @@ def _adamw(lr: float, s: MLOMAESettings, level: str) -> Dict[str, Any]:
     return {"optimizer": torch.optim.AdamW,
             "optimizer_kwargs": {"lr": lr, "betas": tuple(s.betas),
                                  "weight_decay": s.level_weight_decay(level)}}
+
+
+def _budget(s: MLOMAESettings, probabilities) -> Dict[str, Any]:
+    """MaskLevel's budget arguments (``mask_budget``: the weight; ``k/L`` the share)."""
+    if not s.mask_budget:
+        return {}
+    tokens = (s.image_size // s.patch_size) ** 2
+    return {"probabilities": probabilities, "budget": s.mask_budget,
+            "share": num_masked(tokens, s.mask_ratio) / tokens}
 
 
 def _schedule(s: MLOMAESettings, updates: int, level: str) -> Dict[str, Any]:
@@ -433,6 +455,8 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         fin = Finetune(head, pre, ft_data, **_adamw(s.finetune_lr, s, "finetune"),
                        **_schedule(s, upper_updates, "finetune"), config=_config("finetune", s))
         mask = MaskLevel(net, lambda xb: fin(pre.call("features", xb, pool="cls")), mk_data,
+                         **_budget(s, lambda xb: mask(pre.patch_embeddings(xb, position=s.mask_input_position)
+                                                      .detach())),
                          **_adamw(s.mask_lr, s, "mask"), **_schedule(s, mask_updates, "mask"),
                          config=mlo.ProblemConfig.from_dict(mask_cfg))
         pre.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
@@ -453,6 +477,8 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
                         **_adamw(s.pretrain_lr, s, "pretrain"), **_schedule(s, s.steps, "pretrain"),
                         param_groups=groups, config=_config("pretrain", s, **hold))
     mask = MaskLevel(net, lambda xb: lower.call("classify", xb), mk_data,
+                     **_budget(s, lambda xb: mask(lower.patch_embeddings(xb, position=s.mask_input_position)
+                                                  .detach())),
                      **_adamw(s.mask_lr, s, "mask"), **_schedule(s, mask_updates, "mask"),
                      config=mlo.ProblemConfig.from_dict(mask_cfg))
     lower.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,

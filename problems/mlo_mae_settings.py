@@ -44,6 +44,7 @@ class MLOMAESettings:
     mask_input_norm: bool = False     # LayerNorm each token before the masker (not in the paper)
     normalize_weights: bool = False  # ablation: weights p / mean_masked(p) (loss scale fixed)
     mask_sampling: str = "topk"      # "topk": mask the k highest p (paper); "gumbel": sample k ∝ p
+    mask_budget: float = 0.0         # λ of λ·mean_n (mean_i p − k/L)² in the mask loss (not in the paper)
     num_classes: int = 10
     head_dropout: float = 0.1
     learnable_pos: bool = False      # encoder + decoder position tables learnable (sin-cos init)
@@ -96,6 +97,8 @@ class MLOMAESettings:
         if self.hypergrad_weighting not in WEIGHTINGS:
             raise ValueError(f"MLOMAESettings: hypergrad_weighting must be one of {list(WEIGHTINGS)}, "
                              f"got {self.hypergrad_weighting!r}")
+        if self.mask_budget < 0:
+            raise ValueError(f"MLOMAESettings: mask_budget must be >= 0, got {self.mask_budget}")
         if self.mask_sampling not in SAMPLINGS:
             raise ValueError(f"MLOMAESettings: mask_sampling must be one of {list(SAMPLINGS)}, "
                              f"got {self.mask_sampling!r}")

@@ -1,4 +1,5 @@
-"""MLO-MAE's sampled masks (``mask_sampling: gumbel``, ``problems.mlo_mae``).
+"""MLO-MAE's mask options (``problems.mlo_mae``): sampled masks (``mask_sampling:
+gumbel``) and the masking budget (``mask_budget``).
 
 With ``gumbel`` the pretrain stream's batches carry uniform noise ``u [N, L]`` drawn
 with the batch (``{"x": x, "noise": u}``); the masker masks the k largest
@@ -12,7 +13,10 @@ with the batch (``{"x": x, "noise": u}``); the masker masks the k largest
 * the loss is one function of the batch: re-evaluating it (as finite differences
   and Hessian-vector products do) gives the same value, whatever the global RNG;
   the finite-difference hypergradient differs from the top-k one (the masks differ);
-* the noise stream is reproducible from the seed, and the setting is validated.
+* the noise stream is reproducible from the seed, and the setting is validated;
+* ``mask_budget = λ``: the mask level's own gradient is exactly ``∇_φ λ·mean_n (mean_i
+  p_{n,i} − k/L)²`` on the detached embeddings (by hand, float64), its hypergradient is the
+  one without the budget, and ``λ = 0`` leaves the mask with no direct gradient.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 
 from problems.mae import num_masked, random_masking
 from problems.mlo_mae import MLOMAESettings, build, with_mask_noise
-from test_mlo_mae_graph import data, float64, settings
+from test_mlo_mae_graph import data, dict_rel, float64, settings
 
 
 def _graph(**kw):
@@ -110,3 +114,36 @@ def test_sampled_masks_change_the_hypergradient_and_run_finite():
 def test_unknown_sampling_is_a_named_error():
     with pytest.raises(ValueError, match="mask_sampling must be one of"):
         MLOMAESettings(mask_sampling="random")
+
+
+def test_budget_adds_exactly_its_own_gradient(measured):
+    x, y = data(n=16, image_size=8, dtype=torch.float64)
+    reports = {}
+    for lam in (0.0, 0.7):
+        with float64():
+            g = build("mlo-mae", settings(image_size=8, mask_budget=lam, pretrain_lr=2e-2,
+                                          mask_input_position=False), (x, y), seed=2)
+        mk = g.problems["mask"]
+        batch = next(iter(mk.data))
+        reports[lam] = (g, batch, g.engine.gradient("mask", batch=batch))
+    g, batch, r = reports[0.7]
+    _, _, r0 = reports[0.0]
+    assert all(float(t.abs().max()) == 0.0 for t in r0["own"].values())   # no direct gradient
+    # by hand: the budget term on the detached patch-only embeddings
+    xb = batch[0]
+    net = g.masker
+    emb = g.mae.patch_embeddings(xb, position=False).detach()
+    L = emb.shape[1]
+    k = num_masked(L, g.settings.mask_ratio)
+    pen = 0.7 * (net(emb).mean(1) - k / L).pow(2).mean()
+    names = [n for n, _ in net.named_parameters()]
+    hand = dict(zip(names, torch.autograd.grad(pen, list(net.parameters()))))
+    measured("MLO-MAE mask_budget own gradient vs hand", dict_rel(r["own"], hand), 1e-12)
+    hyper = {n: r["grad"][n] - r["own"][n] for n in names}
+    hyper0 = {n: r0["grad"][n] - r0["own"][n] for n in names}
+    measured("MLO-MAE mask_budget leaves the hypergradient", dict_rel(hyper, hyper0), 1e-12)
+
+
+def test_negative_budget_is_a_named_error():
+    with pytest.raises(ValueError, match="mask_budget must be >= 0"):
+        MLOMAESettings(mask_budget=-1.0)
