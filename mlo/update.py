@@ -399,7 +399,8 @@ class Updater:
         self._record(P, vals, res)
         run.last_loss = res.loss.detach()
         if diff:
-            step_in_window(P, run, grads, res.reads, self.state.learned_hp.get(name, ()))
+            learned = self.state.learned_hp.get(name, ()) if P.scheduler is not None else ()
+            step_in_window(P, run, grads, res.reads, learned)
         else:
             if name in self.keep_grad:
                 self.state.last_grad[name] = [None if g is None else g.detach() for g in grads]
