@@ -66,6 +66,9 @@ VARIANTS = {
     "mlo-mae/paper/gumbel": ("mlo-mae", {"mask_sampling": "gumbel"}),
     "mlo-mae/paper/norm": ("mlo-mae", {"normalize_weights": True}),
     "mlo-mae/paper/gumbel-norm": ("mlo-mae", {"mask_sampling": "gumbel", "normalize_weights": True}),
+    # the masking budget: each image's p summing to the k patches it masks (mask_budget)
+    "mlo-mae/paper/budget": ("mlo-mae", {"mask_budget": 1.0}),
+    "mlo-mae/paper/gumbel-budget": ("mlo-mae", {"mask_sampling": "gumbel", "mask_budget": 1.0}),
 }
 DEFAULT_ORDER = ["mlo-mae/paper", "mlo-mae/official", "mae", "mlo-mae/paper/no-pos", "mlo-mae/paper/ln",
                  "blo-mae", "frozen-mask"]

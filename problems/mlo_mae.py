@@ -53,6 +53,14 @@ Masking-network input (``mask_input_position``, ``mask_input_norm``): the paper 
 the MAE's patch + position embeddings; position-free input (patch part only) and a
 LayerNorm per token are offered so masks can depend on the image.
 
+Keeping the masker alive (docs/mlo_mae.md#keeping-the-masker-alive; neither is in the
+paper): ``mask_budget = λ`` adds ``λ · mean_n (mean_i p_{n,i} − k/L)²`` to the mask
+level's loss (on detached embeddings), so each image's probabilities sum to the ``k``
+patches it masks and "reconstruct less" (every ``p → 0``) stops being a descent direction;
+``mask_sampling = "gumbel"`` masks ``k`` patches sampled without replacement ∝ ``p``
+(the noise drawn with the batch, so every re-evaluation of the loss masks the same
+patches) instead of the top-k.
+
 Every problem uses AdamW with betas (0.9, 0.95) and weight decay 1e-3 (lr 1e-4
 encoder, 1e-3 head and masking network), optionally with a cosine schedule over the
 run. The best-response method of the lower levels is finite differences (DARTS) by
