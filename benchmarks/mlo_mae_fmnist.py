@@ -221,8 +221,9 @@ def fmt(vals, scale=100.0, digits=2):
     if not vals:
         return "—"
     m = statistics.mean(vals) * scale
-    sd = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+    if len(vals) == 1:      # one run: no spread to report
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(vals) * scale:.{digits}f}"
 
 
 def cmd_table(args) -> None:

@@ -244,6 +244,9 @@ MODULES = sorted([*ROOT.glob("mlo/*.py"), *ROOT.glob("engines/*.py"), *ROOT.glob
                   ROOT / "problems/datasets/splits.py"])
 # (file, function, factory): why it is created on the host.
 HOST_BY_DESIGN = {
+    ("problems/mlo_mae.py", "with_mask_noise", "rand"):
+        "sampled-mask noise from the stream's seeded CPU generator (the same masks on every "
+        "device), moved to the batch's device",
     ("mlo/optim.py", "_update", "tensor"):
         "Adam's step count of an old checkpoint: torch.optim keeps it on the CPU too",
     ("mlo/optim_rules.py", "_step", "tensor"):
