@@ -100,6 +100,11 @@ class Lower:
             residual ``‖r‖/‖v‖``), ``neumann`` writes ``neumann_last_term``
             (``‖(I − αH)^K α v‖ / ‖α v‖``). ``mlo`` hands them to the lower's
             ``engine.records``. A method that measures nothing leaves it alone.
+        solve_index: which solve of this lower this is, for methods whose host-side
+            checks are amortised (``neumann``'s growth check, ``cg``'s final-residual
+            report: on indices below 10 and every 100th). ``mlo`` passes the lower's
+            step count (deterministic, and the same in a resumed run); ``None``: the
+            solves are counted per ``label`` in the process.
     """
 
     params: Tensors
@@ -112,6 +117,7 @@ class Lower:
     compute_dtype: Optional[torch.dtype] = None
     unused_as_none: bool = False
     diagnostics: Optional[Dict[str, Any]] = None
+    solve_index: Optional[int] = None
 
 
 def check_bool(method: str, name: str, value: Any) -> None:

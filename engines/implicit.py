@@ -122,7 +122,8 @@ def _warn_once(lower: Lower, key: tuple, message: str) -> None:
     warnings.warn(f"{lower.label + ': ' if lower.label else ''}{message}", RuntimeWarning, stacklevel=3)
 
 
-#: Neumann's growth check reads two norms on the host: it runs on a problem's first
+#: Neumann's growth check reads two norms on the host, and CG's report of a solve that
+#: stopped at max_iter its final residual: each runs on a problem's first
 #: NEUMANN_CHECK_FIRST solves and on every NEUMANN_CHECK_EVERY-th after (keyed like
 #: the warnings), not on every solve of a long run.
 NEUMANN_CHECK_FIRST, NEUMANN_CHECK_EVERY = 10, 100
@@ -130,10 +131,13 @@ _SOLVES: Dict[tuple, int] = {}
 
 
 def _check_due(lower: Lower, key: tuple) -> bool:
-    """Whether this solve of ``lower`` (with options ``key``) runs its host-side check."""
-    key = (lower.label,) + key
-    n = _SOLVES.get(key, 0)
-    _SOLVES[key] = n + 1
+    """Whether this solve of ``lower`` (with options ``key``) runs its host-side check:
+    by ``lower.solve_index`` when the caller gives it, else counted per label."""
+    n = lower.solve_index
+    if n is None:
+        key = (lower.label,) + key
+        n = _SOLVES.get(key, 0)
+        _SOLVES[key] = n + 1
     return n < NEUMANN_CHECK_FIRST or n % NEUMANN_CHECK_EVERY == 0
 
 
@@ -200,14 +204,16 @@ def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = CG_MAX_IT
     ``max_iter`` iterations; nor, when ``v`` is not float64, at a residual at most
     :data:`CG_RESOLVED_LOW`, below which float32 cannot confirm the solve). No host
     synchronisation beyond the stopping test's, which reads the residual every iteration
-    anyway (and one after the last iteration when CG stops at ``max_iter``).
+    anyway, and the final residual's read when CG stops at ``max_iter``; like Neumann's
+    check, that report runs on a problem's first ``NEUMANN_CHECK_FIRST`` solves and every
+    ``NEUMANN_CHECK_EVERY``-th after (the record is that of the last reported solve).
     """
     _check_cg(max_iter=max_iter, tol=tol, damping=damping, create_graph=create_graph)
     v = tuple(v)
-    info: Dict[str, Any] = {}
+    info: Optional[Dict[str, Any]] = {} if _check_due(lower, ("cg", max_iter, tol, damping)) else None
     solve = solvers.get("cg", max_iter=max_iter, tol=tol, damping=damping, info=info)
     out = implicit(lower, v, solve, create_graph=create_graph)
-    if info:                     # (empty: the loss does not couple θ and x, nothing solved)
+    if info:                     # (empty: nothing solved, or None: not due)
         _note(lower, cg_iterations=info["iterations"], cg_residual=info["residual"])
         resolved = 0.0 if all(t.dtype == torch.float64 for t in v) else CG_RESOLVED_LOW
         if not info["converged"] and tol > 0 and not info["residual"] <= resolved:

@@ -152,9 +152,10 @@ def cg(matvec: MatVec, b: Sequence[Tensor], *, max_iter: Optional[int] = None,
         x = _axpy(step, p, x)
         r = tuple(ri - step * hi for ri, hi in zip(r, hp))     # (= −step·hp + r, one op less)
         rs_new = _dot(r, r)
-        p = _axpy(rs_new / rs, p, r)
-        rs = rs_new
         done = i + 1
+        if done < max_iter:                # (the last iteration's new direction is never used)
+            p = _axpy(rs_new / rs, p, r)
+        rs = rs_new
     if info is not None:
         if done == max_iter:               # the last iteration's residual was never read
             rs_value = _value(rs)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import defaultdict
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -90,6 +90,11 @@ class HypergradView(Protocol):
 
     #: Whether non-finite results are traced to their origin (``nonfinite != "ignore"``).
     check_nonfinite: bool
+
+    #: The origin traces of the current gradient's implicit best responses, run by the
+    #: guard only when the update is non-finite (one host read less per best response
+    #: on the good path; :mod:`mlo.nonfinite`).
+    traces: List[Callable[[], None]]
 
     def note_method(self, name: str, diagnostics: Dict[str, Any]) -> None:
         """What problem ``name``'s method measured about its run
@@ -235,7 +240,7 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=view.inner_lr(name),
                      label=f"problem {name!r}", compute_dtype=compute_dtype(view.precision),
                      optimizer=view.optimizer_view(name) if "optimizer" in entry.needs else None,
-                     unused_as_none=True, diagnostics={})
+                     unused_as_none=True, diagnostics={}, solve_index=P.step_count)
     with no_side_effects(view.problems.values(), rng):
         grads = _run_method(method, name, P, lower, vv, opts)
     _note_method(view, name, lower.diagnostics, override)
@@ -243,20 +248,31 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
     for (s, k), g in zip(layout, grads):
         if g is not None:           # (None: the best response does not depend on it)
             out[s][k] = g
-    if not view.check_nonfinite:        # EngineConfig(nonfinite="ignore"): nothing to trace
-        pass
-    elif nonfinite.all_finite(grads):   # one host read; the rest only when it fails
-        nonfinite.forget(view.problems, name, srcs)
-    else:
-        def replay(recording):          # the method once more, its loss recording
-            again = dataclasses.replace(lower, loss_fn=recording, diagnostics={})
-            with no_side_effects(view.problems.values(), rng), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return _run_method(method, name, P, again, vv, opts)
-        nonfinite.found(view.problems, view.graph, name, method_name, vv, {s: out[s] for s in srcs},
-                        lambda: nonfinite.replay_description(loss_fn, params, vv, replay,
-                                                             entry.second_order, method_name))
+    if view.check_nonfinite:    # traced only when the guard finds the update non-finite
+        view.traces.append(lambda: _trace(view, name, P, entry, method_name, lower, vv, opts, grads,
+                                          {s: out[s] for s in srcs}, loss_fn, params, rng))
     return [(s, src_states[s], out[s]) for s in srcs]
+
+
+def _trace(view: HypergradView, name: str, P, entry, method_name: str, lower, vv, opts, grads,
+           out: Dict[str, Dict[str, Tensor]], loss_fn, params, rng) -> None:
+    """A best response's part in a non-finite update (:mod:`mlo.nonfinite`): nothing
+    when its vectors ``grads`` are finite; otherwise it notes itself — or what the
+    levels below it noted — as the origin, replaying the method with a recording loss
+    to say which evaluation went non-finite. Run by the guard, in the order the best
+    responses ran, before the optimizer step (the state is still the one they saw)."""
+    if nonfinite.all_finite(grads):
+        nonfinite.forget(view.problems, name, list(out))
+        return
+
+    def replay(recording):          # the method once more, its loss recording
+        again = dataclasses.replace(lower, loss_fn=recording, diagnostics={})
+        with no_side_effects(view.problems.values(), rng), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run_method(entry.fn, name, P, again, vv, opts)
+    nonfinite.found(view.problems, view.graph, name, method_name, vv, out,
+                    lambda: nonfinite.replay_description(loss_fn, params, vv, replay,
+                                                         entry.second_order, method_name))
 
 
 def implicit_batches(P) -> Tuple[Any, Optional[List[Any]]]:

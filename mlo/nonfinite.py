@@ -8,17 +8,20 @@ the guard (:func:`mlo.guard.describe_nonfinite`) would name only that upper. Thi
 module remembers, between :func:`mlo.hypergrad.best_response_vjp` and the guard,
 which lower's evaluation was to blame.
 
-The good path pays one check per best response, on the vectors its method returned
-(:func:`all_finite`: one host read), and nothing else. Only when those vectors are
-not finite is the method run once more with a loss that records every evaluation
+The good path pays nothing: each best response leaves a trace (a closure over what it
+computed) that the guard runs only when the update it fed is non-finite, in the order
+the best responses ran and before anything steps. A trace checks the vectors its method
+returned (:func:`all_finite`: one host read); only when those are not finite is the
+method run once more with a loss that records every evaluation
 (:func:`replay_description`), to say which evaluation returned what.
 
 What is remembered (:func:`found`) is keyed by the *source* problem the vector was
 for: ``origins[source][lower]``. A best response whose input vector was already
 non-finite is not the origin: it hands on what was noted for its own problem (the
 levels below it) to its sources, so a NaN three levels down reaches the top. Each
-best response that returns finite vectors forgets what was noted for it, and the
-guard takes (:func:`take`) what was noted for the problem it checks.
+best response that returned finite vectors forgets what was noted for it, the guard
+takes (:func:`take`) what was noted for the problem it checks, and the rest is
+cleared (:func:`clear`).
 
 Not covered: an unrolled window's best response re-evaluates no loss (a NaN there
 comes from the window's own steps, which the lower's guard checks at each step), and
@@ -34,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Origin", "all_finite", "forget", "found", "take", "replay_description", "describe"]
+__all__ = ["Origin", "all_finite", "forget", "found", "take", "clear", "replay_description", "describe"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,14 @@ def take(problem: Any) -> List[Origin]:
     for lst in _ORIGINS.pop(problem, {}).values():
         out.extend(o for o in lst if o not in out)
     return out
+
+
+def clear(problems) -> None:
+    """Forgets everything noted for ``problems`` (after the guard took what it needed:
+    nothing noted in one update outlives it)."""
+    if _ORIGINS:
+        for P in problems:
+            _ORIGINS.pop(P, None)
 
 
 def describe(origin: Origin, upper: str) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 import engines.base as methods
 
-from . import lint
+from . import lint, nonfinite
 from . import precision as _precision
 from .config import EngineConfig
 from .graph import Graph
@@ -132,6 +132,7 @@ class Updater:
         # The hypergradient view's settings.
         self.data_parallel: bool = parallel.enabled
         self.check_nonfinite: bool = config.nonfinite != "ignore"
+        self.traces: List = []      # the current gradient's deferred origin traces (hypergrad)
         self.precision: str = config.precision
 
     # ------------------------------------------------ the hypergradient view
@@ -219,6 +220,7 @@ class Updater:
         """
         name = P.name
         reads: List[Read] = []
+        self.traces.clear()
         self._runs[name].last_batch = batch
         top_live = self.nesting.top_reads_live(name, by_path, override) \
             if by_path or override is not None else self._top_live[name]
@@ -370,8 +372,8 @@ class Updater:
             else:
                 parts = res.parts() if res.hyper is not None else {}
                 vals = update_norms(res.loss, res.grads, parts)
-                bad = "" if all(map(math.isfinite, vals)) else describe_nonfinite(
-                    P, vals, res.grads, parts, self.state.iteration)
+                bad = "" if all(map(math.isfinite, vals)) else self._describe_nonfinite(P, vals, res, parts)
+            self.traces.clear()
             if bad and self.config.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{bad}; its parameters and optimizer state are unchanged. "
@@ -414,6 +416,16 @@ class Updater:
         if isinstance(out, dict) and len(out) > 1:      # (extras besides its "loss")
             return UpdateResult(True, {k: v for k, v in out.items() if k != "loss"})
         return _APPLIED
+
+    def _describe_nonfinite(self, P: Problem, vals: List[float], res: Gradient, parts) -> str:
+        """What went non-finite in ``P``'s update, with the lower whose re-evaluated loss
+        was to blame (the best responses' deferred traces run now, in order)."""
+        try:
+            for trace in self.traces:
+                trace()
+            return describe_nonfinite(P, vals, res.grads, parts, self.state.iteration)
+        finally:
+            nonfinite.clear(self.problems.values())
 
     def _update_by_solve(self, P: Problem) -> UpdateResult:
         """An update of ``P`` by ``P.solve(batch)`` (:meth:`mlo.Problem.solve`): the checked
