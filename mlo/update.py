@@ -327,6 +327,7 @@ class Updater:
         with no_side_effects(self.problems.values(), rng_state()):
             res = self.gradient(P, batch, diff=False, by_path=by_path, override=method,
                                 keep_graph=self.nesting.keeps_graph)
+        self.traces.clear()         # (a report runs no guard: nothing to trace)
         st = P.own_state()
         out = {"loss": float(res.loss.detach()),       # (a report: zeros for no gradient)
                "grad": {k: torch.zeros_like(st[k]) if g is None else g.detach()

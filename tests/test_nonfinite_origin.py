@@ -184,3 +184,24 @@ def test_skip_warns_with_the_origin_and_a_finite_run_notes_nothing():
     finite, _, _ = bilevel(barrier, "cg", {"max_iter": 7}, lam=(0.0, 0.5), lr=0.5)
     finite.run(6)
     assert finite.counts() == {"lo": 6, "up": 6} and not nonfinite._ORIGINS
+
+
+def test_the_good_path_traces_nothing(monkeypatch):
+    """The traces are deferred to the guard: a finite run never checks a best response's
+    vectors (no host read per implicit VJP), a non-finite update runs each trace once,
+    before the step; a report leaves no trace behind for the next update."""
+    calls = []
+    real = nonfinite.all_finite
+    monkeypatch.setattr(nonfinite, "all_finite", lambda ts: calls.append(1) or real(ts))
+    finite, _, _ = bilevel(barrier, "cg", {"max_iter": 7}, lam=(0.0, 0.5), lr=0.5)
+    finite.run(6)
+    finite.gradient("up")
+    assert calls == [] and finite.updater.traces == [] and not nonfinite._ORIGINS
+    engine, lo, _ = bilevel(out_of_domain, "cg", {"max_iter": 7}, config=mlo.EngineConfig(nonfinite="skip"))
+    before = lo.params["th"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.run(1)
+    assert calls                       # traced: the update was non-finite
+    assert engine.updater.traces == [] and not nonfinite._ORIGINS
+    assert not torch.equal(before, lo.params["th"])     # (the lower stepped; the upper skipped)
