@@ -9,9 +9,9 @@ Three levels (Guo et al., MLO-MAE), from the bottom up::
 
 ``E_θ(x)`` are the MAE's own patch + position embeddings, not detached: the
 pretraining gradient also reaches them through the probabilities. The masking
-network ``φ`` has no direct gradient; its only signal is the hypergradient of the
-mask-split cross-entropy along two paths, ``mask → pretrain → mask`` and
-``mask → pretrain → finetune → mask``::
+network ``φ`` has no direct gradient (unless ``mask_budget > 0``, below); its only
+signal is the hypergradient of the mask-split cross-entropy along two paths,
+``mask → pretrain → mask`` and ``mask → pretrain → finetune → mask``::
 
     u2l = {mask: [pretrain]}          (pretrain's loss reads the masking network)
     l2u = {pretrain: [finetune, mask], finetune: [mask]}
