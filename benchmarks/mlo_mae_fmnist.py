@@ -90,12 +90,13 @@ def data():
 def preset_settings(overrides: dict) -> MLOMAESettings:
     """The preset with ``overrides``. Every row runs without the masking budget and with
     top-k masks unless it sets them: the rows were measured before the preset took
-    ``mask_budget: 1.0`` and ``mask_sampling: gumbel``, which are rows of their own
-    (``mlo-mae/paper/gumbel-budget`` is the preset's default now)."""
+    ``mask_budget: 1.0``, ``mask_sampling: gumbel`` and ``unroll_steps: 5``, which are rows
+    of their own (``mlo-mae/paper/gumbel-budget/unroll5`` is the preset's default now;
+    every other row unrolls 2)."""
     p = load_yaml(PRESET)
     s = dict(p["settings"])
     s["method_options"] = dict(p["method_options"].get(s.get("method", "finite_difference"), {}))
-    s.update(mask_budget=0.0, mask_sampling="topk")
+    s.update(mask_budget=0.0, mask_sampling="topk", unroll_steps=2)
     s.update(overrides)
     return MLOMAESettings.from_dict(s)
 
