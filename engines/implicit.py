@@ -124,9 +124,9 @@ def _warn_once(lower: Lower, key: tuple, message: str) -> None:
 
 #: Neumann's growth check reads two norms on the host, and CG's report of a solve that
 #: stopped at max_iter its final residual: each runs on a problem's first
-#: NEUMANN_CHECK_FIRST solves and on every NEUMANN_CHECK_EVERY-th after (keyed like
+#: CHECK_FIRST solves and on every CHECK_EVERY-th after (keyed like
 #: the warnings), not on every solve of a long run.
-NEUMANN_CHECK_FIRST, NEUMANN_CHECK_EVERY = 10, 100
+CHECK_FIRST, CHECK_EVERY = 10, 100
 _SOLVES: Dict[tuple, int] = {}
 
 
@@ -138,7 +138,7 @@ def _check_due(lower: Lower, key: tuple) -> bool:
         key = (lower.label,) + key
         n = _SOLVES.get(key, 0)
         _SOLVES[key] = n + 1
-    return n < NEUMANN_CHECK_FIRST or n % NEUMANN_CHECK_EVERY == 0
+    return n < CHECK_FIRST or n % CHECK_EVERY == 0
 
 
 def _note(lower: Lower, **values: Any) -> None:
@@ -156,7 +156,7 @@ def neumann(lower: Lower, v: Sequence[Tensor], *, iterations: int = 10,
     Reports ``neumann_last_term = ‖(I − αH)^K α v‖ / ‖α v‖`` in ``lower.diagnostics``
     and warns (once per problem and options) when it exceeds 1: the series grows.
     The check costs one host synchronisation (the two norms, read together); it runs on
-    a problem's first ``NEUMANN_CHECK_FIRST`` solves and every ``NEUMANN_CHECK_EVERY``-th
+    a problem's first ``CHECK_FIRST`` solves and every ``CHECK_EVERY``-th
     after, so the record is that of the last checked solve.
     """
     _check_neumann(iterations=iterations, alpha=alpha, create_graph=create_graph)
@@ -205,8 +205,8 @@ def cg(lower: Lower, v: Sequence[Tensor], *, max_iter: Optional[int] = CG_MAX_IT
     :data:`CG_RESOLVED_LOW`, below which float32 cannot confirm the solve). No host
     synchronisation beyond the stopping test's, which reads the residual every iteration
     anyway, and the final residual's read when CG stops at ``max_iter``; like Neumann's
-    check, that report runs on a problem's first ``NEUMANN_CHECK_FIRST`` solves and every
-    ``NEUMANN_CHECK_EVERY``-th after (the record is that of the last reported solve).
+    check, that report runs on a problem's first ``CHECK_FIRST`` solves and every
+    ``CHECK_EVERY``-th after (the record is that of the last reported solve).
     """
     _check_cg(max_iter=max_iter, tol=tol, damping=damping, create_graph=create_graph)
     v = tuple(v)

@@ -205,6 +205,8 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
     rng = rng_state()
     second = entry.second_order or bool(opts.get("create_graph"))
     data_parallel = view.data_parallel
+    # one batch, or implicit_batch="window": the mean over the window's batches
+    evaluate = (lambda: view.loss(P, batch)) if batches is None else (lambda: _mean_loss(view, P, batches))
 
     def loss_fn(ps, xs):
         if data_parallel:
@@ -225,17 +227,12 @@ def _implicit_vjp(view: HypergradView, name: str, P, entry, method_name: str, op
         # finite differences need one deterministic function.
         set_rng_state(rng)
         ctx = reading(ReadContext(P, resolve, own=dict(zip(names, ps))))
-        if batches is not None:     # implicit_batch="window": the mean over the window
-            if second:
-                with second_order_kernels(True), ctx:
-                    return _mean_loss(view, P, batches)
-            with ctx:
-                return _mean_loss(view, P, batches)
         if second:
             with second_order_kernels(True), ctx:
-                return view.loss(P, batch)
+                return evaluate()
         with ctx:
-            return view.loss(P, batch)
+            return evaluate()
+
 
     lower = eb.Lower(params=params, inputs=inputs, loss_fn=loss_fn, lr=view.inner_lr(name),
                      label=f"problem {name!r}", compute_dtype=compute_dtype(view.precision),

@@ -240,16 +240,21 @@ def _probability_masker(net, detach: bool = False, normalize: bool = False, rati
     def masker(x: Tensor, pre: MAEPretrain, noise: Optional[Tensor] = None):
         emb = pre.patch_embeddings(x, position=position)  # [N, L, D]
         p = net(emb.detach() if detach else emb)  # [N, L]
-        scores = p
-        if noise is not None:   # Gumbel top-k; a selection, never differentiated
-            logp = p.detach().clamp_min(torch.finfo(p.dtype).tiny).log()
-            scores = logp - (-noise.clamp(1e-12, 1.0 - 1e-7).log()).log()  # [N, L]
+        scores = p if noise is None else gumbel_scores(p, noise)
         if not normalize:
             return scores, p
         k = num_masked(p.shape[1], ratio)
         masked = scores.detach().topk(k, dim=1).indices  # [N, k], the masked patches
         return scores, p / p.gather(1, masked).mean(dim=1, keepdim=True)
     return masker
+
+
+def gumbel_scores(p: Tensor, noise: Tensor) -> Tensor:
+    """``log p − log(−log u)`` ``[N, L]``: the ``k`` largest are ``k`` draws without
+    replacement with probabilities ∝ ``p`` (Gumbel top-k). A selection, never
+    differentiated (``p`` is detached)."""
+    logp = p.detach().clamp_min(torch.finfo(p.dtype).tiny).log()
+    return logp - (-noise.clamp(1e-12, 1.0 - 1e-7).log()).log()
 
 
 def with_mask_noise(stream, num_tokens: int, seed: int):
@@ -280,16 +285,16 @@ class MaskLevel(mlo.Problem):
     """Level III: the masking network; its loss is the CE on the mask split through
     the levels below (``classify(x) -> logits``). No direct gradient — unless
     ``budget > 0``: then ``budget · mean_n (mean_i p_{n,i} − k/L)²`` is added, with
-    ``probabilities(x) -> p [N, L]`` the network's output on the current (detached)
-    embeddings. Read as masking probabilities, each image's ``p`` should sum to the
-    ``k`` patches it masks; the term keeps them there while the hypergradient moves
-    them between patches (``mask_budget``; not in the paper)."""
+    ``p [N, L]`` the network's output on the (detached) embeddings of ``source``, the
+    problem it masks. Read as masking probabilities, each image's ``p`` should sum to
+    the ``k`` patches it masks (``share = k/L``); the term keeps them there while the
+    hypergradient moves them between patches (``mask_budget``; not in the paper)."""
 
-    def __init__(self, net: MaskingNetwork, classify, data, probabilities=None, budget: float = 0.0,
-                 share: float = 0.75, **kw):
+    def __init__(self, net: MaskingNetwork, classify, data, source: Optional[MAEPretrain] = None,
+                 position: bool = True, budget: float = 0.0, share: float = 0.75, **kw):
         super().__init__("mask", module=net, data=data, **kw)
         self.classify = classify
-        self.probabilities, self.budget, self.share = probabilities, budget, share
+        self.source, self.position, self.budget, self.share = source, position, budget, share
 
     def training_step(self, batch):
         x, y = batch
@@ -297,7 +302,8 @@ class MaskLevel(mlo.Problem):
         ce = F.cross_entropy(logits, y)
         out = {"loss": ce, "acc": (logits.argmax(-1) == y).float().mean()}
         if self.budget:
-            gap = self.probabilities(x).mean(dim=1) - self.share  # [N]: Σ_i p / L − k / L
+            p = self(self.source.patch_embeddings(x, position=self.position).detach())  # [N, L]
+            gap = p.mean(dim=1) - self.share  # [N]: Σ_i p / L − k / L
             out["loss"] = ce + self.budget * gap.pow(2).mean()
             out["ce"], out["budget_gap"] = ce.detach(), gap.detach().abs().mean()
         return out
@@ -337,12 +343,12 @@ def _adamw(lr: float, s: MLOMAESettings, level: str) -> Dict[str, Any]:
                                  "weight_decay": s.level_weight_decay(level)}}
 
 
-def _budget(s: MLOMAESettings, probabilities) -> Dict[str, Any]:
-    """MaskLevel's budget arguments (``mask_budget``: the weight; ``k/L`` the share)."""
+def _budget(s: MLOMAESettings, tokens: int, source: MAEPretrain) -> Dict[str, Any]:
+    """MaskLevel's budget arguments (``mask_budget``: the weight; ``k/L`` the share of
+    the ``L = tokens`` patches of ``source``)."""
     if not s.mask_budget:
         return {}
-    tokens = (s.image_size // s.patch_size) ** 2
-    return {"probabilities": probabilities, "budget": s.mask_budget,
+    return {"source": source, "position": s.mask_input_position, "budget": s.mask_budget,
             "share": num_masked(tokens, s.mask_ratio) / tokens}
 
 
@@ -463,8 +469,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
         fin = Finetune(head, pre, ft_data, **_adamw(s.finetune_lr, s, "finetune"),
                        **_schedule(s, upper_updates, "finetune"), config=_config("finetune", s))
         mask = MaskLevel(net, lambda xb: fin(pre.call("features", xb, pool="cls")), mk_data,
-                         **_budget(s, lambda xb: mask(pre.patch_embeddings(xb, position=s.mask_input_position)
-                                                      .detach())),
+                         **_budget(s, mae.num_tokens, pre),
                          **_adamw(s.mask_lr, s, "mask"), **_schedule(s, mask_updates, "mask"),
                          config=mlo.ProblemConfig.from_dict(mask_cfg))
         pre.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,
@@ -485,8 +490,7 @@ def build(variant: str, settings: MLOMAESettings, train: Sequence[Tensor], seed:
                         **_adamw(s.pretrain_lr, s, "pretrain"), **_schedule(s, s.steps, "pretrain"),
                         param_groups=groups, config=_config("pretrain", s, **hold))
     mask = MaskLevel(net, lambda xb: lower.call("classify", xb), mk_data,
-                     **_budget(s, lambda xb: mask(lower.patch_embeddings(xb, position=s.mask_input_position)
-                                                  .detach())),
+                     **_budget(s, mae.num_tokens, lower),
                      **_adamw(s.mask_lr, s, "mask"), **_schedule(s, mask_updates, "mask"),
                      config=mlo.ProblemConfig.from_dict(mask_cfg))
     lower.masker = _probability_masker(mask, s.detach_mask_input, s.normalize_weights, s.mask_ratio,

@@ -28,6 +28,7 @@ import torch
 
 import mlo
 from mlo import checkpoint
+from test_reliability_checkpoint import equal
 
 DT = torch.float64
 D, N, BS, K = 3, 12, 2, 3       # features, examples, batch size, unroll_steps
@@ -208,16 +209,6 @@ def snapshot(eng):
             "counters": eng.state.counters()}
 
 
-def same(a, b):
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("option", ["fresh", "window"])
 @pytest.mark.parametrize("stop", [4, 5, 6])
 def test_resume_is_bitwise_the_uninterrupted_run(option, stop, tmp_path):
@@ -239,7 +230,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(option, stop, tmp_path):
     if option == "window":
         assert len(lo_b.window_batches) == stop % K
     b.run(total - stop)
-    assert same(snapshot(b), snapshot(ref))
+    assert equal(snapshot(b), snapshot(ref))
     # The checks can fail: realigned past the steps' batches only (not the fresh ones), or
     # without the window's earlier batches, the resumed run is another one.
     if option == "window" and stop % K == 0:
@@ -251,7 +242,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(option, stop, tmp_path):
     else:
         c.state["lo"].window_batches = []
     c.run(total - stop)
-    assert not same(snapshot(c)["params"], snapshot(ref)["params"])
+    assert not equal(snapshot(c)["params"], snapshot(ref)["params"])
 
 
 @pytest.mark.parametrize("bad", ["all", "Window", "", None, 1, ["last"]])

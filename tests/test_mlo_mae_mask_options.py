@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from problems.mae import num_masked, random_masking
-from problems.mlo_mae import MLOMAESettings, build, with_mask_noise
+from problems.mlo_mae import MLOMAESettings, build, gumbel_scores, with_mask_noise
 from test_mlo_mae_graph import data, dict_rel, float64, settings
 
 
@@ -69,8 +69,7 @@ def test_selection_frequencies_are_proportional_to_p():
     gen = torch.Generator().manual_seed(0)
     draws = 20000
     u = torch.rand(draws, 6, generator=gen, dtype=torch.float64)
-    scores = p.log() - (-u.log()).log()
-    counts = torch.bincount(scores.argmax(1), minlength=6).double()
+    counts = torch.bincount(gumbel_scores(p, u).argmax(1), minlength=6).double()
     expected = draws * p[0] / p.sum()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 25.0, chi2   # 5 dof: P(chi2 > 25) < 2e-4; uniform selection gives ~ 5 000
